@@ -1,0 +1,406 @@
+"""Safe checkpoints: ``NAME.safetensors`` weights + ``NAME.json`` model card.
+
+Nothing here unpickles: weights are safetensors; a legacy ``.pt``/``.pth`` file is opened
+only with ``torch.load(weights_only=True)`` and still needs its JSON card beside it. Every
+write goes to a temporary file in the target folder and is then renamed into place, so a
+crash never leaves a half-written checkpoint, and an existing checkpoint is never
+overwritten unless asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+CARD_FORMAT = 1
+#: Card fields without which a checkpoint cannot be rebuilt.
+REQUIRED_FIELDS = ("format_version", "architecture", "arch_kwargs")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says which file and what is wrong."""
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to rebuild, run and judge a model (saved as ``NAME.json``).
+
+    Attributes:
+        architecture: ``"prosma_unet"``, ``"unet"`` or ``"attention_unet"``.
+        arch_kwargs: keyword arguments of :func:`napari_prosma.nets.build_model`
+            (``spatial_dims``, ``in_channels``, ``out_channels``, ``widths``, ``gate``, ...).
+        name: short name of the model.
+        class_names: one name per output class, background first.
+        normalization: intensity normalisation, e.g. ``{"mode": "zscore"}``,
+            ``{"mode": "ct_window", "window": [-160, 240]}``,
+            ``{"mode": "rgb", "mean": [...], "std": [...]}`` or ``{"mode": "minmax"}``.
+        patch_size: training patch (spatial) size; inference tiles default to it.
+        spacing: training voxel spacing (z, y, x) in mm, or None (2D / not resampled).
+        training: data, split, seed, epochs, command, ...
+        metrics: evaluation results, e.g. ``{"test": {"dice": 0.9}}``.
+        gate_sparsity_range: per-stage range of the exact-zero fraction of z* seen on the
+            training data (used to warn on unfamiliar scans).
+        intended_use: plain-words statement of what the model is for.
+        limitations: what it is not for.
+        parent_hash: sha256 of the parent checkpoint's weights (fine-tuning lineage).
+        weights_sha256: sha256 of the weights file, filled in by :func:`save`.
+    """
+
+    architecture: str
+    arch_kwargs: dict[str, Any]
+    name: str = "model"
+    class_names: list[str] = field(default_factory=list)
+    normalization: dict[str, Any] = field(default_factory=lambda: {"mode": "zscore"})
+    patch_size: list[int] | None = None
+    spacing: list[float] | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    gate_sparsity_range: dict[str, Any] | None = None
+    intended_use: str = ""
+    limitations: str = ""
+    parent_hash: str | None = None
+    weights_sha256: str | None = None
+    weights_dtype: str = "float32"
+    package_version: str = __version__
+    torch_version: str | None = None
+    created: str | None = None
+    format_version: int = CARD_FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spatial_dims(self) -> int:
+        return int(self.arch_kwargs.get("spatial_dims", 2))
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.arch_kwargs.get("in_channels", 1))
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.arch_kwargs.get("out_channels", 2))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "model card") -> ModelCard:
+        """Build a card from parsed JSON, naming any missing or malformed field."""
+        if not isinstance(data, Mapping):
+            raise CheckpointError(f"{source} is not a JSON object")
+        missing = [f for f in REQUIRED_FIELDS if f not in data]
+        if missing:
+            raise CheckpointError(f"{source} lacks required field(s): {', '.join(missing)}")
+        if int(data["format_version"]) > CARD_FORMAT:
+            raise CheckpointError(
+                f"{source} has format version {data['format_version']}; this napari-prosma "
+                f"({__version__}) reads up to {CARD_FORMAT}: please update the plugin"
+            )
+        if not isinstance(data["arch_kwargs"], Mapping):
+            raise CheckpointError(f"{source}: 'arch_kwargs' must be an object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        unknown = {k: v for k, v in data.items() if k not in known}
+        card = cls(**kwargs)
+        card.extra = {**card.extra, **unknown}
+        return card
+
+    def summary(self) -> str:
+        """A few human-readable lines: what the model is, what it was trained on, how good."""
+        ak = self.arch_kwargs
+        lines = [
+            f"Model      {self.name} ({self.architecture}, {self.spatial_dims}D, "
+            f"gate={ak.get('gate', '?')}, widths={ak.get('widths', '?')})",
+            f"Input      {self.in_channels} channel(s), normalisation {self.normalization}",
+            f"Classes    {', '.join(self.class_names) or self.out_channels}",
+        ]
+        if self.spacing:
+            lines.append(f"Spacing    {self.spacing} mm")
+        if self.patch_size:
+            lines.append(f"Patch      {self.patch_size}")
+        if self.training:
+            data = self.training.get("data", "?")
+            lines.append(f"Trained on {data}")
+        if self.metrics:
+            lines.append(f"Metrics    {json.dumps(self.metrics)}")
+        if self.intended_use:
+            lines.append(f"Use        {self.intended_use}")
+        if self.limitations:
+            lines.append(f"Limits     {self.limitations}")
+        if self.parent_hash:
+            lines.append(f"Parent     {self.parent_hash[:16]}")
+        if self.weights_sha256:
+            lines.append(f"Weights    sha256 {self.weights_sha256[:16]}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- paths
+
+
+def checkpoint_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Map any of ``NAME``, ``NAME.safetensors``, ``NAME.json``, ``NAME.pt`` or a folder
+    holding ``model.safetensors`` + ``config.json`` to ``(weights, card)`` paths."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for w, c in (("model.safetensors", "config.json"), ("model.pt", "config.json")):
+            if (p / w).exists():
+                return p / w, p / c
+        raise CheckpointError(f"folder {p} holds no model.safetensors")
+    if p.suffix == ".json":
+        for suf in WEIGHT_SUFFIXES:
+            if p.with_suffix(suf).exists():
+                return p.with_suffix(suf), p
+        return p.with_suffix(".safetensors"), p
+    if p.suffix in WEIGHT_SUFFIXES:
+        return p, p.with_suffix(".json")
+    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------- save
+
+
+def save(
+    model: torch.nn.Module,
+    path: str | os.PathLike[str],
+    card: ModelCard,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> Path:
+    """Save ``model`` as ``NAME.safetensors`` + ``NAME.json``.
+
+    Args:
+        model: the network (its floating-point tensors are stored as ``dtype``).
+        path: ``NAME``, ``NAME.safetensors`` or ``NAME.json``.
+        card: the model card; ``weights_sha256``, ``weights_dtype``, ``torch_version``,
+            ``package_version`` and ``created`` are filled in here.
+        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` for floating-point tensors.
+        overwrite: replace an existing checkpoint (never the default).
+
+    Returns:
+        Path of the weights file.
+    """
+    import torch
+    from safetensors.torch import save as st_save
+
+    weights, card_path = checkpoint_paths(path)
+    weights = weights.with_suffix(".safetensors")
+    if not overwrite and (weights.exists() or card_path.exists()):
+        raise FileExistsError(
+            f"{weights.name} already exists in {weights.parent}; choose another name "
+            "(checkpoints are never overwritten)"
+        )
+    target = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in target:
+        raise ValueError(f"dtype must be one of {list(target)}")
+    tensors = {
+        k: (v.detach().to(target[dtype]) if v.is_floating_point() else v.detach())
+        .contiguous()
+        .cpu()
+        for k, v in model.state_dict().items()
+    }
+    blob = st_save(tensors, metadata={"format": "pt", "napari_prosma": __version__})
+    card = dataclasses.replace(
+        card,
+        weights_sha256=hashlib.sha256(blob).hexdigest(),
+        weights_dtype=dtype,
+        torch_version=torch.__version__,
+        package_version=__version__,
+        created=card.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    atomic_write_bytes(weights, blob)
+    atomic_write_bytes(card_path, (json.dumps(card.to_dict(), indent=2) + "\n").encode())
+    return weights
+
+
+# ---------------------------------------------------------------------------- load
+
+
+def read_card(path: str | os.PathLike[str]) -> ModelCard:
+    """Read and validate the model card of a checkpoint (no weights loaded)."""
+    _, card_path = checkpoint_paths(path)
+    return _read_card_file(card_path)
+
+
+def _read_card_file(card_path: Path) -> ModelCard:
+    if not card_path.exists():
+        raise CheckpointError(
+            f"model card {card_path.name} is missing next to the weights: without it the "
+            "architecture is unknown"
+        )
+    try:
+        data = json.loads(card_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"model card {card_path.name} is not valid JSON ({e})") from None
+    return ModelCard.from_dict(data, source=f"model card {card_path.name}")
+
+
+def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
+    import torch
+
+    if not weights.exists():
+        raise CheckpointError(f"weights file {weights} does not exist")
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load as st_load
+
+        try:
+            return st_load(weights.read_bytes())
+        except Exception as e:
+            raise CheckpointError(
+                f"weights file {weights.name} is corrupt or truncated ({type(e).__name__}: {e})"
+            ) from None
+    try:
+        obj = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{weights.name} could not be read safely: it is corrupt, or it holds Python "
+            f"objects other than tensors, which are never executed ({type(e).__name__})"
+        ) from None
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{weights.name} does not hold a state dict of tensors")
+    return dict(obj)
+
+
+def load(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu", verify_hash: bool = True
+) -> tuple[torch.nn.Module, ModelCard]:
+    """Load a checkpoint safely and rebuild its network (in eval mode, float32).
+
+    Args:
+        path: ``NAME``, ``NAME.safetensors``, ``NAME.json``, ``NAME.pt``/``.pth`` or a folder
+            with ``model.safetensors`` + ``config.json``; a bundled model's name is resolved
+            by :func:`resolve`.
+        device: where to put the model.
+        verify_hash: check the weights against the card's ``weights_sha256``.
+
+    Raises:
+        CheckpointError: missing/corrupt files, a card without required fields, or weights
+            that do not fit the card's architecture (the message names the tensor and shapes).
+    """
+    from .nets import build_model
+
+    weights, card_path = checkpoint_paths(resolve(path))
+    card = _read_card_file(card_path)
+    if (
+        verify_hash
+        and card.weights_sha256
+        and weights.suffix == ".safetensors"
+        and weights.exists()
+    ):
+        digest = file_sha256(weights)
+        if digest != card.weights_sha256:
+            raise CheckpointError(
+                f"weights file {weights.name} does not match its model card (sha256 "
+                f"{digest[:12]}… instead of {card.weights_sha256[:12]}…): it was changed or "
+                "only partly written"
+            )
+    try:
+        model = build_model(card.architecture, **card.arch_kwargs)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"model card {card_path.name} describes no valid network: {e}"
+        ) from None
+    state = _read_tensors(weights)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]!r})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})")
+        raise CheckpointError(
+            f"weights file {weights.name} does not fit the card's architecture: tensors "
+            + " and ".join(parts)
+        )
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"weights file {weights.name}: tensor {k!r} has shape {tuple(state[k].shape)} "
+                f"but the card's architecture needs {tuple(v.shape)}"
+            )
+        if v.is_floating_point():
+            state[k] = state[k].to(v.dtype)
+    model.load_state_dict(state)
+    model.eval()
+    return model.to(device), card
+
+
+# ---------------------------------------------------------------------------- bundled
+
+
+def bundled_dir() -> Path:
+    """Folder of the bundled models: inside the wheel, or ``models/`` of a source checkout."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "_models"
+    if packaged.is_dir():
+        return packaged
+    return here.parents[1] / "models"
+
+
+def list_bundled() -> list[str]:
+    """Names of the bundled models (those with both weights and card)."""
+    d = bundled_dir()
+    if not d.is_dir():
+        return []
+    return sorted(p.stem for p in d.glob("*.safetensors") if p.with_suffix(".json").exists())
+
+
+def resolve(name_or_path: str | os.PathLike[str]) -> Path:
+    """Turn a bundled model's name or a path into a checkpoint path.
+
+    Raises:
+        CheckpointError: neither a bundled name nor an existing checkpoint.
+    """
+    p = Path(name_or_path).expanduser()
+    weights, card = checkpoint_paths(p) if not p.is_dir() else (p, p)
+    if p.exists() or weights.exists() or card.exists():
+        return p
+    if str(name_or_path) in list_bundled():
+        return bundled_dir() / f"{name_or_path}.safetensors"
+    names = ", ".join(list_bundled()) or "none installed"
+    raise CheckpointError(
+        f"no checkpoint at {name_or_path!s} and no bundled model of that name ({names})"
+    )
