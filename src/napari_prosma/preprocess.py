@@ -1,0 +1,169 @@
+"""Input checks, channel layout and intensity normalisation shared by training, inference
+and fine-tuning, so a model always sees images prepared the way its card says.
+
+Normalisation specs (``ModelCard.normalization``):
+
+- ``{"mode": "fixed", "scale": 255, "mean": [...], "std": [...]}``: ``(x / scale - mean) / std``
+  per channel (8-bit photos: endoscopy, histology, ultrasound).
+- ``{"mode": "zscore", "nonzero": false}``: per-image, per-channel ``(x - mean) / std``
+  (MRI); with ``nonzero`` the statistics come from voxels != 0 only.
+- ``{"mode": "ct_window", "window": [lo, hi]}``: clip Hounsfield units to the window and
+  scale to [0, 1] (CT).
+- ``{"mode": "percentile", "lower": 0.5, "upper": 99.5}``: per-image percentiles to [0, 1].
+- ``{"mode": "none"}``: cast to float32 only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+NORMALIZATION_MODES = ("fixed", "zscore", "ct_window", "percentile", "none")
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+class InputError(ValueError):
+    """An image the model cannot take; the message is meant for the user as it stands."""
+
+
+def check_finite(image: np.ndarray, what: str = "the image") -> None:
+    """Refuse empty, non-numeric and NaN/Inf images with a plain message."""
+    if image.size == 0:
+        raise InputError(f"{what} is empty (shape {image.shape})")
+    if image.dtype.kind not in "biuf":
+        raise InputError(f"{what} has data type {image.dtype}, not numbers")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        n = int((~np.isfinite(image)).sum())
+        raise InputError(f"{what} contains {n} NaN or infinite value(s); fix or mask them first")
+
+
+def to_channel_first(
+    image: np.ndarray,
+    in_channels: int,
+    spatial_dims: int,
+    channel_axis: int | None = None,
+) -> tuple[np.ndarray, list[str]]:
+    """Bring an image to ``(C, *S)`` with ``C == in_channels``.
+
+    Args:
+        image: 2D grey ``(H, W)``, 2D colour ``(H, W, 3|4)`` or ``(3|4, H, W)``, a volume
+            ``(D, H, W)`` or a multi-channel volume with ``channel_axis`` given.
+        in_channels: channels the model expects.
+        spatial_dims: 2 or 3.
+        channel_axis: axis holding channels, if any (guessed for 2D colour images).
+
+    Returns:
+        ``(array, notes)``: the channel-first array (input dtype) and plain-words notes of
+        what was adapted (alpha dropped, colour made grey).
+
+    Raises:
+        InputError: the layout cannot be matched to the model.
+    """
+    notes: list[str] = []
+    a = np.asarray(image)
+    check_finite(a)
+    if a.dtype == bool:
+        a = a.astype(np.uint8)
+    if channel_axis is None:
+        if a.ndim == spatial_dims:
+            a = a[None]
+        elif spatial_dims == 2 and a.ndim == 3 and a.shape[-1] in (3, 4):
+            a = np.moveaxis(a, -1, 0)
+        elif spatial_dims == 2 and a.ndim == 3 and a.shape[0] in (1, 3, 4):
+            pass
+        elif spatial_dims == 3 and a.ndim == 4 and a.shape[0] <= 4:
+            pass
+        else:
+            kind = (
+                "2D image (H, W) or colour image (H, W, 3)"
+                if spatial_dims == 2
+                else ("3D volume (D, H, W)")
+            )
+            raise InputError(
+                f"this model segments a {kind}; the data has shape {a.shape}"
+                + (" (for a volume, segment one slice at a time)" if spatial_dims == 2 else "")
+                + (" (a 2D image needs a 2D model)" if spatial_dims == 3 and a.ndim == 2 else "")
+            )
+    else:
+        if a.ndim != spatial_dims + 1:
+            raise InputError(
+                f"with a channel axis the data needs {spatial_dims + 1} dimensions, has {a.ndim}"
+            )
+        a = np.moveaxis(a, channel_axis, 0)
+    if min(a.shape[1:]) < 1:
+        raise InputError(f"the image is empty (shape {image.shape})")
+    c = a.shape[0]
+    if c == 4 and in_channels in (1, 3):
+        a = a[:3]
+        c = 3
+        notes.append("the alpha channel was ignored")
+    if c == in_channels:
+        return a, notes
+    if c == 3 and in_channels == 1:
+        if np.array_equal(a[0], a[1]) and np.array_equal(a[0], a[2]):
+            return a[:1], notes
+        notes.append("the colour image was converted to greyscale for this greyscale model")
+        grey = np.tensordot(_LUMA, a.astype(np.float32), axes=1)[None]
+        return grey, notes
+    what = {1: "greyscale (1 channel)", 3: "colour (RGB, 3 channels)"}
+    raise InputError(
+        f"the model expects {what.get(in_channels, f'{in_channels} channels')} but the image "
+        f"has {c} channel(s); choose a model made for this kind of image"
+    )
+
+
+def normalize(x: np.ndarray, spec: Mapping[str, Any] | None) -> np.ndarray:
+    """Normalise a channel-first image ``(C, *S)`` as ``spec`` says; returns float32."""
+    spec = dict(spec or {"mode": "none"})
+    mode = spec.get("mode", "none")
+    x = np.asarray(x, dtype=np.float32)
+    c = x.shape[0]
+    shape = (c,) + (1,) * (x.ndim - 1)
+
+    def per_channel(values: Any, default: float) -> np.ndarray:
+        v = np.asarray(values if values is not None else [default] * c, dtype=np.float32)
+        if v.size == 1:
+            v = np.repeat(v, c)
+        if v.size != c:
+            raise InputError(f"normalisation lists {v.size} values for {c} channel(s)")
+        return v.reshape(shape)
+
+    if mode == "fixed":
+        scale = float(spec.get("scale", 255.0))
+        mean, std = per_channel(spec.get("mean"), 0.0), per_channel(spec.get("std"), 1.0)
+        return (x / scale - mean) / std
+    if mode == "zscore":
+        out = np.empty_like(x)
+        for i in range(c):
+            ch = x[i]
+            vals = ch[ch != 0] if spec.get("nonzero") and np.any(ch != 0) else ch
+            mean, std = float(vals.mean()), float(vals.std())
+            out[i] = (ch - mean) / max(std, 1e-8)
+        return out
+    if mode == "ct_window":
+        lo, hi = (float(v) for v in spec.get("window", (-1000.0, 1000.0)))
+        return (np.clip(x, lo, hi) - lo) / max(hi - lo, 1e-8)
+    if mode == "percentile":
+        lo_p, hi_p = float(spec.get("lower", 0.5)), float(spec.get("upper", 99.5))
+        out = np.empty_like(x)
+        for i in range(c):
+            lo, hi = np.percentile(x[i], [lo_p, hi_p])
+            out[i] = np.clip((x[i] - lo) / max(hi - lo, 1e-8), 0.0, 1.0)
+        return out
+    if mode == "none":
+        return x
+    raise InputError(f"unknown normalisation mode {mode!r}; known: {NORMALIZATION_MODES}")
+
+
+def prepare(
+    image: np.ndarray,
+    in_channels: int,
+    spatial_dims: int,
+    normalization: Mapping[str, Any] | None,
+    channel_axis: int | None = None,
+) -> tuple[np.ndarray, list[str]]:
+    """:func:`to_channel_first` then :func:`normalize`: ``(C, *S)`` float32 and notes."""
+    a, notes = to_channel_first(image, in_channels, spatial_dims, channel_axis)
+    return normalize(a, normalization), notes
