@@ -100,6 +100,7 @@ if ! flock -n 9; then
 fi
 
 pip() { "$env/bin/python" -m pip "$@"; }
+[[ "${CI:-}" == true ]] && export PIP_PROGRESS_BAR=off   # keep CI logs readable
 editable_install() {
     # --no-build-isolation: hatchling is in the env, so no throw-away build env is made.
     pip install -q --no-deps --no-build-isolation -e "$repo"

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up if needed (scripts/setup.sh), then run `ruff check` and `pytest` from the repo
+# root. Extra arguments go to pytest, e.g.  bash scripts/test.sh -x -k smoke
+# The GUI tests run under Xvfb, which pytest-xvfb starts. Both steps always run; the exit
+# status is non-zero if either failed.
+set -uo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+env=$(bash "$repo/scripts/setup.sh") || exit
+export VIRTUAL_ENV=$env PATH="$env/bin:$PATH"
+# offscreen has no OpenGL, and together with Xvfb it turns napari screenshots black.
+unset QT_QPA_PLATFORM
+cd "$repo"
+
+echo "== ruff check" >&2
+ruff check .
+ruff_rc=$?
+
+echo "== pytest $*" >&2
+python -m pytest "$@"
+pytest_rc=$?
+
+if ((ruff_rc || pytest_rc)); then
+    echo "== FAILED: ruff exit $ruff_rc, pytest exit $pytest_rc" >&2
+    ((pytest_rc)) && exit "$pytest_rc" || exit "$ruff_rc"
+fi
+echo "== ruff and pytest passed" >&2
