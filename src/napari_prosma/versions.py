@@ -1,0 +1,224 @@
+"""A user's model versions: where fine-tuned checkpoints live, their lineage, which is active.
+
+Layout of the store (default: the user's data folder, or ``$PROSMA_MODEL_DIR``)::
+
+    ROOT/
+      active.json                       {"model": "<version id or bundled name>"}
+      <version id>/                     one fine-tuning run, never written twice
+        model.safetensors + model.json  the checkpoint (card: parent hash, data hashes, ...)
+        corrections/                    the user's corrected labels, saved BEFORE training
+        run.json                        what was asked, what happened (before/after Dice)
+
+A version folder is created under a temporary name and renamed into place only when the
+checkpoint is complete, so a cancelled or crashed run leaves no version behind (its
+saved corrections stay in ``ROOT/.incoming`` and are reported, not deleted).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import CheckpointError, ModelCard, atomic_write_bytes, read_card
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}$")
+
+
+def default_store_dir() -> Path:
+    """``$PROSMA_MODEL_DIR`` or the platform's user data folder (``.../napari-prosma/models``)."""
+    env = os.environ.get("PROSMA_MODEL_DIR")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("napari-prosma", appauthor=False)) / "models"
+
+
+def array_sha256(a: np.ndarray) -> str:
+    """Hash of an array's dtype, shape and bytes (identifies training images and labels)."""
+    import hashlib
+
+    a = np.ascontiguousarray(a)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+
+
+@dataclass
+class Version:
+    """One fine-tuned model in the store."""
+
+    id: str
+    path: Path
+    card: ModelCard
+    run: dict[str, Any]
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "model.safetensors"
+
+    @property
+    def created(self) -> str:
+        return self.card.created or ""
+
+    @property
+    def parent(self) -> str | None:
+        return self.run.get("parent")
+
+    def describe(self) -> str:
+        before = self.run.get("dice_before")
+        after = self.run.get("dice_after")
+        if before is None or after is None:
+            return f"{self.id}  (parent {self.parent})"
+        return f"{self.id}  held-out Dice {before:.3f} → {after:.3f}  (parent {self.parent})"
+
+
+class ModelStore:
+    """Versions of fine-tuned models in one folder; see the module docstring."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None):
+        self.root = Path(root).expanduser() if root is not None else default_store_dir()
+
+    # ------------------------------------------------------------------ listing
+    def versions(self) -> list[Version]:
+        """All complete versions, oldest first (folders without a valid card are skipped)."""
+        out = []
+        if not self.root.is_dir():
+            return out
+        for d in sorted(self.root.iterdir()):
+            if not d.is_dir() or d.name.startswith(".") or not (d / "model.json").exists():
+                continue
+            try:
+                card = read_card(d / "model")
+            except CheckpointError:
+                continue
+            run = {}
+            if (d / "run.json").exists():
+                try:
+                    run = json.loads((d / "run.json").read_text())
+                except json.JSONDecodeError:
+                    run = {}
+            out.append(Version(d.name, d, card, run))
+        out.sort(key=lambda v: (v.created, v.id))
+        return out
+
+    def get(self, version_id: str) -> Version:
+        for v in self.versions():
+            if v.id == version_id:
+                return v
+        raise KeyError(f"no model version {version_id!r} in {self.root}")
+
+    # ------------------------------------------------------------------ active model
+    def active(self) -> str | None:
+        """The active model: a version id, a bundled model name, a path — or None."""
+        f = self.root / "active.json"
+        if not f.exists():
+            return None
+        try:
+            return json.loads(f.read_text()).get("model")
+        except (json.JSONDecodeError, AttributeError):
+            return None
+
+    def active_checkpoint(self) -> str | None:
+        """What :func:`napari_prosma.checkpoint.load` should open for the active model."""
+        a = self.active()
+        if a is None:
+            return None
+        if (self.root / a / "model.safetensors").exists():
+            return str(self.root / a / "model.safetensors")
+        return a
+
+    def activate(self, model: str) -> None:
+        """Make a version id (or a bundled name / checkpoint path) the active model."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.root / "active.json", {"model": model})
+
+    # ------------------------------------------------------------------ new versions
+    def new_id(self, base: str) -> str:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-.") or "model"
+        vid = f"{base}-ft-{stamp}"
+        n = 1
+        while (self.root / vid).exists():
+            n += 1
+            vid = f"{base}-ft-{stamp}-{n}"
+        return vid
+
+    @contextmanager
+    def staging(self, base: str) -> Iterator[tuple[str, Path]]:
+        """A private folder for a run in progress; renamed to ``ROOT/<id>`` on success.
+
+        Yields ``(version_id, staging_dir)``. If the body raises (cancel, crash), the
+        staging folder's corrections are kept under ``ROOT/.incoming/<id>`` and everything
+        else is removed; no version appears in :meth:`versions`.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        vid = self.new_id(base)
+        stage = Path(tempfile.mkdtemp(prefix=f".{vid}.", dir=self.root))
+        try:
+            yield vid, stage
+        except BaseException:
+            corr = stage / "corrections"
+            if corr.is_dir() and any(corr.iterdir()):
+                keep = self.root / ".incoming" / vid
+                keep.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(corr), str(keep))
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        if not (stage / "model.safetensors").exists():
+            shutil.rmtree(stage, ignore_errors=True)
+            raise RuntimeError("the run finished without writing a checkpoint")
+        os.replace(stage, self.root / vid)
+
+    @staticmethod
+    def save_corrections(
+        folder: Path, images: list[np.ndarray], labels: list[np.ndarray], meta: dict | None = None
+    ) -> list[dict[str, str]]:
+        """Save the user's images and corrected labels (atomically) before training starts.
+
+        Returns one ``{"image_sha256", "labels_sha256", "file"}`` entry per pair.
+        """
+        import io as _io
+
+        folder.mkdir(parents=True, exist_ok=True)
+        entries = []
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            buf = _io.BytesIO()
+            np.savez_compressed(buf, image=img, labels=lab)
+            name = f"pair_{i:03d}.npz"
+            atomic_write_bytes(folder / name, buf.getvalue())
+            entries.append(
+                {
+                    "file": name,
+                    "image_sha256": array_sha256(img),
+                    "labels_sha256": array_sha256(lab),
+                }
+            )
+        atomic_write_json(folder / "index.json", {"pairs": entries, **(meta or {})})
+        return entries
+
+    @staticmethod
+    def load_corrections(folder: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Read back what :meth:`save_corrections` wrote (no pickles)."""
+        index = json.loads((folder / "index.json").read_text())
+        images, labels = [], []
+        for e in index["pairs"]:
+            with np.load(folder / e["file"], allow_pickle=False) as z:
+                images.append(z["image"])
+                labels.append(z["labels"])
+        return images, labels
