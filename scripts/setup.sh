@@ -10,9 +10,10 @@
 #    where <hash> is the first 12 hex of sha256(requirements/*.txt + pyproject.toml):
 #    torch first and alone (requirements/torch.txt pins the small CPU wheel), then the
 #    base + gui + dev requirements, then this clone in editable mode.
-# 3. A complete env carries a marker file, written last. With the marker present a re-run
-#    only re-does the editable install of this clone (seconds), so several clones can
-#    share one env. Without it (an interrupted build) the env is deleted and rebuilt.
+# 3. An env whose dependencies are complete carries a marker file, written after them.
+#    With the marker present a run only re-does the editable install of this clone
+#    (seconds), so several clones can share one env. Without it (an interrupted build)
+#    the env is deleted and rebuilt.
 #
 # Environment knobs:
 #   PROSMA_ENV_ROOT   where envs live (default ~/.cache/napari-prosma)
@@ -107,8 +108,7 @@ editable_install() {
 }
 
 if [[ -f "$marker" ]] && "$env/bin/python" -c '' 2>/dev/null; then
-    say "env complete: $env; re-installing $repo (editable)"
-    editable_install
+    say "env complete: $env"
 else
     if [[ -e "$env" ]]; then
         say "incomplete env (no marker, interrupted build?): removing $env"
@@ -124,16 +124,17 @@ else
         -r "$repo/requirements/gui.txt" \
         -r "$repo/requirements/dev.txt" \
         "hatchling>=1.21" editables
-    say "step 3/3: napari-prosma (editable, no deps)"
-    editable_install
     pip freeze --exclude-editable >"$env/pip-freeze.txt"
     {
         echo "hash=$hash"
         echo "python=$("$env/bin/python" -V 2>&1)"
         echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ) in $((SECONDS - t0))s"
     } >"$marker.tmp"
-    mv "$marker.tmp" "$marker"   # last: the env is complete
+    mv "$marker.tmp" "$marker"   # last: the env's dependencies are complete
 fi
+# Per clone, on every run (a second or so): this clone, editable, into the shared env.
+say "step 3/3: $repo (editable, no deps)"
+editable_install
 
 # ---------------------------------------------------------------- 3. check Qt's libraries
 # Qt's own "could not load the Qt platform plugin xcb" message often names the wrong
