@@ -1,0 +1,543 @@
+"""Read images and volumes with their geometry; write labels and maps back with it.
+
+Formats: PNG/JPEG (imageio), TIFF (tifffile, with its XResolution/YResolution and ImageJ
+spacing), NIfTI ``.nii``/``.nii.gz`` (nibabel). Data come back in napari's axis order:
+2D ``(H, W)`` grey or ``(H, W, 3)`` RGB, 3D ``(Z, Y, X)``.
+
+NIfTI voxel arrays are indexed ``(i, j, k)``; napari shows ``(k, j, i)``, so the reader
+reverses the axes and maps the affine to that order (world axes reversed too, so an
+axis-aligned scan keeps a diagonal affine). The source affine and header are kept, and
+:func:`write_labels` / :func:`write_image` give them back exactly.
+
+Every write goes to a temporary file in the target folder that is then moved into place
+(nothing half-written is ever left), and an existing file is never replaced unless
+``overwrite=True``. Qt-free and torch-free.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .preprocess import InputError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+TIFF_SUFFIXES = (".tif", ".tiff")
+PNG_SUFFIXES = (".png",)
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + TIFF_SUFFIXES + PNG_SUFFIXES + JPEG_SUFFIXES
+_MM_PER_UNIT = {2: 25.4, 3: 10.0}  # TIFF ResolutionUnit INCH, CENTIMETER -> mm
+_NIFTI_UNIT_MM = {"mm": 1.0, "meter": 1000.0, "micron": 1e-3}
+
+
+@dataclass
+class ImageData:
+    """An image or volume in napari axis order, with the geometry it came with.
+
+    Attributes:
+        data: ``(H, W)`` grey, ``(H, W, 3)`` RGB or ``(Z, Y, X)`` volume.
+        kind: ``"grey"``, ``"rgb"`` or ``"volume"``.
+        spacing: voxel size per spatial axis, napari order (``(y, x)`` or ``(z, y, x)``).
+        origin: world position of the first voxel, napari order (napari ``translate``).
+        affine: ``(n+1, n+1)`` homogeneous index-to-world matrix in napari order
+            (``n`` spatial axes); diagonal unless the scan is rotated or sheared.
+        unit: unit of ``spacing``/``origin`` (``"mm"``, ``"um"``, ...) or None (pixels).
+        path: the file it was read from, if any.
+        format: ``"nifti"``, ``"tiff"``, ``"png"`` or ``"jpeg"``, or None.
+        source_affine: NIfTI only: the file's own 4x4 affine (voxel ``(i, j, k)`` order).
+        header: NIfTI only: the file's header (a ``nibabel.Nifti1Header``), restored on write.
+        meta: format details a writer needs (NIfTI source shape, raw TIFF resolution tags).
+        warnings: plain-words notes about what could not be shown or kept.
+    """
+
+    data: np.ndarray
+    kind: str
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    affine: np.ndarray
+    unit: str | None = None
+    path: Path | None = None
+    format: str | None = None
+    source_affine: np.ndarray | None = None
+    header: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """Shape without the RGB axis: ``(H, W)`` or ``(Z, Y, X)``."""
+        return tuple(self.data.shape[:2] if self.kind == "rgb" else self.data.shape)
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 or 3."""
+        return len(self.spatial_shape)
+
+    def layer_kwargs(self) -> dict[str, Any]:
+        """napari layer keyword arguments (``scale``, ``translate``, ``metadata``, ``rgb``)."""
+        kw: dict[str, Any] = {
+            "scale": tuple(self.spacing),
+            "translate": tuple(self.origin),
+            "metadata": {
+                "affine": self.affine.copy(),
+                "unit": self.unit,
+                "path": str(self.path) if self.path else None,
+                "warnings": list(self.warnings),
+            },
+        }
+        if self.kind == "rgb":
+            kw["rgb"] = True
+        return kw
+
+
+def from_array(data: np.ndarray, spacing: tuple[float, ...] | None = None) -> ImageData:
+    """Wrap a bare array (2D grey, ``(H, W, 3)`` RGB or 3D volume) with unit geometry."""
+    a = np.asarray(data)
+    kind = "rgb" if a.ndim == 3 and a.shape[-1] in (3, 4) and spacing is None else (
+        "grey" if a.ndim == 2 else "volume"
+    )
+    n = 2 if kind in ("grey", "rgb") else 3
+    sp = tuple(float(s) for s in (spacing or (1.0,) * n))
+    return ImageData(a, kind, sp, (0.0,) * n, _diag_affine(sp, (0.0,) * n))
+
+
+def _diag_affine(spacing: tuple[float, ...], origin: tuple[float, ...]) -> np.ndarray:
+    n = len(spacing)
+    a = np.eye(n + 1)
+    a[:n, :n] = np.diag(spacing)
+    a[:n, n] = origin
+    return a
+
+
+def suffix_of(path: str | os.PathLike[str]) -> str:
+    """Lower-case suffix, with ``.nii.gz`` kept whole."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def stem_of(path: str | os.PathLike[str]) -> str:
+    """File name without its (possibly double, ``.nii.gz``) suffix."""
+    name = Path(path).name
+    suf = suffix_of(path)
+    return name[: len(name) - len(suf)] if suf else name
+
+
+def is_supported(path: str | os.PathLike[str]) -> bool:
+    """Whether :func:`read_image` knows the file's format by its suffix."""
+    return suffix_of(path) in SUPPORTED_SUFFIXES
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_image(path: str | os.PathLike[str]) -> ImageData:
+    """Read a PNG, JPEG, TIFF or NIfTI file with its geometry.
+
+    Raises:
+        FileNotFoundError: no such file.
+        InputError: an unsupported format, or a corrupt/truncated/unusable file (the
+            message names the file).
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        if p.is_dir():
+            raise InputError(f"{p} is a folder, not an image file")
+        raise FileNotFoundError(2, "no such file", str(p))
+    suf = suffix_of(p)
+    if suf in NIFTI_SUFFIXES:
+        img = _read_nifti(p)
+    elif suf in TIFF_SUFFIXES:
+        img = _read_tiff(p)
+    elif suf in PNG_SUFFIXES + JPEG_SUFFIXES:
+        img = _read_plain(p, "png" if suf in PNG_SUFFIXES else "jpeg")
+    else:
+        raise InputError(
+            f"{p.name}: unsupported format {suf or '(no suffix)'}; "
+            "use PNG, JPEG, TIFF or NIfTI (.nii, .nii.gz)"
+        )
+    img.path = p
+    if img.data.size == 0:
+        raise InputError(f"{p.name} holds an empty image (shape {img.data.shape})")
+    return img
+
+
+def _corrupt(p: Path, what: str, e: BaseException) -> InputError:
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return InputError(f"{p.name} could not be read as {what}: corrupt or truncated ({detail})")
+
+
+def _classify(p: Path, a: np.ndarray, rgb_last: bool) -> tuple[np.ndarray, str, list[str]]:
+    """Squeeze singleton axes and decide grey / rgb / volume."""
+    warnings: list[str] = []
+    if a.ndim > 2:
+        keep = [i for i, s in enumerate(a.shape) if s != 1 or i >= a.ndim - 2]
+        a = a.reshape([a.shape[i] for i in keep])
+    if a.dtype == bool:
+        a = a.astype(np.uint8)
+    if a.ndim == 2:
+        return a, "grey", warnings
+    if a.ndim == 3 and rgb_last and a.shape[-1] in (3, 4):
+        if a.shape[-1] == 4:
+            warnings.append("the alpha (transparency) channel was dropped")
+            a = a[..., :3]
+        return a, "rgb", warnings
+    if a.ndim == 3:
+        return a, "volume", warnings
+    raise InputError(
+        f"{p.name} has {a.ndim} dimensions (shape {a.shape}); only 2D images and 3D volumes "
+        "are supported (split time series or channels first)"
+    )
+
+
+def _read_plain(p: Path, fmt: str) -> ImageData:
+    import imageio.v3 as iio
+
+    try:
+        a = np.asarray(iio.imread(p))
+    except Exception as e:
+        raise _corrupt(p, fmt.upper(), e) from None
+    if a.ndim == 3 and a.shape[-1] == 2:  # grey + alpha
+        a = a[..., 0]
+    a, kind, warnings = _classify(p, a, rgb_last=True)
+    if kind == "volume":  # animated PNG / multi-frame: refuse rather than guess
+        raise InputError(f"{p.name} holds several frames; save one frame per file")
+    img = from_array(a)
+    img.kind, img.format, img.warnings = kind, fmt, warnings
+    return img
+
+
+def _read_tiff(p: Path) -> ImageData:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(p) as tf:
+            series = tf.series[0]
+            a = np.asarray(series.asarray())
+            axes = series.axes
+            tags = tf.pages[0].tags
+            xres = tags["XResolution"].value if "XResolution" in tags else None
+            yres = tags["YResolution"].value if "YResolution" in tags else None
+            runit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
+            ij = tf.imagej_metadata or {}
+    except Exception as e:
+        raise _corrupt(p, "TIFF", e) from None
+    a, kind, warnings = _classify(p, a, rgb_last=axes.endswith("S") or a.shape[-1] in (3, 4))
+    meta: dict[str, Any] = {"tiff_resolution": (xres, yres), "tiff_resolutionunit": runit}
+
+    def per_px(r: Any) -> float | None:
+        if r is None:
+            return None
+        num, den = (r, 1) if np.isscalar(r) else r
+        return float(den) / float(num) if num else None
+
+    sx, sy = per_px(xres), per_px(yres)
+    unit: str | None = None
+    if ij.get("unit") and str(ij["unit"]).lower() not in ("pixel", "pixels", ""):
+        unit = {"micron": "um", "\\u00B5m": "um", "µm": "um"}.get(str(ij["unit"]), str(ij["unit"]))
+    elif runit in _MM_PER_UNIT and sx and sy and (xres, yres) != ((1, 1), (1, 1)):
+        sx, sy, unit = sx * _MM_PER_UNIT[runit], sy * _MM_PER_UNIT[runit], "mm"
+    sx, sy = sx or 1.0, sy or 1.0
+    if kind == "volume":
+        sz = float(ij.get("spacing", 1.0) or 1.0)
+        spacing: tuple[float, ...] = (sz, sy, sx)
+        if "spacing" not in ij:
+            warnings.append("the slice spacing is unknown and was taken as 1")
+    else:
+        spacing = (sy, sx)
+    origin = (0.0,) * len(spacing)
+    return ImageData(
+        a, kind, spacing, origin, _diag_affine(spacing, origin), unit=unit, format="tiff",
+        meta=meta, warnings=warnings,
+    )
+
+
+def _read_nifti(p: Path) -> ImageData:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(p))
+        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+            raise InputError(f"{p.name} is not a NIfTI-1/2 image")
+        a = np.asanyarray(img.dataobj)
+    except InputError:
+        raise
+    except Exception as e:
+        raise _corrupt(p, "NIfTI", e) from None
+    if a.dtype.fields is not None:
+        raise InputError(f"{p.name} holds RGB/structured NIfTI data, which is not supported")
+    src_shape = a.shape
+    while a.ndim > 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim > 3:
+        raise InputError(
+            f"{p.name} is a {a.ndim}D NIfTI (shape {src_shape}); only 2D images and 3D "
+            "volumes are supported (split the time points or channels first)"
+        )
+    src_affine = np.asarray(img.affine, dtype=np.float64)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    n = a.ndim
+    if n < 2:
+        raise InputError(f"{p.name} has shape {src_shape}; it is not an image")
+    a = np.ascontiguousarray(np.transpose(a))  # (i, j[, k]) -> ([k,] j, i)
+    m = src_affine[:n, :n]
+    rev = np.eye(n)[::-1]
+    lin = rev @ m @ rev  # world axes reversed too: axis-aligned stays diagonal
+    aff = np.eye(n + 1)
+    aff[:n, :n] = lin
+    aff[:n, n] = src_affine[:n, 3][::-1]
+    unit_name = img.header.get_xyzt_units()[0]
+    scale = _NIFTI_UNIT_MM.get(unit_name, 1.0)
+    spacing = tuple(float(v) * scale for v in np.linalg.norm(lin, axis=0))
+    origin = tuple(float(v) * scale for v in aff[:n, n])
+    warnings: list[str] = []
+    off = lin - np.diag(np.diag(lin))
+    if np.abs(off).max() > 1e-4 * max(np.abs(lin).max(), 1e-12):
+        warnings.append(
+            "the scan is stored rotated or sheared relative to the scanner axes; it is shown "
+            "with its voxel spacing and origin only (the full affine is kept and restored on save)"
+        )
+    if n == 2 and np.abs(src_affine[:2, 2:3]).max() > 0 and src_shape[2:3] not in ((), (1,)):
+        warnings.append("a 2D NIfTI with an unusual affine; the third axis was dropped")
+    return ImageData(
+        a, "volume" if n == 3 else "grey", spacing, origin, aff, unit="mm", format="nifti",
+        source_affine=src_affine, header=img.header.copy(),
+        meta={"nifti_shape": src_shape, "nifti_class": type(img).__name__}, warnings=warnings,
+    )
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def atomic_write(
+    path: str | os.PathLike[str], write: Callable[[Path], None], overwrite: bool = False
+) -> Path:
+    """Run ``write(tmp)`` on a temporary file next to ``path``, then move it into place.
+
+    Args:
+        path: final file name.
+        write: writes the whole file to the path it is given (same suffix as ``path``).
+        overwrite: replace an existing file; otherwise an existing ``path`` is an error and
+            a file that appears meanwhile is never clobbered.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{path} exists already; it is never overwritten (choose another output or "
+            "pass overwrite / --overwrite)"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(
+        prefix=f".{stem_of(path)}.", suffix=".tmp" + suffix_of(path), dir=path.parent
+    )
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if path appeared meanwhile: never clobber
+            except FileExistsError:
+                raise FileExistsError(f"{path} appeared while writing; left untouched") from None
+            except OSError:  # no hard links on this file system
+                if path.exists():
+                    raise FileExistsError(f"{path} exists already; left untouched") from None
+                os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def label_dtype(labels: np.ndarray) -> np.dtype:
+    """uint8 when the labels fit, else uint16 (refuses negatives and > 65535)."""
+    lo, hi = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+    if lo < 0 or hi > 65535:
+        raise InputError(f"label values must lie in 0..65535, found {lo}..{hi}")
+    return np.dtype(np.uint8) if hi <= 255 else np.dtype(np.uint16)
+
+
+def write_labels(
+    path: str | os.PathLike[str],
+    labels: np.ndarray,
+    like: ImageData | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a label map with the geometry of ``like`` (atomic, never clobbering).
+
+    Args:
+        path: ``.nii``/``.nii.gz`` (source affine and header restored), ``.tif``/``.tiff``
+            (resolution kept) or ``.png`` (uint8).
+        labels: integer labels on ``like``'s spatial grid, napari order.
+        like: the image the labels belong to (its geometry is written), or None.
+        overwrite: replace an existing file.
+
+    Returns:
+        The path written.
+    """
+    lab = np.asarray(labels)
+    if lab.dtype.kind not in "biu":
+        if lab.dtype.kind != "f" or not np.all(np.isfinite(lab)) or np.any(lab != np.round(lab)):
+            raise InputError(f"labels must be whole numbers, got data type {lab.dtype}")
+    lab = lab.astype(label_dtype(lab), copy=False)
+    if suffix_of(path) in PNG_SUFFIXES and lab.dtype != np.uint8:
+        raise InputError(f"{Path(path).name}: PNG labels hold at most 255 classes; use TIFF")
+    return _write(path, lab, like, overwrite=overwrite, is_label=True)
+
+
+def write_image(
+    path: str | os.PathLike[str],
+    data: np.ndarray,
+    like: ImageData | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write an image, map or stack of maps with the geometry of ``like``.
+
+    Args:
+        path: ``.nii``/``.nii.gz``, ``.tif``/``.tiff`` or ``.png`` (uint8/uint16 data, or
+            floats in [0, 1] scaled to uint8).
+        data: ``like``'s spatial shape, or ``(C, *spatial)`` for several maps (written as a
+            4D NIfTI with the channel last, or a multi-page TIFF).
+        like: the image whose geometry to write, or None.
+        overwrite: replace an existing file.
+
+    Returns:
+        The path written.
+    """
+    a = np.asarray(data)
+    if a.dtype == np.float64 or a.dtype == np.float16:
+        a = a.astype(np.float32)
+    if suffix_of(path) in PNG_SUFFIXES and a.dtype.kind == "f":
+        if a.size and (np.nanmin(a) < 0 or np.nanmax(a) > 1):
+            raise InputError("a PNG holds whole numbers; floats must lie in [0, 1] to be scaled")
+        a = np.round(np.nan_to_num(a) * 255).astype(np.uint8)
+    return _write(path, a, like, overwrite=overwrite, is_label=False)
+
+
+def _write(
+    path: str | os.PathLike[str], a: np.ndarray, like: ImageData | None, *, overwrite: bool,
+    is_label: bool,
+) -> Path:
+    suf = suffix_of(path)
+    if suf not in NIFTI_SUFFIXES + TIFF_SUFFIXES + PNG_SUFFIXES:
+        raise InputError(f"{Path(path).name}: cannot write {suf or 'files without a suffix'}; "
+                         "use .nii.gz, .tif or .png")
+    spatial = like.spatial_shape if like is not None else None
+    channels = False
+    if spatial is not None and tuple(a.shape) != spatial:
+        if tuple(a.shape[1:]) == spatial:
+            channels = True
+        elif not (like is not None and like.kind == "rgb" and a.shape == like.data.shape):
+            raise InputError(
+                f"data of shape {a.shape} do not fit the image grid {spatial}"
+            )
+    if suf in NIFTI_SUFFIXES:
+        writer = _nifti_writer(a, like, channels, is_label)
+    elif suf in TIFF_SUFFIXES:
+        writer = _tiff_writer(a, like, channels)
+    else:
+        if a.ndim != 2 and not (a.ndim == 3 and a.shape[-1] in (3, 4)):
+            raise InputError(f"a PNG holds one 2D image; got shape {a.shape} (use TIFF)")
+
+        def writer(tmp: Path) -> None:
+            import imageio.v3 as iio
+
+            iio.imwrite(tmp, a, extension=".png")
+
+    return atomic_write(path, writer, overwrite=overwrite)
+
+
+def _nifti_writer(
+    a: np.ndarray, like: ImageData | None, channels: bool, is_label: bool
+) -> Callable[[Path], None]:
+    import nibabel as nib
+
+    n = a.ndim - 1 if channels else a.ndim
+    if like is not None and like.kind == "rgb":
+        raise InputError("colour images are written as TIFF or PNG, not NIfTI")
+    if channels:  # (C, *S) -> (*S reversed, C): NIfTI keeps channels on the 4th axis
+        vox = np.moveaxis(np.transpose(a, (0, *range(n, 0, -1))), 0, -1)
+    else:
+        vox = np.transpose(a)
+    if like is not None and like.source_affine is not None:
+        src_shape = like.meta.get("nifti_shape", ())
+        if n == 2 and len(src_shape) >= 3:  # a 2D slice stored as (X, Y, 1)
+            vox = vox[:, :, None, ...]
+        affine = like.source_affine
+        header = like.header.copy()
+        cls = nib.Nifti2Image if like.meta.get("nifti_class") == "Nifti2Image" else nib.Nifti1Image
+    else:
+        affine = np.eye(4)
+        if like is not None:  # napari-order affine -> NIfTI (i, j, k) order
+            rev = np.eye(n)[::-1]
+            affine[:n, :n] = rev @ like.affine[:n, :n] @ rev
+            affine[:n, 3] = like.affine[:n, n][::-1]
+        header, cls = None, nib.Nifti1Image
+    vox = np.ascontiguousarray(vox)
+
+    def writer(tmp: Path) -> None:
+        img = cls(vox, affine, header=header)
+        img.set_data_dtype(vox.dtype)
+        img.header.set_slope_inter(1.0 if is_label else None, 0.0 if is_label else None)
+        if header is not None:  # keep the source's qform/sform codes exactly
+            img.set_qform(affine, int(header["qform_code"]))
+            img.set_sform(affine, int(header["sform_code"]))
+        img.header["cal_min"], img.header["cal_max"] = 0, 0
+        nib.save(img, str(tmp))
+
+    return writer
+
+
+def _tiff_writer(a: np.ndarray, like: ImageData | None, channels: bool) -> Callable[[Path], None]:
+    import tifffile
+
+    kwargs: dict[str, Any] = {}
+    volume = like is not None and like.kind == "volume"
+    if like is not None and like.format == "tiff" and like.meta.get("tiff_resolution", (None,))[0]:
+        xres, yres = like.meta["tiff_resolution"]
+        kwargs["resolution"] = (tuple(xres), tuple(yres))
+        kwargs["resolutionunit"] = like.meta.get("tiff_resolutionunit", 1)
+    elif like is not None and like.unit is not None:
+        sy, sx = like.spacing[-2:]
+        to_cm = {"mm": 0.1, "cm": 1.0}.get(like.unit)
+        if to_cm:
+            kwargs["resolution"] = (1.0 / (sx * to_cm), 1.0 / (sy * to_cm))
+            kwargs["resolutionunit"] = 3
+        else:
+            kwargs["resolution"] = (1.0 / sx, 1.0 / sy)
+            kwargs["resolutionunit"] = 1
+    imagej = volume and a.dtype in (np.uint8, np.uint16, np.float32)
+    if imagej:
+        meta: dict[str, Any] = {"spacing": float(like.spacing[0]), "axes": "CZYX" if channels
+                                else "ZYX"}
+        if like.unit:
+            meta["unit"] = {"um": "micron"}.get(like.unit, like.unit)
+        kwargs["metadata"] = meta
+        if kwargs.get("resolutionunit") == 3 and like.format != "tiff":
+            kwargs["resolution"] = (1.0 / like.spacing[2], 1.0 / like.spacing[1])
+            kwargs["resolutionunit"] = 1
+    rgb = like is not None and like.kind == "rgb" and a.ndim == 3 and a.shape[-1] == 3
+
+    def writer(tmp: Path) -> None:
+        tifffile.imwrite(
+            tmp, a, imagej=imagej, photometric="rgb" if rgb else "minisblack", **kwargs
+        )
+
+    return writer
