@@ -1,20 +1,126 @@
-"""``prosma finetune``: fine-tune a model on corrected labels."""
+"""``prosma finetune IMAGES LABELS --model M -o DIR``: fine-tune on corrected labels."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "finetune",
         help="fine-tune a model on corrected labels",
-        description="Fine-tune a model on corrected labels. (Not available in this version yet.)",
+        description="Fine-tune a model on corrected labels. IMAGES and LABELS are files or "
+        "folders (paired by file name stem, else by sorted order). The new model is saved "
+        "as a new version in DIR (never over its parent); the corrections are saved next "
+        "to it before training starts.",
     )
+    p.add_argument("images", type=Path, help="image file or folder")
+    p.add_argument("labels", type=Path, help="corrected label file or folder")
+    p.add_argument(
+        "--model", "-m", required=True, help="parent: bundled name, checkpoint or version id"
+    )
+    p.add_argument(
+        "-o", "--out", type=Path, default=None, help="model store folder (default: user data dir)"
+    )
+    p.add_argument(
+        "--trainable", choices=["all", "decoder_gates", "gates"], default="decoder_gates"
+    )
+    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--time-budget", type=float, default=120.0, help="seconds (0: no limit)")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument(
+        "--activate",
+        choices=["if_better", "always", "never"],
+        default="if_better",
+        help="make the new version active (default: only if held-out Dice did not drop)",
+    )
+    p.add_argument("--seed", type=int, default=0)
     return p
 
 
-def run(args: argparse.Namespace) -> int:
+def _files(path: Path) -> list[Path]:
+    from ..io import is_supported
+
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file() and is_supported(p))
+    return [path]
+
+
+def _pair(images: list[Path], labels: list[Path]) -> list[tuple[Path, Path]]:
+    from ..io import stem_of
     from . import UserError
 
-    raise UserError("'prosma finetune' is not available in this version yet")
+    by_stem = {stem_of(p): p for p in labels}
+    if all(stem_of(p) in by_stem for p in images):
+        return [(p, by_stem[stem_of(p)]) for p in images]
+    if len(images) != len(labels):
+        raise UserError(f"{len(images)} image(s) but {len(labels)} label file(s)")
+    return list(zip(images, labels))
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    import numpy as np
+
+    from ..finetune import FinetuneConfig, run_finetune
+    from ..io import read_image
+    from ..versions import ModelStore
+    from . import UserError
+
+    pairs = _pair(_files(args.images), _files(args.labels))
+    if not pairs:
+        raise UserError("no images found")
+    images, labels = [], []
+    for ip, lp in pairs:
+        images.append(read_image(ip).data)
+        lab = read_image(lp).data
+        if lab.ndim == 3 and lab.shape[-1] in (3, 4) and images[-1].ndim == 2:
+            lab = lab[..., 0]
+        labels.append(np.asarray(lab).astype(np.int64))
+    cfg = FinetuneConfig(
+        trainable=args.trainable,
+        max_steps=args.max_steps,
+        time_budget_s=args.time_budget or None,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+    )
+    store = ModelStore(args.out)
+
+    def progress(p) -> None:  # type: ignore[no-untyped-def]
+        if p.phase in ("before", "eval", "done") and p.holdout_dice is not None:
+            print(
+                f"  [{p.phase:6s}] step {p.step:4d}  held-out Dice {p.holdout_dice:.3f}",
+                file=sys.stderr,
+            )
+
+    print(f"Fine-tuning {args.model} on {len(pairs)} image(s) ...", file=sys.stderr)
+    result, vid = run_finetune(
+        args.model,
+        images,
+        labels,
+        store=store,
+        config=cfg,
+        activate=args.activate,
+        progress=progress,
+    )
+    b, a = result.dice_before, result.dice_after
+    print(f"New version {vid} in {store.root}")
+    print(
+        f"  steps {result.steps} ({result.stopped}), {result.seconds:.1f} s, "
+        f"{result.n_train} training / {result.n_holdout} held-out unit(s)"
+    )
+    if b is not None and a is not None:
+        print(f"  held-out Dice {b:.3f} -> {a:.3f}")
+        if a < b:
+            print(
+                "  held-out Dice got worse: the parent model stays active"
+                + (" (overridden: --activate always)" if args.activate == "always" else "")
+            )
+    print(f"  active model: {store.active()}")
+    return 0
