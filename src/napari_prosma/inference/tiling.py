@@ -69,7 +69,8 @@ def aligned_overlap(tile: Sequence[int], overlap: float, align: int) -> tuple[fl
     for t in tile:
         step = max(int(t * (1 - overlap)) // align * align, align)
         step = min(step, t)
-        out.append(1 - (step + 0.5) / t)  # MONAI takes int(t * (1 - o)) == step
+        # MONAI takes int(t * (1 - o)) as the step: aim half a voxel above it against rounding
+        out.append(0.0 if step >= t else 1 - (step + 0.5) / t)
     return tuple(out)
 
 
