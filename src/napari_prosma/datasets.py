@@ -1,0 +1,382 @@
+"""Readers for the four public datasets, their splits, and a compact packed form.
+
+Every reader returns arrays exactly as training and evaluation see them:
+
+- 2D sets (:class:`Dataset2D`): ``images`` uint8 ``(N, C, H, W)`` (C = 1 grey or 3 RGB),
+  ``masks`` uint8 ``(N, H, W)`` with values {0, 1}, ``ids`` the file stems.
+  Kvasir-SEG is resized here to 256×256 (images bilinear with antialiasing, masks
+  thresholded at > 127 then nearest), BUSI (256²) and GlaS (512²) come resized already.
+- Hippocampus (:class:`Dataset3D`): lists of uint8 volumes and labels {0, 1, 2}, axes
+  ``(k, j, i)`` (the NIfTI array transposed, as :mod:`napari_prosma.io` reads volumes for
+  napari and inference), spacing 1 mm.
+
+``pack``/``load_packed`` store a dataset in one ``NAME.npz`` (2D: the original encoded
+images + bit-packed masks; 3D: raw uint8) so a GPU machine needs neither the original folder
+layout nor nibabel; reading the packed file gives identical arrays (tested, and checked by a
+sha256 of the decoded images).
+
+Splits (``training/splits/*.json``) are ``{"dataset", "seed", "train": [ids], "test": [ids]}``;
+:func:`random_split` makes the 80/20 ones (numpy ``default_rng(seed).permutation`` of the
+sorted ids, the first 20 % test).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Dataset name -> (kind, channels, training size, class names, what it is).
+DATASETS: dict[str, dict[str, Any]] = {
+    "busi": {
+        "dims": 2,
+        "channels": 1,
+        "size": 256,
+        "classes": ["background", "lesion"],
+        "title": "BUSI breast ultrasound (benign + malignant), 647 images",
+    },
+    "kvasir": {
+        "dims": 2,
+        "channels": 3,
+        "size": 256,
+        "classes": ["background", "polyp"],
+        "title": "Kvasir-SEG colonoscopy polyps, 1000 images",
+    },
+    "glas": {
+        "dims": 2,
+        "channels": 3,
+        "size": 512,
+        "classes": ["background", "gland"],
+        "title": "GlaS colon gland histology, 165 images",
+    },
+    "hippocampus": {
+        "dims": 3,
+        "channels": 1,
+        "size": None,
+        "classes": ["background", "anterior", "posterior"],
+        "title": "MSD Task04 Hippocampus, 260 cropped T1 MRI volumes",
+    },
+}
+
+_FOLDER = {"busi": "busi", "kvasir": "kvasir-seg", "glas": "glas", "hippocampus": "hippocampus"}
+
+
+def default_data_root() -> Path:
+    """``$PROSMA_DATA`` if set, else ``../shared/data`` beside the repository checkout."""
+    env = os.environ.get("PROSMA_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+@dataclass
+class Dataset2D:
+    name: str
+    images: np.ndarray  # (N, C, H, W) uint8
+    masks: np.ndarray  # (N, H, W) uint8 {0, 1}
+    ids: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, ids: Sequence[str]) -> Dataset2D:
+        index = {k: i for i, k in enumerate(self.ids)}
+        missing = [k for k in ids if k not in index]
+        if missing:
+            raise KeyError(f"{self.name}: {len(missing)} id(s) not in the data, e.g. {missing[0]}")
+        sel = np.array([index[k] for k in ids], dtype=np.int64)
+        meta = {k: v for k, v in self.meta.items() if not k.startswith("_")}
+        return Dataset2D(self.name, self.images[sel], self.masks[sel], list(ids), meta)
+
+
+@dataclass
+class Dataset3D:
+    name: str
+    images: list[np.ndarray]  # (k, j, i) uint8 each
+    labels: list[np.ndarray]  # same shapes, {0, 1, 2}
+    ids: list[str]
+    spacing: list[list[float]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, ids: Sequence[str]) -> Dataset3D:
+        index = {k: i for i, k in enumerate(self.ids)}
+        missing = [k for k in ids if k not in index]
+        if missing:
+            raise KeyError(f"{self.name}: {len(missing)} id(s) not in the data, e.g. {missing[0]}")
+        sel = [index[k] for k in ids]
+        sp = [self.spacing[i] for i in sel] if self.spacing else []
+        return Dataset3D(
+            self.name,
+            [self.images[i] for i in sel],
+            [self.labels[i] for i in sel],
+            list(ids),
+            sp,
+            dict(self.meta),
+        )
+
+
+# ---------------------------------------------------------------------------- resizing
+
+
+def resize_image(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """Resize a uint8 ``(H, W)`` or ``(H, W, C)`` image to ``size`` (bilinear, antialiased,
+    Pillow) — the one resize used for training data and, through the card, inference."""
+    from PIL import Image
+
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    if image.shape[:2] == (h, w):
+        return image
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+
+def resize_mask(mask: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """Resize a label image (nearest neighbour)."""
+    from PIL import Image
+
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    if mask.shape[:2] == (h, w):
+        return mask
+    return np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
+
+
+# ---------------------------------------------------------------------------- readers
+
+
+def decode_image(data: bytes, channels: int) -> np.ndarray:
+    """Decode PNG/JPEG bytes to uint8 ``(H, W)`` (grey) or ``(H, W, 3)`` (RGB) with Pillow."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("L" if channels == 1 else "RGB")
+        return np.asarray(im)
+
+
+def _finish_image(data: bytes, channels: int, size: int) -> np.ndarray:
+    """Decode and resize one image to its ``(C, H, W)`` training form."""
+    img = resize_image(decode_image(data, channels), size)
+    return (img if img.ndim == 3 else img[..., None]).transpose(2, 0, 1)
+
+
+def _finish_mask(data: bytes, size: int) -> np.ndarray:
+    return resize_mask((decode_image(data, 1) > 127).astype(np.uint8), size)
+
+
+def _stems(folder: Path, suffix: str) -> list[str]:
+    return sorted(p.stem for p in folder.glob(f"*{suffix}"))
+
+
+def read_2d(
+    name: str, root: str | os.PathLike[str] | None = None, limit: int | None = None
+) -> Dataset2D:
+    """Read one of the 2D datasets (``busi``, ``kvasir``, ``glas``) from the original files,
+    or from ``root/NAME.npz`` if a packed copy lies there.
+
+    Args:
+        name: dataset name.
+        root: the data folder (default :func:`default_data_root`).
+        limit: read only the first ``limit`` ids (sorted), for tests.
+    """
+    info = DATASETS[name]
+    if info["dims"] != 2:
+        raise ValueError(f"{name} is not a 2D dataset")
+    root = Path(root) if root is not None else default_data_root()
+    packed = root / f"{name}.npz"
+    if packed.exists():
+        ds = load_packed(packed)
+        assert isinstance(ds, Dataset2D)
+        if limit:
+            ds = ds.subset(ds.ids[:limit])
+        return ds
+    folder = root / _FOLDER[name]
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no {name} data at {folder}")
+    img_suffix = ".png" if name == "busi" else ".jpg"
+    mask_suffix = ".jpg" if name == "kvasir" else ".png"
+    ids = _stems(folder / "images", img_suffix)
+    if limit:
+        ids = ids[:limit]
+    size = info["size"]
+    encoded = [(folder / "images" / f"{s}{img_suffix}").read_bytes() for s in ids]
+    images = np.stack([_finish_image(b, info["channels"], size) for b in encoded])
+    masks = np.stack(
+        [_finish_mask((folder / "masks" / f"{s}{mask_suffix}").read_bytes(), size) for s in ids]
+    )
+    ds = Dataset2D(name, images, masks, ids, {"size": size})
+    ds.meta["_encoded"] = encoded  # kept for pack(); dropped by subset()
+    return ds
+
+
+def read_hippocampus(
+    root: str | os.PathLike[str] | None = None, limit: int | None = None
+) -> Dataset3D:
+    """Read MSD Task04 Hippocampus (``imagesTr``/``labelsTr``) or ``root/hippocampus.npz``."""
+    root = Path(root) if root is not None else default_data_root()
+    packed = root / "hippocampus.npz"
+    if packed.exists():
+        ds = load_packed(packed)
+        assert isinstance(ds, Dataset3D)
+        if limit:
+            ds = ds.subset(ds.ids[:limit])
+        return ds
+    import nibabel as nib
+
+    folder = root / "hippocampus"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no hippocampus data at {folder}")
+    ids = sorted(p.name[: -len(".nii.gz")] for p in (folder / "imagesTr").glob("*.nii.gz"))
+    if limit:
+        ids = ids[:limit]
+    images, labels, spacing = [], [], []
+    for stem in ids:
+        im = nib.load(str(folder / "imagesTr" / f"{stem}.nii.gz"))
+        lb = nib.load(str(folder / "labelsTr" / f"{stem}.nii.gz"))
+        # (i, j, k) -> (k, j, i): the order napari_prosma.io gives napari and inference
+        a = np.ascontiguousarray(np.transpose(np.asarray(im.dataobj)))
+        b = np.ascontiguousarray(np.transpose(np.asarray(lb.dataobj)))
+        if a.shape != b.shape:
+            raise ValueError(f"{stem}: image {a.shape} and label {b.shape} differ")
+        images.append(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+        labels.append(b.astype(np.uint8))
+        spacing.append([float(s) for s in im.header.get_zooms()[:3]][::-1])
+    return Dataset3D("hippocampus", images, labels, ids, spacing)
+
+
+def read_dataset(
+    name: str, root: str | os.PathLike[str] | None = None, limit: int | None = None
+) -> Dataset2D | Dataset3D:
+    """Read any of the four datasets by name."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
+    if name == "hippocampus":
+        return read_hippocampus(root, limit)
+    return read_2d(name, root, limit)
+
+
+# ---------------------------------------------------------------------------- packing
+
+
+def pack(ds: Dataset2D | Dataset3D, path: str | os.PathLike[str]) -> Path:
+    """Write ``ds`` to one ``.npz``; returns the path.
+
+    2D sets read from the original files keep their images as the original PNG/JPEG bytes
+    (decoded and resized again by :func:`load_packed` with the same code, and checked against
+    a sha256 of the arrays), masks bit-packed at the training size: about the size of the
+    original files. Volumes are stored raw and compressed.
+    """
+    import hashlib
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {}
+    if isinstance(ds, Dataset2D):
+        encoded = ds.meta.get("_encoded")
+        meta = {
+            "kind": "2d",
+            "name": ds.name,
+            "ids": ds.ids,
+            "meta": {k: v for k, v in ds.meta.items() if not k.startswith("_")},
+            "mask_shape": list(ds.masks.shape),
+            "channels": int(ds.images.shape[1]),
+            "images_sha256": hashlib.sha256(np.ascontiguousarray(ds.images)).hexdigest(),
+        }
+        if encoded is not None and len(encoded) == len(ds):
+            meta["encoded_lengths"] = [len(b) for b in encoded]
+            arrays["encoded"] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        else:
+            arrays["images"] = ds.images
+        arrays["masks"] = np.packbits(ds.masks.astype(bool), axis=None)
+    else:
+        meta = {
+            "kind": "3d",
+            "name": ds.name,
+            "ids": ds.ids,
+            "meta": ds.meta,
+            "shapes": [list(a.shape) for a in ds.images],
+            "spacing": ds.spacing,
+        }
+        arrays["images"] = np.concatenate([a.ravel() for a in ds.images])
+        arrays["labels"] = np.concatenate([a.ravel() for a in ds.labels])
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+def load_packed(path: str | os.PathLike[str]) -> Dataset2D | Dataset3D:
+    """Read a file written by :func:`pack` (2D images are decoded and resized here; the
+    result's ``meta["decoded_identical"]`` says whether they match the packing machine's)."""
+    import hashlib
+
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(z["meta"].tobytes().decode())
+        if meta["kind"] == "2d":
+            shape = tuple(meta["mask_shape"])
+            masks = np.unpackbits(z["masks"], count=int(np.prod(shape))).reshape(shape)
+            if "encoded" in z.files:
+                blob = z["encoded"].tobytes()
+                size = meta["meta"].get("size") or shape[1]
+                images, off = [], 0
+                for n in meta["encoded_lengths"]:
+                    images.append(_finish_image(blob[off : off + n], meta["channels"], size))
+                    off += n
+                images = np.stack(images)
+            else:
+                images = z["images"]
+            m = dict(meta["meta"])
+            digest = hashlib.sha256(np.ascontiguousarray(images)).hexdigest()
+            m["decoded_identical"] = digest == meta["images_sha256"]
+            return Dataset2D(meta["name"], images, masks, meta["ids"], m)
+        flat_i, flat_l = z["images"], z["labels"]
+    images, labels, off = [], [], 0
+    for s in meta["shapes"]:
+        n = int(np.prod(s))
+        images.append(flat_i[off : off + n].reshape(s))
+        labels.append(flat_l[off : off + n].reshape(s))
+        off += n
+    return Dataset3D(meta["name"], images, labels, meta["ids"], meta["spacing"], meta["meta"])
+
+
+# ---------------------------------------------------------------------------- splits
+
+
+def random_split(ids: Sequence[str], seed: int, test_fraction: float = 0.2) -> dict[str, Any]:
+    """The 80/20 split of a seed: sorted ids permuted by ``default_rng(seed)``, first
+    ``round(test_fraction * N)`` to test."""
+    ids = sorted(ids)
+    perm = np.random.default_rng(seed).permutation(len(ids))
+    n_test = round(test_fraction * len(ids))
+    test = sorted(ids[i] for i in perm[:n_test])
+    train = sorted(ids[i] for i in perm[n_test:])
+    return {"seed": seed, "test_fraction": test_fraction, "train": train, "test": test}
+
+
+def glas_official_split(root: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """GlaS's official split: train 85 / test = testA 60 + testB 20."""
+    root = Path(root) if root is not None else default_data_root()
+    s = json.loads((root / "glas" / "split.json").read_text())
+    return {"seed": None, "train": sorted(s["train"]), "test": sorted(s["testA"] + s["testB"])}
+
+
+def read_split(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a split file and check it has disjoint, non-empty train and test lists."""
+    s = json.loads(Path(path).read_text())
+    for k in ("train", "test"):
+        if not s.get(k):
+            raise ValueError(f"split {path} has no {k!r} ids")
+    overlap = set(s["train"]) & set(s["test"])
+    if overlap:
+        raise ValueError(f"split {path}: {len(overlap)} id(s) in both train and test")
+    return s
