@@ -99,8 +99,10 @@ class ImageData:
 def from_array(data: np.ndarray, spacing: tuple[float, ...] | None = None) -> ImageData:
     """Wrap a bare array (2D grey, ``(H, W, 3)`` RGB or 3D volume) with unit geometry."""
     a = np.asarray(data)
-    kind = "rgb" if a.ndim == 3 and a.shape[-1] in (3, 4) and spacing is None else (
-        "grey" if a.ndim == 2 else "volume"
+    kind = (
+        "rgb"
+        if a.ndim == 3 and a.shape[-1] in (3, 4) and spacing is None
+        else ("grey" if a.ndim == 2 else "volume")
     )
     n = 2 if kind in ("grey", "rgb") else 3
     sp = tuple(float(s) for s in (spacing or (1.0,) * n))
@@ -252,8 +254,15 @@ def _read_tiff(p: Path) -> ImageData:
         spacing = (sy, sx)
     origin = (0.0,) * len(spacing)
     return ImageData(
-        a, kind, spacing, origin, _diag_affine(spacing, origin), unit=unit, format="tiff",
-        meta=meta, warnings=warnings,
+        a,
+        kind,
+        spacing,
+        origin,
+        _diag_affine(spacing, origin),
+        unit=unit,
+        format="tiff",
+        meta=meta,
+        warnings=warnings,
     )
 
 
@@ -306,9 +315,17 @@ def _read_nifti(p: Path) -> ImageData:
     if n == 2 and np.abs(src_affine[:2, 2:3]).max() > 0 and src_shape[2:3] not in ((), (1,)):
         warnings.append("a 2D NIfTI with an unusual affine; the third axis was dropped")
     return ImageData(
-        a, "volume" if n == 3 else "grey", spacing, origin, aff, unit="mm", format="nifti",
-        source_affine=src_affine, header=img.header.copy(),
-        meta={"nifti_shape": src_shape, "nifti_class": type(img).__name__}, warnings=warnings,
+        a,
+        "volume" if n == 3 else "grey",
+        spacing,
+        origin,
+        aff,
+        unit="mm",
+        format="nifti",
+        source_affine=src_affine,
+        header=img.header.copy(),
+        meta={"nifti_shape": src_shape, "nifti_class": type(img).__name__},
+        warnings=warnings,
     )
 
 
@@ -432,22 +449,26 @@ def write_image(
 
 
 def _write(
-    path: str | os.PathLike[str], a: np.ndarray, like: ImageData | None, *, overwrite: bool,
+    path: str | os.PathLike[str],
+    a: np.ndarray,
+    like: ImageData | None,
+    *,
+    overwrite: bool,
     is_label: bool,
 ) -> Path:
     suf = suffix_of(path)
     if suf not in NIFTI_SUFFIXES + TIFF_SUFFIXES + PNG_SUFFIXES:
-        raise InputError(f"{Path(path).name}: cannot write {suf or 'files without a suffix'}; "
-                         "use .nii.gz, .tif or .png")
+        raise InputError(
+            f"{Path(path).name}: cannot write {suf or 'files without a suffix'}; "
+            "use .nii.gz, .tif or .png"
+        )
     spatial = like.spatial_shape if like is not None else None
     channels = False
     if spatial is not None and tuple(a.shape) != spatial:
         if tuple(a.shape[1:]) == spatial:
             channels = True
         elif not (like is not None and like.kind == "rgb" and a.shape == like.data.shape):
-            raise InputError(
-                f"data of shape {a.shape} do not fit the image grid {spatial}"
-            )
+            raise InputError(f"data of shape {a.shape} do not fit the image grid {spatial}")
     if suf in NIFTI_SUFFIXES:
         writer = _nifti_writer(a, like, channels, is_label)
     elif suf in TIFF_SUFFIXES:
@@ -525,8 +546,7 @@ def _tiff_writer(a: np.ndarray, like: ImageData | None, channels: bool) -> Calla
             kwargs["resolutionunit"] = 1
     imagej = volume and a.dtype in (np.uint8, np.uint16, np.float32)
     if imagej:
-        meta: dict[str, Any] = {"spacing": float(like.spacing[0]), "axes": "CZYX" if channels
-                                else "ZYX"}
+        meta: dict[str, Any] = {"spacing": float(like.spacing[0]), "axes": "ZYX"}
         if like.unit:
             meta["unit"] = {"um": "micron"}.get(like.unit, like.unit)
         kwargs["metadata"] = meta
@@ -534,6 +554,9 @@ def _tiff_writer(a: np.ndarray, like: ImageData | None, channels: bool) -> Calla
             kwargs["resolution"] = (1.0 / like.spacing[2], 1.0 / like.spacing[1])
             kwargs["resolutionunit"] = 1
     rgb = like is not None and like.kind == "rgb" and a.ndim == 3 and a.shape[-1] == 3
+    if imagej and channels:  # ImageJ hyperstacks order channels after slices: (Z, C, Y, X)
+        a = np.moveaxis(a, 0, 1)
+        kwargs["metadata"]["axes"] = "ZCYX"
 
     def writer(tmp: Path) -> None:
         tifffile.imwrite(

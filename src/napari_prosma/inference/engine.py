@@ -112,10 +112,20 @@ def predict(
         Cancelled: ``cancel`` was set; nothing is returned or kept.
     """
     return predict_batch(
-        [image], model, card, spacing=spacing, channel_axis=channel_axis, device=device,
-        tile_size=tile_size, overlap=overlap, tta=tta,
-        return_probabilities=return_probabilities, return_gates=return_gates,
-        progress=progress, cancel=cancel, batch_size=batch_size,
+        [image],
+        model,
+        card,
+        spacing=spacing,
+        channel_axis=channel_axis,
+        device=device,
+        tile_size=tile_size,
+        overlap=overlap,
+        tta=tta,
+        return_probabilities=return_probabilities,
+        return_gates=return_gates,
+        progress=progress,
+        cancel=cancel,
+        batch_size=batch_size,
     )[0]
 
 
@@ -169,25 +179,39 @@ def predict_batch(
     min_size = int(getattr(model, "min_size", divisor))
     padded = padded_shape(work, divisor, min_size)
     tile = choose_tile(padded, card, divisor, min_size, tile_size)
-    widths = card.arch_kwargs.get("widths", [32])
-    widths = [32] if isinstance(widths, str) else widths
+    widths = getattr(model, "config", {}).get("widths") or [32]
     batch = int(batch_size) if batch_size else default_batch_size(device_, tile, widths)
     was_training = model.training
     model.eval()
+    first_tile, attempt = tile, 0
     try:
         while True:
             try:
                 with torch.inference_mode():
                     outs, n_tiles = _run(
-                        prepared, model, card, device_, in_shape, work, padded, tile, batch,
-                        overlap, tta, return_probabilities, return_gates, progress, cancelled,
+                        prepared,
+                        model,
+                        card,
+                        device_,
+                        in_shape,
+                        work,
+                        padded,
+                        tile,
+                        batch,
+                        overlap,
+                        tta,
+                        return_probabilities,
+                        return_gates,
+                        progress,
+                        cancelled,
                     )
                 break
             except Exception as e:
                 if not dev.is_oom(e):
                     raise
                 dev.empty_cache(device_)
-                step = _fallback(device_, tile, batch, divisor, min_size, padded, widths)
+                step = _fallback(device_, first_tile, attempt, divisor, min_size, padded)
+                attempt += 1
                 if step is None:
                     raise InputError(
                         "ran out of memory even on the CPU with small tiles; close other "
@@ -210,37 +234,42 @@ def predict_batch(
         }
         results.append(
             Prediction(
-                **o, device=device_.type, notes=list(notes), timings=timings, tile_size=tile,
-                n_tiles=n_tiles, class_names=list(card.class_names),
+                **o,
+                device=device_.type,
+                notes=list(notes),
+                timings=timings,
+                tile_size=tile,
+                n_tiles=n_tiles,
+                class_names=list(card.class_names),
             )
         )
     return results
 
 
 def _fallback(
-    device: torch.device, tile: tuple[int, ...], batch: int, divisor: int, min_size: int,
-    padded: tuple[int, ...], widths: Sequence[int],
+    device: torch.device, tile: tuple[int, ...], attempt: int, divisor: int, min_size: int,
+    padded: tuple[int, ...],
 ) -> tuple[torch.device, tuple[int, ...], int, str] | None:
-    """The next, more frugal attempt after an out-of-memory error, or None.
+    """The next, more frugal attempt after out-of-memory number ``attempt`` (0-based).
 
-    First smaller tiles one at a time on the same device, then the CPU.
+    First half-size tiles one at a time on the same accelerator, then the CPU with the
+    original tiles; None when nothing is left to try.
     """
     import torch
 
-    smaller = round_tile([t // 2 for t in tile], padded, divisor, min_size)
-    if dev.is_gpu(device) and (batch > 1 or smaller != tile):
+    if not dev.is_gpu(device) or attempt > 1:
+        return None
+    if attempt == 0:
+        smaller = round_tile([t // 2 for t in tile], padded, divisor, min_size)
         return (
             device, smaller, 1,
             f"the {device.type.upper()} ran out of memory, so it was retried with smaller tiles "
             f"({'×'.join(map(str, smaller))}, one at a time)",
         )
-    if dev.is_gpu(device):
-        cpu = torch.device("cpu")
-        return (
-            cpu, tile, 1,
-            f"fell back to the CPU after the {device.type.upper()} ran out of memory (slower)",
-        )
-    return None
+    return (
+        torch.device("cpu"), tile, 1,
+        f"fell back to the CPU after the {device.type.upper()} ran out of memory (slower)",
+    )
 
 
 def _run(
@@ -280,16 +309,31 @@ def _run(
     binary = card.out_channels == 1
     want_gates = want_gates and n_stages > 0
     predictor = TilePredictor(
-        model, device=device, binary=binary, tta=tta, gates=want_gates, n_images=n_img,
-        memory_format=fmt, autocast=lambda: dev.autocast(device), progress=progress,
-        total=total, cancelled=cancelled,
+        model,
+        device=device,
+        binary=binary,
+        tta=tta,
+        gates=want_gates,
+        n_images=n_img,
+        memory_format=fmt,
+        autocast=lambda: dev.autocast(device),
+        progress=progress,
+        total=total,
+        cancelled=cancelled,
     )
     k = 1 if binary else card.out_channels
     n_out = n_img * math.prod(padded) * (k * (2 if tta else 1) + (2 if want_gates else 0))
     out_device = device if n_out <= GPU_STITCH_LIMIT else torch.device("cpu")
     out = sliding_window_inference(
-        x, tile, batch, predictor, overlap=ov, mode="gaussian", sw_device=device,
-        device=out_device, with_coord=True,
+        x,
+        tile,
+        batch,
+        predictor,
+        overlap=ov,
+        mode="gaussian",
+        sw_device=device,
+        device=out_device,
+        with_coord=True,
     )
     del x
     if cancelled():
@@ -315,13 +359,16 @@ def _run(
             p = probs[i].float()
             p = torch.cat([1 - p, p]) if binary else p
             p = p.cpu().numpy()
-        results.append({
-            "labels": lab,
-            "probabilities": p,
-            "uncertainty": None if unc is None else unc[i].float().cpu().numpy(),
-            "gates": _gates(out, predictor, model, i, n_stages, padded, work, in_shape)
-            if want_gates else [],
-        })
+        results.append(
+            {
+                "labels": lab,
+                "probabilities": p,
+                "uncertainty": None if unc is None else unc[i].float().cpu().numpy(),
+                "gates": _gates(out, predictor, model, i, n_stages, padded, work, in_shape)
+                if want_gates
+                else [],
+            }
+        )
     t2 = time.perf_counter()
     for r in results:
         r["_t_infer"], r["_t_post"] = t1 - t0, t2 - t1
@@ -329,8 +376,14 @@ def _run(
 
 
 def _gates(
-    out: dict[str, Any], predictor: TilePredictor, model: torch.nn.Module, i: int,
-    n_stages: int, padded: tuple[int, ...], work: tuple[int, ...], in_shape: tuple[int, ...],
+    out: dict[str, Any],
+    predictor: TilePredictor,
+    model: torch.nn.Module,
+    i: int,
+    n_stages: int,
+    padded: tuple[int, ...],
+    work: tuple[int, ...],
+    in_shape: tuple[int, ...],
 ) -> list[StageGates]:
     """Per-stage gate maps of image ``i`` on the input grid, finest stage first."""
     stages = []
