@@ -229,7 +229,7 @@ def _read_tiff(p: Path) -> ImageData:
             ij = tf.imagej_metadata or {}
     except Exception as e:
         raise _corrupt(p, "TIFF", e) from None
-    a, kind, warnings = _classify(p, a, rgb_last=axes.endswith("S") or a.shape[-1] in (3, 4))
+    a, kind, warnings = _classify(p, a, rgb_last=axes.endswith("S"))
     meta: dict[str, Any] = {"tiff_resolution": (xres, yres), "tiff_resolutionunit": runit}
 
     def per_px(r: Any) -> float | None:

@@ -44,7 +44,7 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
     Returns 1.0 when both are empty.
     """
-    classes = sorted(set(np.unique(truth).tolist()) | set(np.unique(pred).tolist()) - {0})
+    classes = sorted((set(np.unique(truth).tolist()) | set(np.unique(pred).tolist())) - {0})
     if not classes:
         return 1.0
     scores = []
