@@ -1,0 +1,254 @@
+"""Qt helpers shared by the widgets: the model chooser, notifications, the result hub.
+
+Widgets keep their controls as attributes so tests can drive them; the work itself lives
+in :mod:`._core` (Qt-free).
+"""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+from typing import Any
+
+from napari.utils.notifications import show_error, show_info, show_warning
+from psygnal import Signal
+from qtpy.QtCore import QObject, Qt
+from qtpy.QtCore import Signal as QtSignal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QPlainTextEdit,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..errors import user_message
+from . import _core
+
+#: Layer metadata key of everything this plugin puts on its output layers.
+META = "prosma"
+IO_KEY = "prosma_io"
+
+
+# ---------------------------------------------------------------------------- notifications
+
+
+def notify_error(exc_or_text: BaseException | str) -> str:
+    """Show a plain one-line error (never a traceback); returns the text shown."""
+    text = exc_or_text if isinstance(exc_or_text, str) else user_message(exc_or_text)
+    show_error(_sentence(text))
+    return text
+
+
+def notify_warning(text: str) -> None:
+    show_warning(_sentence(text))
+
+
+def notify_info(text: str) -> None:
+    show_info(_sentence(text))
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text[:1].upper() + text[1:] if text else text
+
+
+# ---------------------------------------------------------------------------- results
+
+
+class ResultHub:
+    """Per viewer: tells the Gate inspector that the Segment widget produced a result."""
+
+    result_ready = Signal(object)  # the labels layer holding the result in its metadata
+
+
+_HUBS: weakref.WeakKeyDictionary[Any, ResultHub] = weakref.WeakKeyDictionary()
+
+
+def hub_for(viewer: Any) -> ResultHub:
+    hub = _HUBS.get(viewer)
+    if hub is None:
+        hub = _HUBS[viewer] = ResultHub()
+    return hub
+
+
+def result_layers(viewer: Any) -> list[Any]:
+    """Labels layers of ``viewer`` that hold a segmentation result of this plugin."""
+    return [
+        layer
+        for layer in viewer.layers
+        if isinstance(layer.metadata.get(META), dict) and "result" in layer.metadata[META]
+    ]
+
+
+def layer_spacing_mm(layer: Any) -> tuple[float, ...] | None:
+    """The layer's voxel spacing in mm when known (read by this plugin, or napari units)."""
+    meta = layer.metadata if isinstance(layer.metadata, dict) else {}
+    src = meta.get(IO_KEY)
+    if isinstance(src, dict) and src.get("unit") == "mm":
+        return tuple(float(s) for s in layer.scale)
+    if meta.get("unit") == "mm":
+        return tuple(float(s) for s in layer.scale)
+    try:
+        units = [str(u) for u in layer.units]
+    except AttributeError:
+        return None
+    if units and all(u in ("millimeter", "mm") for u in units):
+        return tuple(float(s) for s in layer.scale)
+    return None
+
+
+def geometry_kwargs(image_layer: Any) -> dict[str, Any]:
+    """Layer keyword arguments that put a new layer on ``image_layer``'s grid, with the
+    geometry metadata a writer needs (copied from the image layer)."""
+    meta = image_layer.metadata if isinstance(image_layer.metadata, dict) else {}
+    carried = {k: meta[k] for k in ("affine", "unit", "path", IO_KEY) if k in meta}
+    if IO_KEY in carried and isinstance(carried[IO_KEY], dict) and image_layer.rgb:
+        src = dict(carried[IO_KEY])  # the outputs are grey on the colour image's grid
+        src["kind"] = "grey"
+        src["shape"] = tuple(src.get("spatial_shape", ()))
+        carried[IO_KEY] = src
+    return {
+        "scale": tuple(image_layer.scale),
+        "translate": tuple(image_layer.translate),
+        "metadata": carried,
+    }
+
+
+# ---------------------------------------------------------------------------- worker relay
+
+
+class Relay(QObject):
+    """Carries progress from a worker thread to the main thread (queued signal)."""
+
+    progress = QtSignal(int, int)
+
+
+# ---------------------------------------------------------------------------- model chooser
+
+
+class ModelChooser(QWidget):
+    """Pick a bundled model, a fine-tuned version or a checkpoint file; shows its card.
+
+    Attributes:
+        combo: the models (item data: the spec passed to ``checkpoint.load``).
+        browse_button: adds a checkpoint file.
+        card_text: the selected model's card (data, metrics, intended use).
+    """
+
+    model_changed = Signal(object)  # the spec, or None
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self._files: list[str] = []
+        self._card: Any = None
+        self.combo = QComboBox()
+        self.combo.setToolTip("A bundled model, one of your fine-tuned versions, or a file")
+        self.combo.setMinimumContentsLength(18)
+        self.browse_button = QPushButton("File…")
+        self.browse_button.setToolTip(
+            "Use a checkpoint file (NAME.safetensors with its NAME.json model card)"
+        )
+        self.card_text = QPlainTextEdit()
+        self.card_text.setReadOnly(True)
+        self.card_text.setLineWrapMode(QPlainTextEdit.LineWrapMode.WidgetWidth)
+        self.card_text.setMaximumHeight(130)
+        self.card_text.setPlaceholderText("No model: add a checkpoint file with 'File…'")
+        row = QHBoxLayout()
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.combo, 1)
+        row.addWidget(self.browse_button)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addLayout(row)
+        lay.addWidget(self.card_text)
+        self.combo.currentIndexChanged.connect(self._on_index)
+        self.browse_button.clicked.connect(self._browse)
+        self.refresh()
+
+    # -- public
+    def refresh(self, select: str | None = None) -> None:
+        """Re-list the models; keep the selection, or select ``select``/the active model."""
+        keep = select or self.current_spec()
+        try:
+            choices, active = _core.model_choices(self._files)
+        except Exception as exc:  # a broken store must not break the widget
+            notify_warning(f"the model list could not be read: {user_message(exc)}")
+            choices, active = [], None
+        self.combo.blockSignals(True)
+        self.combo.clear()
+        for c in choices:
+            self.combo.addItem(c.label, c.spec)
+        target = keep or active
+        idx = self.combo.findData(target) if target is not None else -1
+        self.combo.setCurrentIndex(idx if idx >= 0 else (0 if choices else -1))
+        self.combo.blockSignals(False)
+        self._on_index()
+
+    def current_spec(self) -> str | None:
+        spec = self.combo.currentData()
+        return str(spec) if spec is not None else None
+
+    def current_card(self) -> Any:
+        """The selected model's :class:`~napari_prosma.checkpoint.ModelCard`, or None."""
+        return self._card
+
+    def add_checkpoint(self, path: str | Path) -> None:
+        """Add a checkpoint file and select it (a bad file gives a notification)."""
+        p = str(Path(path).expanduser())
+        try:
+            _core.read_model_card(p)
+        except Exception as exc:
+            notify_error(exc)
+            return
+        if p not in self._files:
+            self._files.append(p)
+        self.refresh(select=p)
+
+    # -- internals
+    def _browse(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self,
+            "Choose a model checkpoint",
+            "",
+            "Checkpoints (*.safetensors *.json *.pt *.pth);;All files (*)",
+        )
+        if path:
+            self.add_checkpoint(path)
+
+    def _on_index(self, *_: Any) -> None:
+        spec = self.current_spec()
+        self._card = None
+        if spec is None:
+            self.card_text.setPlainText("")
+            self.model_changed.emit(None)
+            return
+        try:
+            self._card = _core.read_model_card(spec)
+        except Exception as exc:
+            self.card_text.setPlainText(f"This model cannot be used: {user_message(exc)}")
+        else:
+            self.card_text.setPlainText(card_text(self._card))
+        self.model_changed.emit(spec)
+
+
+def card_text(card: Any) -> str:
+    """The card summary, plus a plain note for untrained models and the sparsity range."""
+    text = card.summary()
+    extra = []
+    if not card.metrics and not card.training:
+        extra.append("Note       no training record or metrics: results may be meaningless")
+    ranges = _core.parse_sparsity_range(card.gate_sparsity_range)
+    if ranges:
+        spans = ", ".join(f"s{s} {lo:.0%}–{hi:.0%}" for s, (lo, hi) in sorted(ranges.items()))
+        extra.append(f"Sparsity   exact-zero range on training data: {spans}")
+    return "\n".join([text, *extra])
+
+
+def heading(text: str) -> QLabel:
+    lab = QLabel(f"<b>{text}</b>")
+    lab.setTextFormat(Qt.TextFormat.RichText)
+    return lab

@@ -1,0 +1,57 @@
+"""npe2 writers: a Labels or Image layer to NIfTI (``.nii.gz``, ``.nii``) or TIFF.
+
+The geometry comes from the layer's metadata (``"prosma_io"``, filled by this plugin's
+reader and copied by the Segment widget from the source image onto its output layers): a
+NIfTI source gets its own affine and header back, a TIFF source its resolution. Layers
+without it are written with their ``scale`` and ``translate`` (a diagonal affine).
+
+napari's save dialog asks before replacing a file, so these writers replace an existing
+file; the write itself is atomic (a temporary file moved into place), never half-written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import io
+from ._reader import image_data_from_layer
+
+WRITE_SUFFIXES = io.NIFTI_SUFFIXES + io.TIFF_SUFFIXES
+
+
+def _target(path: str, like: io.ImageData) -> Path:
+    """``path``, with ``.nii.gz`` (NIfTI sources) or ``.tif`` added when it has no suffix
+    this writer knows."""
+    p = Path(path).expanduser()
+    if io.suffix_of(p) in WRITE_SUFFIXES:
+        return p
+    return p.with_name(p.name + (".nii.gz" if like.format == "nifti" else ".tif"))
+
+
+def _materialise(data: Any) -> np.ndarray:
+    """Layer data as one numpy array (the finest level of a multiscale layer)."""
+    if isinstance(data, list | tuple) and data and hasattr(data[0], "shape"):
+        data = data[0]
+    return np.asarray(data)
+
+
+def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
+    """Write one Labels layer; returns the path written."""
+    a = _materialise(data)
+    like = image_data_from_layer(a, meta, rgb=False)
+    out = io.write_labels(_target(path, like), a, like, overwrite=True)
+    return [str(out)]
+
+
+def write_image(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
+    """Write one Image layer (grey, RGB, volume or a probability/ψ map); returns the path."""
+    a = _materialise(data)
+    like = image_data_from_layer(a, meta)
+    target = _target(path, like)
+    if like.kind == "rgb" and io.suffix_of(target) in io.NIFTI_SUFFIXES:
+        raise io.InputError("colour images are saved as TIFF (.tif), not NIfTI")
+    out = io.write_image(target, a, like, overwrite=True)
+    return [str(out)]
