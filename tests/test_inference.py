@@ -57,7 +57,11 @@ def test_tiled_equals_whole_image():
 def test_blended_output_finite_on_input_grid(shape, tile, dims):
     model, card = make(dims, widths=WIDTHS_2D if dims == 2 else WIDTHS_3D)
     pred = predict(
-        smooth_image(shape), model, card, device="cpu", tile_size=tile,
+        smooth_image(shape),
+        model,
+        card,
+        device="cpu",
+        tile_size=tile,
         return_probabilities=True,
     )
     assert pred.labels.shape == shape and pred.labels.dtype == np.uint8
@@ -71,7 +75,8 @@ def test_gate_maps_on_input_grid_and_match_the_network():
     model, card = make()
     shape = (48, 64)  # a multiple of the divisor: one whole tile, no padding
     img = smooth_image(shape)
-    pred = predict(img, model, card, device="cpu", return_gates=True)
+    pred = predict(img, model, card, device="cpu", return_gates=True, precision="fp32")
+    assert pred.precision == "fp32"
     assert [g.stage for g in pred.gates] == [1, 2, 3]
     assert [g.scale for g in pred.gates] == [1, 2, 4]
     for g, c_a, c_x in zip(pred.gates, (8, 8, 16), WIDTHS_2D[:3]):
@@ -114,8 +119,9 @@ def test_progress_counts_and_cancel_mid_run():
     model, card = make()
     img = smooth_image((96, 96))
     calls = []
-    pred = predict(img, model, card, device="cpu", tile_size=32,
-                   progress=lambda d, t: calls.append((d, t)))
+    pred = predict(
+        img, model, card, device="cpu", tile_size=32, progress=lambda d, t: calls.append((d, t))
+    )
     total = calls[0][1]
     assert total == pred.n_tiles > 1 and calls[-1] == (total, total)
 
@@ -201,8 +207,15 @@ def test_bad_inputs_raise_input_error():
 def test_resampling_to_training_spacing_and_back():
     model, card = make(3, widths=WIDTHS_3D, spacing=[2.0, 1.0, 1.0])
     img = smooth_image((9, 30, 26))
-    pred = predict(img, model, card, device="cpu", spacing=(4.0, 1.0, 1.0),
-                   return_probabilities=True, return_gates=True)
+    pred = predict(
+        img,
+        model,
+        card,
+        device="cpu",
+        spacing=(4.0, 1.0, 1.0),
+        return_probabilities=True,
+        return_gates=True,
+    )
     assert pred.labels.shape == img.shape and pred.probabilities.shape == (3, *img.shape)
     assert all(g.psi.shape == img.shape for g in pred.gates)
     assert any("resampled" in n and "18×30×26" in n for n in pred.notes), pred.notes
@@ -223,12 +236,27 @@ def test_batch_equals_single_and_model_mode_restored():
     model, card = make()
     imgs = [smooth_image((40, 48), seed=s) for s in range(3)]
     model.train()
-    batch = predict_batch(imgs, model, card, device="cpu", batch_size=4, tile_size=32,
-                          return_probabilities=True, return_gates=True)
+    batch = predict_batch(
+        imgs,
+        model,
+        card,
+        device="cpu",
+        batch_size=4,
+        tile_size=32,
+        return_probabilities=True,
+        return_gates=True,
+    )
     assert model.training  # restored
     for im, b in zip(imgs, batch):
-        one = predict(im, model, card, device="cpu", tile_size=32, return_probabilities=True,
-                      return_gates=True)
+        one = predict(
+            im,
+            model,
+            card,
+            device="cpu",
+            tile_size=32,
+            return_probabilities=True,
+            return_gates=True,
+        )
         np.testing.assert_allclose(b.probabilities, one.probabilities, atol=1e-5)
         np.testing.assert_allclose(b.gates[2].c, one.gates[2].c, atol=1e-5)
 
@@ -236,8 +264,9 @@ def test_batch_equals_single_and_model_mode_restored():
 def test_plain_unet_has_no_gates_and_says_so():
     kw = {"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "widths": [8, 16, 32]}
     model = build_model("unet", **kw).eval()
-    pred = predict(smooth_image((32, 32)), model, ModelCard("unet", kw), device="cpu",
-                   return_gates=True)
+    pred = predict(
+        smooth_image((32, 32)), model, ModelCard("unet", kw), device="cpu", return_gates=True
+    )
     assert pred.gates == [] and any("no gates" in n for n in pred.notes)
 
 
@@ -257,3 +286,14 @@ def test_unknown_device_is_a_plain_error():
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="no CUDA GPU"):
             predict(smooth_image((16, 16)), model, card, device="cuda")
+
+
+def test_bf16_close_to_fp32():
+    model, card = make()
+    img = smooth_image((48, 64))
+    ref = predict(img, model, card, device="cpu", precision="fp32", return_probabilities=True)
+    low = predict(img, model, card, device="cpu", precision="bf16", return_probabilities=True)
+    assert low.precision == "bf16"
+    assert np.abs(low.probabilities - ref.probabilities).max() < 0.05
+    with pytest.raises(InputError, match="precision"):
+        predict(img, model, card, device="cpu", precision="int8")

@@ -112,8 +112,12 @@ def test_tiff_resolution_kept(tmp_path):
     import tifffile
 
     src = tmp_path / "slide.tif"
-    tifffile.imwrite(src, np.arange(30 * 40, dtype=np.uint16).reshape(30, 40),
-                     resolution=(4.0, 2.0), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        src,
+        np.arange(30 * 40, dtype=np.uint16).reshape(30, 40),
+        resolution=(4.0, 2.0),
+        resolutionunit="CENTIMETER",
+    )
     img = read_image(src)
     assert img.kind == "grey" and img.unit == "mm"
     np.testing.assert_allclose(img.spacing, (5.0, 2.5))  # (y, x) in mm
@@ -194,7 +198,7 @@ def test_wrong_shape_labels_refused(tmp_path):
 
 def test_corrupt_truncated_and_unsupported_files(spleen, tmp_path):
     trunc = tmp_path / "trunc.nii.gz"
-    trunc.write_bytes(spleen.read_bytes()[: 200_000])
+    trunc.write_bytes(spleen.read_bytes()[:200_000])
     with pytest.raises(InputError, match=r"trunc\.nii\.gz.*corrupt or truncated"):
         read_image(trunc)
     notgz = tmp_path / "garbage.nii.gz"

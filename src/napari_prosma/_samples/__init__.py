@@ -29,21 +29,31 @@ class SampleInfo:
 
 SAMPLES: dict[str, SampleInfo] = {
     "kvasir_polyp": SampleInfo(
-        "kvasir_polyp.jpg", "kvasir_polyp_mask.png", "Colonoscopy polyp (Kvasir-SEG)",
+        "kvasir_polyp.jpg",
+        "kvasir_polyp_mask.png",
+        "Colonoscopy polyp (Kvasir-SEG)",
         ("background", "polyp"),
     ),
     "busi_benign": SampleInfo(
-        "busi_benign.png", "busi_benign_mask.png", "Breast ultrasound, benign lesion (BUSI)",
-        ("background", "lesion"), (("colormap", "gray"),),
+        "busi_benign.png",
+        "busi_benign_mask.png",
+        "Breast ultrasound, benign lesion (BUSI)",
+        ("background", "lesion"),
+        (("colormap", "gray"),),
     ),
     "hippocampus_mri": SampleInfo(
-        "hippocampus_mri.nii.gz", "hippocampus_mri_label.nii.gz",
-        "Hippocampus MRI, cropped (MSD Task04)", ("background", "anterior", "posterior"),
+        "hippocampus_mri.nii.gz",
+        "hippocampus_mri_label.nii.gz",
+        "Hippocampus MRI, cropped (MSD Task04)",
+        ("background", "anterior", "posterior"),
         (("colormap", "gray"),),
     ),
     "spleen_ct": SampleInfo(
-        "spleen_ct.nii.gz", "spleen_ct_label.nii.gz", "Abdominal CT, spleen (MSD Task09, crop)",
-        ("background", "spleen"), (("colormap", "gray"), ("contrast_limits", (-160.0, 240.0))),
+        "spleen_ct.nii.gz",
+        "spleen_ct_label.nii.gz",
+        "Abdominal CT, spleen (MSD Task09, crop)",
+        ("background", "spleen"),
+        (("colormap", "gray"), ("contrast_limits", (-160.0, 240.0))),
     ),
 }
 

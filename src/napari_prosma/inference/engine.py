@@ -81,6 +81,7 @@ def predict(
     progress: Callable[[int, int], Any] | None = None,
     cancel: CancelFlag = None,
     batch_size: int | None = None,
+    precision: str = "auto",
 ) -> Prediction:
     """Segment one image or volume.
 
@@ -103,6 +104,8 @@ def predict(
         progress: called as ``progress(done, total)`` after each batch of tiles.
         cancel: callable or ``threading.Event``; checked between tile batches.
         batch_size: tiles per forward pass (default: many on CUDA, 1 on CPU).
+        precision: ``"auto"`` (bf16 autocast on CUDA and on CPUs with native bf16, fp32
+            elsewhere), ``"fp32"`` or ``"bf16"``.
 
     Returns:
         A :class:`Prediction` on the input grid.
@@ -126,6 +129,7 @@ def predict(
         progress=progress,
         cancel=cancel,
         batch_size=batch_size,
+        precision=precision,
     )[0]
 
 
@@ -145,6 +149,7 @@ def predict_batch(
     progress: Callable[[int, int], Any] | None = None,
     cancel: CancelFlag = None,
     batch_size: int | None = None,
+    precision: str = "auto",
 ) -> list[Prediction]:
     """Segment several images of one shape together (tiles of all images share batches).
 
@@ -175,6 +180,7 @@ def predict_batch(
     t_prep = time.perf_counter()
 
     device_ = dev.resolve_device(device)
+    dev.autocast_dtype(device_, precision)  # refuse an unknown precision before any work
     divisor = int(getattr(model, "divisor", 16))
     min_size = int(getattr(model, "min_size", divisor))
     padded = padded_shape(work, divisor, min_size)
@@ -204,6 +210,7 @@ def predict_batch(
                         return_gates,
                         progress,
                         cancelled,
+                        precision,
                     )
                 break
             except Exception as e:
@@ -236,6 +243,7 @@ def predict_batch(
             Prediction(
                 **o,
                 device=device_.type,
+                precision=_precision_name(device_, precision),
                 notes=list(notes),
                 timings=timings,
                 tile_size=tile,
@@ -246,8 +254,17 @@ def predict_batch(
     return results
 
 
+def _precision_name(device: torch.device, precision: str) -> str:
+    dtype = dev.autocast_dtype(device, precision)
+    return "fp32" if dtype is None else str(dtype).replace("torch.", "").replace("bfloat", "bf")
+
+
 def _fallback(
-    device: torch.device, tile: tuple[int, ...], attempt: int, divisor: int, min_size: int,
+    device: torch.device,
+    tile: tuple[int, ...],
+    attempt: int,
+    divisor: int,
+    min_size: int,
     padded: tuple[int, ...],
 ) -> tuple[torch.device, tuple[int, ...], int, str] | None:
     """The next, more frugal attempt after out-of-memory number ``attempt`` (0-based).
@@ -262,12 +279,16 @@ def _fallback(
     if attempt == 0:
         smaller = round_tile([t // 2 for t in tile], padded, divisor, min_size)
         return (
-            device, smaller, 1,
+            device,
+            smaller,
+            1,
             f"the {device.type.upper()} ran out of memory, so it was retried with smaller tiles "
             f"({'×'.join(map(str, smaller))}, one at a time)",
         )
     return (
-        torch.device("cpu"), tile, 1,
+        torch.device("cpu"),
+        tile,
+        1,
         f"fell back to the CPU after the {device.type.upper()} ran out of memory (slower)",
     )
 
@@ -288,6 +309,7 @@ def _run(
     want_gates: bool,
     progress: Callable[[int, int], Any] | None,
     cancelled: Callable[[], bool],
+    precision: str,
 ) -> tuple[list[dict[str, Any]], int]:
     """One attempt on one device; returns per-image output dicts (numpy) and tiles/image."""
     import torch
@@ -316,7 +338,7 @@ def _run(
         gates=want_gates,
         n_images=n_img,
         memory_format=fmt,
-        autocast=lambda: dev.autocast(device),
+        autocast=lambda: dev.autocast(device, precision),
         progress=progress,
         total=total,
         cancelled=cancelled,

@@ -27,8 +27,10 @@ def card_input_size(card: ModelCard) -> tuple[int, ...] | None:
             v = src.get(key) if isinstance(src, dict) else None
             if isinstance(v, int):
                 v = [v] * card.spatial_dims
-            if isinstance(v, Sequence) and len(v) == card.spatial_dims and all(
-                isinstance(s, int) and s > 0 for s in v
+            if (
+                isinstance(v, Sequence)
+                and len(v) == card.spatial_dims
+                and all(isinstance(s, int) and s > 0 for s in v)
             ):
                 return tuple(int(s) for s in v)
     return None

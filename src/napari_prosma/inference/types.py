@@ -56,6 +56,7 @@ class Prediction:
         gates: one :class:`StageGates` per decoder stage, finest first (empty unless asked
             for, or when the model has plain skips).
         device: the device that produced the result (``"cpu"``, ``"cuda"``, ``"mps"``).
+        precision: the arithmetic the network ran in (``"fp32"``, ``"bf16"``, ``"float16"``).
         notes: plain-words notes on what was adapted or fell back.
         timings: seconds per phase (``prepare``, ``inference``, ``postprocess``, ``total``).
         tile_size: the spatial tile the network ran on.
@@ -68,6 +69,7 @@ class Prediction:
     uncertainty: np.ndarray | None = None
     gates: list[StageGates] = field(default_factory=list)
     device: str = "cpu"
+    precision: str = "fp32"
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     tile_size: tuple[int, ...] = ()
