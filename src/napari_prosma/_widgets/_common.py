@@ -243,7 +243,9 @@ def card_text(card: Any) -> str:
         extra.append("Note       no training record or metrics: results may be meaningless")
     ranges = _core.parse_sparsity_range(card.gate_sparsity_range)
     if ranges:
-        spans = ", ".join(f"s{s} {lo:.0%}–{hi:.0%}" for s, (lo, hi) in sorted(ranges.items()))
+        spans = ", ".join(
+            f"s{stage} {_core.fmt_range(lo, hi)}" for stage, (lo, hi) in sorted(ranges.items())
+        )
         extra.append(f"Sparsity   exact-zero range on training data: {spans}")
     return "\n".join([text, *extra])
 

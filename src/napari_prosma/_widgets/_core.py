@@ -288,10 +288,19 @@ def sparsity_warnings(
             side = "fewer" if v < lo else "more"
             out.append(
                 f"stage {g.stage}: {v:.0%} of the gate's responses are exactly zero, {side} than "
-                f"on any training image ({lo:.0%}–{hi:.0%}); this scan is unlike what the "
+                f"on any training image ({fmt_range(lo, hi)}); this scan is unlike what the "
                 "model was trained on, check the segmentation with extra care"
             )
     return out
+
+
+def fmt_range(lo: float, hi: float) -> str:
+    """``"12%–40%"``, with a decimal when whole percents would hide the difference."""
+    for digits in (0, 1, 2):
+        a, b = f"{lo:.{digits}%}", f"{hi:.{digits}%}"
+        if a != b or lo == hi:
+            return f"{a}–{b}"
+    return f"{lo:.3%}–{hi:.3%}"
 
 
 def gate_sparsity_range(

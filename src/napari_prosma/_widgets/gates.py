@@ -241,7 +241,7 @@ class GateInspectorWidget(QWidget):
             scan = "–" if g.zero_frac_mean is None else f"{g.zero_frac_mean:.1%}"
             sl = self._slice_value(g)
             rng = ranges.get(g.stage)
-            rtext = "unknown" if rng is None else f"{rng[0]:.0%}–{rng[1]:.0%}"
+            rtext = "unknown" if rng is None else _core.fmt_range(*rng)
             passed = g.psi_pass_fraction()
             cells = [scan, "–" if sl is None else f"{sl:.1%}", rtext,
                      "–" if passed is None else f"{passed:.0%}"]
