@@ -184,3 +184,16 @@ def test_bad_inputs_are_refused_with_plain_messages():
             [np.ones((8, 8), np.uint8)],
             config=FinetuneConfig(trainable="encoder"),
         )
+
+
+def test_model_stays_trainable_after_a_prediction():
+    """The inference engine must not turn parameters into inference tensors."""
+    from napari_prosma.inference import predict
+
+    net = build_model(spatial_dims=2, in_channels=1, out_channels=1, widths="tiny")
+    card = ModelCard(architecture="prosma_unet", arch_kwargs=net.config)
+    predict(np.zeros((40, 40), np.float32), net, card, device="cpu")
+    trainable_parameters(net, "all")
+    net.train()
+    net(torch.randn(2, 1, 32, 32)).mean().backward()
+    assert net.head.weight.grad is not None

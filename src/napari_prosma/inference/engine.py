@@ -319,7 +319,10 @@ def _run(
     nd = len(in_shape)
     fmt = dev.memory_format(device, nd)
     dev.setup_backend(device)
-    model.to(device=device, memory_format=fmt)
+    # outside inference mode: parameters created here must stay usable for training
+    # (fine-tuning the same model object after a prediction)
+    with torch.inference_mode(False):
+        model.to(device=device, memory_format=fmt)
     n_img = len(prepared)
     x = torch.from_numpy(np.stack(prepared)).to(device)
     x = pad_to(resize(x, work), padded)
