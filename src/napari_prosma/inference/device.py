@@ -81,24 +81,34 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
-def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for ``device``: bf16 on CUDA (fp16 where bf16 is unsupported) and
-    on CPUs with native bf16; None (plain fp32) elsewhere or with ``precision="fp32"``."""
+def autocast_dtype(device: torch.device, precision: str | None = "auto") -> torch.dtype | None:
+    """The autocast dtype for ``device``, or None for plain fp32.
+
+    Args:
+        device: where the network runs.
+        precision: ``"auto"``: bf16 on CUDA (fp16 where bf16 is unsupported) and on CPUs
+            with native bf16 (inference); ``"fp32"``; ``"bf16"``; None: CUDA only, as
+            ``"auto"`` was before CPU bf16 (what training and fine-tuning use).
+    """
     import torch
 
-    if precision not in PRECISIONS:
+    if precision is not None and precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     if precision == "fp32" or device.type == "mps":
         return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and (precision == "bf16" or cpu_has_native_bf16()):
-        return torch.bfloat16
+    if device.type == "cpu" and precision is not None:
+        if precision == "bf16" or cpu_has_native_bf16():
+            return torch.bfloat16
     return None
 
 
-def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
-    """Mixed-precision context for ``device`` (see :func:`autocast_dtype`)."""
+def autocast(
+    device: torch.device, precision: str | None = None
+) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for ``device`` (see :func:`autocast_dtype`; the default,
+    None, autocasts on CUDA only)."""
     import torch
 
     dtype = autocast_dtype(device, precision)

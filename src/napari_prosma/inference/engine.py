@@ -254,6 +254,25 @@ def predict_batch(
     return results
 
 
+def _stitch_device(device: torch.device, n_values: int) -> torch.device:
+    """Where MONAI stitches the outputs: on the accelerator when they (and the copies made
+    while resampling them) fit comfortably in its free memory, else in host memory."""
+    import torch
+
+    if device.type == "cpu":
+        return device
+    need = 3 * 4 * n_values  # float32 output + count map + a resampled copy
+    if device.type == "cuda":
+        try:
+            free = torch.cuda.mem_get_info(device)[0]
+        except Exception:
+            free = 0
+        ok = need < 0.3 * free and n_values <= GPU_STITCH_LIMIT
+    else:
+        ok = n_values <= GPU_STITCH_LIMIT // 4
+    return device if ok else torch.device("cpu")
+
+
 def _precision_name(device: torch.device, precision: str) -> str:
     dtype = dev.autocast_dtype(device, precision)
     return "fp32" if dtype is None else str(dtype).replace("torch.", "").replace("bfloat", "bf")
@@ -348,7 +367,7 @@ def _run(
     )
     k = 1 if binary else card.out_channels
     n_out = n_img * math.prod(padded) * (k * (2 if tta else 1) + (2 if want_gates else 0))
-    out_device = device if n_out <= GPU_STITCH_LIMIT else torch.device("cpu")
+    out_device = _stitch_device(device, n_out)
     out = sliding_window_inference(
         x,
         tile,
@@ -374,21 +393,22 @@ def _run(
     if tta:
         var = (resize(out["0_sq"][crop], in_shape) - probs * probs).clamp_min(0)
         unc = var.mean(1).sqrt()
+    # one transfer each to host memory, then split per image
+    labels_np = labels.cpu().numpy()
+    if labels_np.dtype != np.uint8:
+        labels_np = labels_np.astype(np.uint16)
+    probs_np = None
+    if want_probs:
+        probs_np = (torch.cat([1 - probs, probs], dim=1) if binary else probs).float()
+        probs_np = probs_np.cpu().numpy()
+    unc_np = None if unc is None else unc.float().cpu().numpy()
     results: list[dict[str, Any]] = []
     for i in range(n_img):
-        lab = labels[i].cpu().numpy()
-        if lab.dtype != np.uint8:
-            lab = lab.astype(np.uint16)
-        p = None
-        if want_probs:
-            p = probs[i].float()
-            p = torch.cat([1 - p, p]) if binary else p
-            p = p.cpu().numpy()
         results.append(
             {
-                "labels": lab,
-                "probabilities": p,
-                "uncertainty": None if unc is None else unc[i].float().cpu().numpy(),
+                "labels": labels_np[i],
+                "probabilities": None if probs_np is None else probs_np[i],
+                "uncertainty": None if unc_np is None else unc_np[i],
                 "gates": _gates(out, predictor, model, i, n_stages, padded, work, in_shape)
                 if want_gates
                 else [],
