@@ -114,6 +114,6 @@ def test_slice_values_and_descriptions():
     c, per_slice = _core.slice_channel_gate(g, 1)
     assert per_slice and c[0] == 0.9
     (line,) = _core.describe_gates([g])
-    assert "Stage 1 (full resolution)" in line and "33%" in line and "100%" in line
+    assert "Stage 1 (full res.)" in line and "33%" in line and "100%" in line
     assert _core.fmt_range(0.0, 0.001) == "0.0%–0.1%"
     assert _core.fmt_range(0.1, 0.5) == "10%–50%"

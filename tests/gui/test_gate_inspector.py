@@ -59,7 +59,7 @@ def test_gate_layers_numbers_and_plots_2d(make_napari_viewer, tmp_path):
     assert gates.result_combo.count() == 1
     assert gates.table.rowCount() == n_stages
     assert gates.table.item(0, 1).text().endswith("%")  # exact zeros over the scan
-    assert "Stage 1 (full resolution)" in gates.summary_label.text()
+    assert "Stage 1 (full res.)" in gates.summary_label.text()
     assert "exactly zero" in gates.summary_label.text()
     # plots: sparsity per stage, then c and λ per stage (λ with a twin axis of zeros)
     titles = [ax.get_title() for ax in gates.figure.axes]
@@ -109,7 +109,7 @@ def test_sparsity_outside_training_range_warns(make_napari_viewer, tmp_path):
                for w in warns)
     assert "stage 1" in gates.warning_label.text()
     assert "stage 2" not in gates.warning_label.text()
-    assert gates.table.item(0, 3).text() == "0.0%–0.1%"
+    assert gates.table.item(0, 3).text() == "0.0–0.1%"
     assert not errors_since(n)
 
 
@@ -133,7 +133,7 @@ def test_follows_the_current_slice_of_a_volume(make_napari_viewer, tmp_path):
 
     assert gates.slice_index == image.data.shape[0] // 2
     stage = gates.result.gates[0]
-    expected = f"{stage.zero_frac_slices[gates.slice_index]:.1%}"
+    expected = f"{stage.zero_frac_slices[gates.slice_index]:.0%}"
     assert gates.table.item(0, 2).text() == expected
     assert first.endswith("%")
     titles = [ax.get_title() for ax in gates.figure.axes]

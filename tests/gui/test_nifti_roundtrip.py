@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_segment_widget import SAMPLES, open_sample, save_tiny, segment_widget
+from test_segment_widget import (  # tests/gui is on sys.path under pytest
+    SAMPLES,
+    errors_since,
+    n_records,
+    open_sample,
+    save_tiny,
+    segment_widget,
+)
 
 pytestmark = pytest.mark.gui
 
@@ -40,6 +47,14 @@ def test_ct_read_segment_write_keeps_affine(make_napari_viewer, tmp_path):
     viewer.dims.set_current_step(0, 5)
     assert gates.slice_index == 5
     assert gates.table.item(0, 2).text().endswith("%")
+    n = n_records()
+    gates.psi_checks[1].setChecked(True)
+    psi = viewer.layers[f"{image.name} ψ stage 1"]
+    assert not errors_since(n)
+    assert psi.data.shape == image.data.shape
+    np.testing.assert_allclose(psi.scale, image.scale)
+    np.testing.assert_allclose(psi.translate, image.translate)
+    np.testing.assert_array_equal(psi.metadata["prosma_io"]["source_affine"], src.affine)
 
     out = tmp_path / "spleen_seg.nii.gz"
     written = labels.save(str(out), plugin="napari-prosma")

@@ -130,6 +130,7 @@ def test_segment_sync_2d_geometry_and_rerun_updates(make_napari_viewer, tiny2d_f
     assert labels.data.min() == 1  # the biased head: all foreground
     np.testing.assert_allclose(labels.scale, image.scale)
     np.testing.assert_allclose(labels.translate, image.translate)
+    assert viewer.layers.selection.active.name == labels.name  # ready for corrections
     n_layers = len(viewer.layers)
     labels.data[:] = 0  # a user's edit, replaced by the next run
 

@@ -6,9 +6,12 @@ in :mod:`._core` (Qt-free).
 
 from __future__ import annotations
 
+import functools
+import logging
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from napari.utils.notifications import show_error, show_info, show_warning
 from psygnal import Signal
@@ -54,6 +57,29 @@ def notify_info(text: str) -> None:
 def _sentence(text: str) -> str:
     text = text.strip()
     return text[:1].upper() + text[1:] if text else text
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+log = logging.getLogger("napari_prosma")
+
+
+def guarded(what: str) -> Callable[[_F], _F]:
+    """Decorate a Qt slot: an unexpected error becomes a plain notification (the traceback
+    goes to the log), never a crash or a traceback dialog."""
+
+    def deco(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                log.exception("%s failed", what)
+                notify_error(f"{what} failed: {user_message(exc)}")
+                return None
+
+        return wrapper  # type: ignore[return-value]
+
+    return deco
 
 
 # ---------------------------------------------------------------------------- results
@@ -106,7 +132,9 @@ def geometry_kwargs(image_layer: Any) -> dict[str, Any]:
     geometry metadata a writer needs (copied from the image layer)."""
     meta = image_layer.metadata if isinstance(image_layer.metadata, dict) else {}
     carried = {k: meta[k] for k in ("affine", "unit", "path", IO_KEY) if k in meta}
-    if IO_KEY in carried and isinstance(carried[IO_KEY], dict) and image_layer.rgb:
+    if IO_KEY in carried and isinstance(carried[IO_KEY], dict) and getattr(
+        image_layer, "rgb", False
+    ):
         src = dict(carried[IO_KEY])  # the outputs are grey on the colour image's grid
         src["kind"] = "grey"
         src["shape"] = tuple(src.get("spatial_shape", ()))

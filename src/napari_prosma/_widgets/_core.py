@@ -321,19 +321,19 @@ def gate_sparsity_range(
 
 
 def describe_gates(gates: Sequence[GateStage]) -> list[str]:
-    """One plain sentence per stage: where ψ passes information and how much z* removes."""
+    """One plain line per stage: how much z* removes, where ψ passes, what c keeps."""
     lines = []
     for g in gates:
-        res = "full resolution" if g.scale == 1 else f"1/{g.scale} resolution"
-        parts = [f"Stage {g.stage} ({res}):"]
+        res = "full res." if g.scale == 1 else f"1/{g.scale} res."
+        parts = []
         if g.zero_frac_mean is not None:
-            parts.append(f"{g.zero_frac_mean:.0%} of the latent responses are exactly zero;")
+            parts.append(f"{g.zero_frac_mean:.0%} of z* exactly zero")
         passed = g.psi_pass_fraction()
         if passed is not None:
-            parts.append(f"ψ passes more than half of the skip signal on {passed:.0%} of the image")
+            parts.append(f"ψ passes > ½ on {passed:.0%} of the image")
         if g.c is not None:
-            parts.append(f"; channel gate c averages {float(np.mean(g.c)):.2f}")
-        lines.append(" ".join(parts).replace(" ;", ";"))
+            parts.append(f"mean c {float(np.mean(g.c)):.2f}")
+        lines.append(f"Stage {g.stage} ({res}): " + "; ".join(parts or ["no gate"]))
     return lines
 
 

@@ -39,10 +39,19 @@ from qtpy.QtWidgets import (
 )
 
 from . import _core
-from ._common import META, geometry_kwargs, heading, hub_for, result_layers
+from ._common import META, geometry_kwargs, guarded, heading, hub_for, result_layers
 
-COLUMNS = ("Stage", "Exact zeros\n(scan)", "Exact zeros\n(this slice)", "Training\nrange",
-           "ψ > ½", "Show ψ", "Show\nzeros")
+COLUMNS = ("Stage", "Zeros\nscan", "Zeros\nslice", "Train\nrange", "ψ>½", "ψ", "0s")
+TOOLTIPS = (
+    "Decoder stage: 1 works at full resolution, 2 at 1/2, ...",
+    "Exact zeros of z* over the whole scan: how much of the compatibility field the "
+    "proximal step removed",
+    "Exact zeros of z* on the current slice (volumes)",
+    "Range of the exact-zero fraction on the model's training images (from its card)",
+    "Share of the image where ψ passes more than half of the skip signal",
+    "Show ψ of this stage as a layer",
+    "Show the exact-zero fraction of this stage as a layer",
+)
 
 
 class GateInspectorWidget(QWidget):
@@ -74,9 +83,16 @@ class GateInspectorWidget(QWidget):
         self.result_combo.setToolTip("A segmentation made by the Segment widget")
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(COLUMNS)
+        for col, tip in enumerate(TOOLTIPS):
+            self.table.horizontalHeaderItem(col).setToolTip(tip)
         self.table.verticalHeader().setVisible(False)
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.table.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.table.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        header = self.table.horizontalHeader()
+        header.setMinimumSectionSize(24)
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
         self.table.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Minimum)
         self.summary_label = QLabel("Run the Segment widget: the gates of its result show here.")
         self.summary_label.setWordWrap(True)
@@ -89,6 +105,7 @@ class GateInspectorWidget(QWidget):
         self.figure = Figure(figsize=(4.2, 6.0), dpi=90)
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(420)
+        self.canvas.setMinimumWidth(220)
         self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
 
         form = QFormLayout()
@@ -105,10 +122,12 @@ class GateInspectorWidget(QWidget):
         lay.addWidget(self.canvas, 1)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         scroll.setWidget(inner)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(scroll)
+        self.setMinimumWidth(380)
 
         self.result_combo.currentIndexChanged.connect(self._on_choice)
         events = self.viewer.layers.events
@@ -150,10 +169,12 @@ class GateInspectorWidget(QWidget):
         if keep != current or keep is None:
             self.show_result(None if keep is None else layers[uids.index(keep)])
 
+    @guarded("Showing the result")
     def _on_choice(self, index: int) -> None:
         layers = result_layers(self.viewer)
         self.show_result(layers[index] if 0 <= index < len(layers) else None)
 
+    @guarded("Showing the new result")
     def _on_result(self, layer: Any) -> None:
         """A new or updated result: show it, and refresh the gate layers already shown."""
         self._refresh_results()
@@ -203,8 +224,11 @@ class GateInspectorWidget(QWidget):
         self.psi_checks.clear()
         self.zero_checks.clear()
         for row, g in enumerate(gates):
-            res = "full res." if g.scale == 1 else f"1/{g.scale} res."
-            self.table.setItem(row, 0, QTableWidgetItem(f"{g.stage} ({res})"))
+            item = QTableWidgetItem(f"{g.stage} (1/{g.scale})")
+            item.setToolTip(
+                "full resolution" if g.scale == 1 else f"1/{g.scale} of the input resolution"
+            )
+            self.table.setItem(row, 0, item)
             for col, kind, store, avail in (
                 (5, "psi", self.psi_checks, g.psi is not None),
                 (6, "zeros", self.zero_checks, g.zero_map is not None),
@@ -226,9 +250,11 @@ class GateInspectorWidget(QWidget):
                 cl.addWidget(box, alignment=Qt.AlignmentFlag.AlignCenter)
                 self.table.setCellWidget(row, col, cell)
                 store[g.stage] = box
+        self.table.resizeRowsToContents()
         self.table.setFixedHeight(
             self.table.horizontalHeader().sizeHint().height()
-            + sum(self.table.rowHeight(r) for r in range(len(gates))) + 6
+            + sum(self.table.rowHeight(r) for r in range(len(gates)))
+            + 2 * self.table.frameWidth() + 2
         )
 
     def _update_numbers(self) -> None:
@@ -238,15 +264,23 @@ class GateInspectorWidget(QWidget):
         card = self.info.get("card") if self.info else None
         ranges = _core.parse_sparsity_range(getattr(card, "gate_sparsity_range", None))
         for row, g in enumerate(result.gates):
-            scan = "–" if g.zero_frac_mean is None else f"{g.zero_frac_mean:.1%}"
+            scan = "–" if g.zero_frac_mean is None else f"{g.zero_frac_mean:.0%}"
             sl = self._slice_value(g)
             rng = ranges.get(g.stage)
-            rtext = "unknown" if rng is None else _core.fmt_range(*rng)
+            rtext = "–" if rng is None else _core.fmt_range(*rng).replace("%–", "–")
             passed = g.psi_pass_fraction()
-            cells = [scan, "–" if sl is None else f"{sl:.1%}", rtext,
+            cells = [scan, "–" if sl is None else f"{sl:.0%}", rtext,
                      "–" if passed is None else f"{passed:.0%}"]
-            for col, text in enumerate(cells, start=1):
+            tips = [
+                "" if g.zero_frac_mean is None else f"{g.zero_frac_mean:.2%} of z* exactly zero",
+                "" if sl is None else f"{sl:.2%} of z* exactly zero on slice {self.slice_index}",
+                "not recorded in the model card" if rng is None
+                else f"training images: {_core.fmt_range(*rng)}",
+                "",
+            ]
+            for col, (text, tip) in enumerate(zip(cells, tips), start=1):
                 item = QTableWidgetItem(text)
+                item.setToolTip(tip)
                 item.setTextAlignment(Qt.AlignmentFlag.AlignCenter)
                 if col == 1 and rng is not None and g.zero_frac_mean is not None and not (
                     rng[0] <= g.zero_frac_mean <= rng[1]
@@ -288,6 +322,7 @@ class GateInspectorWidget(QWidget):
             return g.zero_frac_mean
         return _core.slice_sparsity(g, axis, self.slice_index)
 
+    @guarded("Following the slice")
     def _on_step(self, *_: Any) -> None:
         if self.result is None:
             return
@@ -310,6 +345,7 @@ class GateInspectorWidget(QWidget):
                 return layer
         return None
 
+    @guarded("Showing the gate layer")
     def _show_layer(self, kind: str, stage: int, on: bool) -> None:
         """Add/update (``on``) or hide the ψ or exact-zero layer of one stage."""
         layer = self._gate_layer(kind, stage)
@@ -454,7 +490,7 @@ def _theme_colours(viewer: Any) -> tuple[str, str]:
         from napari.utils.theme import get_theme
 
         theme = get_theme(viewer.theme)
-        return theme.text.as_hex(), theme.canvas.as_hex()
+        return theme.text.as_hex(), theme.background.as_hex()
     except Exception:  # any theme trouble: plain black on white
         return "#000000", "#ffffff"
 

@@ -33,6 +33,7 @@ from ._common import (
     ModelChooser,
     Relay,
     geometry_kwargs,
+    guarded,
     heading,
     hub_for,
     layer_spacing_mm,
@@ -122,6 +123,7 @@ class SegmentWidget(QWidget):
         lay.addWidget(self.progress_bar)
         lay.addWidget(self.status_label)
         lay.addStretch(1)
+        self.setMinimumWidth(340)
 
         self.run_button.clicked.connect(lambda: self.run())
         self.cancel_button.clicked.connect(self.cancel)
@@ -319,6 +321,7 @@ class SegmentWidget(QWidget):
             self._pbar = None
 
     # ------------------------------------------------------------------ results
+    @guarded("Placing the result in layers")
     def _apply(self, req: dict[str, Any], card: Any, result: _core.SegResult) -> None:
         """Put a finished result into layers (main thread). Builds every array first, then
         changes the layers, so nothing is half-updated."""
@@ -392,6 +395,8 @@ class SegmentWidget(QWidget):
         top = len(self.viewer.layers) - 1
         if labels_layer is not None and self.viewer.layers.index(labels_layer) != top:
             self.viewer.layers.move(self.viewer.layers.index(labels_layer), top + 1)
+        if labels_layer is not None:  # ready for corrections
+            self.viewer.layers.selection.active = labels_layer
         self.last_result = result
         self._report(result, card)
         hub_for(self.viewer).result_ready.emit(labels_layer)
