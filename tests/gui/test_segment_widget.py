@@ -309,3 +309,64 @@ def test_broken_checkpoint_file_is_a_notification(make_napari_viewer, tmp_path):
     errs = errors_since(n)
     assert errs and "model card" in errs[-1].lower()
     assert widget.model.combo.findData(str(bad)) == -1
+
+
+# ---------------------------------------------------------------------------- models, start-up
+
+
+def test_chooser_lists_store_versions_and_selects_the_active_one(make_napari_viewer, tmp_path):
+    import os
+
+    from napari_prosma.versions import ModelStore
+
+    store = ModelStore(os.environ["PROSMA_MODEL_DIR"])
+    save_tiny(store.root / "busi-ft-1", "model")
+    save_tiny(store.root / "busi-ft-2", "model")
+    store.activate("busi-ft-2")
+    viewer = make_napari_viewer()
+    widget = segment_widget(viewer)
+
+    combo = widget.model.combo
+    labels = [combo.itemText(i) for i in range(combo.count())]
+    assert any("busi-ft-1" in t and "fine-tuned" in t for t in labels)
+    assert "busi-ft-2" in combo.currentText() and "active" in combo.currentText()
+    assert widget.model.current_spec() == str(store.root / "busi-ft-2" / "model.safetensors")
+    assert widget.model.current_card() is not None
+
+
+def test_plugin_modules_do_not_import_torch():
+    """napari starts fast: torch (and matplotlib) load only when a widget needs them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import napari_prosma._reader, napari_prosma._writer, napari_prosma._samples\n"
+        "import napari_prosma._widgets.segment, napari_prosma._widgets.gates\n"
+        "bad = [m for m in ('torch', 'monai', 'matplotlib') if m in sys.modules]\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_plain_skip_model_has_no_gates_to_show(make_napari_viewer, tmp_path):
+    from napari_prosma.checkpoint import ModelCard, save
+    from napari_prosma.nets import build_model
+
+    net = build_model("unet", spatial_dims=2, in_channels=1, out_channels=2, widths=[4, 8, 16])
+    card = ModelCard(architecture="unet", arch_kwargs=net.config, name="plain")
+    ckpt = save(net, tmp_path / "plain", card)
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32), np.float32), name="grey")
+    _, gates = viewer.window.add_plugin_dock_widget("napari-prosma", "Gate inspector")
+    widget = segment_widget(viewer, ckpt)
+    n = n_records()
+
+    assert widget.run(sync=True) is not None
+
+    assert not errors_since(n)
+    assert gates.result is not None and gates.result.gates == []
+    assert "no gate maps" in gates.summary_label.text()
+    assert gates.table.rowCount() == 0
