@@ -370,3 +370,21 @@ def test_plain_skip_model_has_no_gates_to_show(make_napari_viewer, tmp_path):
     assert gates.result is not None and gates.result.gates == []
     assert "no gate maps" in gates.summary_label.text()
     assert gates.table.rowCount() == 0
+
+
+def test_worker_error_is_a_notification_and_layers_kept(make_napari_viewer, qtbot, tiny2d):
+    viewer = make_napari_viewer()
+    data = np.ones((40, 40), np.float32)
+    data[3, 4] = np.inf
+    viewer.add_image(data, name="bad")
+    widget = segment_widget(viewer, tiny2d)
+    n = n_records()
+
+    widget.run()
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=60_000)
+
+    errs = errors_since(n)
+    assert errs and "infinite" in errs[-1].lower()
+    assert [layer.name for layer in viewer.layers] == ["bad"]
+    assert widget.status_label.text().startswith("Failed")
+    assert widget.run_button.isEnabled()
