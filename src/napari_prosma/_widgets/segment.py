@@ -71,8 +71,12 @@ class SegmentWidget(QWidget):
         self._cancel = threading.Event()
         self._pbar: Any = None
         self._t0 = 0.0
+        self._req: dict[str, Any] = {}
         self._relay = Relay()
         self._relay.progress.connect(self._on_progress)
+        # closing the widget stops a run in progress (the event of the current run)
+        holder = self._cancel_holder = [self._cancel]
+        self.destroyed.connect(lambda *_: holder[0].set())
 
         self.image_combo = QComboBox()
         self.image_combo.setToolTip("The image layer to segment (2D grey or colour, or a volume)")
@@ -252,6 +256,7 @@ class SegmentWidget(QWidget):
         if req is None:
             return None
         self._cancel = threading.Event()
+        self._cancel_holder[0] = self._cancel
         self._t0 = time.perf_counter()
         self.status_label.setText(f"Segmenting {req['plan'].describe()}…")
         if sync:
@@ -276,12 +281,17 @@ class SegmentWidget(QWidget):
             _compute, req, self._cancel, self._relay.progress.emit,
             _start_thread=False, _ignore_errors=True,
         )
-        worker.returned.connect(lambda out: self._apply(req, *out))
+        self._req = req
+        # bound methods: Qt drops these connections if the widget is closed meanwhile
+        worker.returned.connect(self._on_returned)
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
         self.worker = worker
         worker.start()
         return worker
+
+    def _on_returned(self, out: tuple[Any, _core.SegResult]) -> None:
+        self._apply(self._req, *out)
 
     def cancel(self) -> None:
         """Ask the running worker to stop (at its next tile batch)."""
