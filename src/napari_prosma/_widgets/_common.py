@@ -175,7 +175,7 @@ class ModelChooser(QWidget):
         self._card: Any = None
         self.combo = QComboBox()
         self.combo.setToolTip("A bundled model, one of your fine-tuned versions, or a file")
-        self.combo.setMinimumContentsLength(18)
+        compact_combo(self.combo, 18)
         self.browse_button = QPushButton("File…")
         self.browse_button.setToolTip(
             "Use a checkpoint file (NAME.safetensors with its NAME.json model card)"
@@ -276,6 +276,13 @@ def card_text(card: Any) -> str:
         )
         extra.append(f"Sparsity   exact-zero range on training data: {spans}")
     return "\n".join([text, *extra])
+
+
+def compact_combo(combo: QComboBox, chars: int = 16) -> QComboBox:
+    """Let a combo box shrink to the dock's width however long its items are."""
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(chars)
+    return combo
 
 
 def heading(text: str) -> QLabel:

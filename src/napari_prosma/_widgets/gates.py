@@ -39,7 +39,15 @@ from qtpy.QtWidgets import (
 )
 
 from . import _core
-from ._common import META, geometry_kwargs, guarded, heading, hub_for, result_layers
+from ._common import (
+    META,
+    compact_combo,
+    geometry_kwargs,
+    guarded,
+    heading,
+    hub_for,
+    result_layers,
+)
 
 COLUMNS = ("Stage", "Zeros\nscan", "Zeros\nslice", "Train\nrange", "ψ>½", "ψ", "0s")
 TOOLTIPS = (
@@ -79,7 +87,7 @@ class GateInspectorWidget(QWidget):
         self.slice_index: int | None = None
         self._layer: Any = None  # the labels layer whose result is shown
 
-        self.result_combo = QComboBox()
+        self.result_combo = compact_combo(QComboBox())
         self.result_combo.setToolTip("A segmentation made by the Segment widget")
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(COLUMNS)
@@ -476,6 +484,7 @@ class GateInspectorWidget(QWidget):
                                     "that was segmented).")
         else:
             self.note_label.setText("")
+        self.note_label.setVisible(bool(self.note_label.text()))
         self.canvas.setMinimumHeight(150 * (n + 1))
         self.canvas.draw_idle()
 

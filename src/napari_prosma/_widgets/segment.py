@@ -32,6 +32,7 @@ from ._common import (
     META,
     ModelChooser,
     Relay,
+    compact_combo,
     geometry_kwargs,
     guarded,
     heading,
@@ -78,7 +79,7 @@ class SegmentWidget(QWidget):
         holder = self._cancel_holder = [self._cancel]
         self.destroyed.connect(lambda *_: holder[0].set())
 
-        self.image_combo = QComboBox()
+        self.image_combo = compact_combo(QComboBox())
         self.image_combo.setToolTip("The image layer to segment (2D grey or colour, or a volume)")
         self.scope_combo = QComboBox()
         for key, text in SCOPE_LABELS.items():
