@@ -213,6 +213,15 @@ def test_current_slice_fills_only_that_slice(make_napari_viewer, tiny2d_fg):
     filled = sorted(np.flatnonzero(labels.reshape(labels.shape[0], -1).any(1)))
     assert filled == [7, 9]  # the second run kept the first slice
 
+    # the gates of the last run (slice 9), placed into the volume's grid
+    _, gates = viewer.window.add_plugin_dock_widget("napari-prosma", "Gate inspector")
+    assert gates.slice_index == 9
+    assert "slice 9" in gates.note_label.text()
+    gates.psi_checks[1].setChecked(True)
+    psi = viewer.layers[f"{image.name} ψ stage 1"].data
+    assert psi.shape == image.data.shape
+    assert sorted(np.flatnonzero(psi.reshape(psi.shape[0], -1).any(1))) == [9]
+
 
 def test_cancel_leaves_layers_untouched(make_napari_viewer, qtbot, tiny2d):
     viewer = make_napari_viewer()
@@ -388,3 +397,4 @@ def test_worker_error_is_a_notification_and_layers_kept(make_napari_viewer, qtbo
     assert [layer.name for layer in viewer.layers] == ["bad"]
     assert widget.status_label.text().startswith("Failed")
     assert widget.run_button.isEnabled()
+
