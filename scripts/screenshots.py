@@ -2,6 +2,7 @@
 
     python scripts/screenshots.py            # needs napari + Qt; starts Xvfb if no display
     python scripts/screenshots.py --out DIR  # somewhere else
+    python scripts/screenshots.py --model-2d runs/busi/best.safetensors --model-3d ...
 
 Each shot is the whole napari window: a shipped sample, segmented through the Segment
 widget, with the Gate inspector docked where relevant. A bundled model is used where one
@@ -43,11 +44,16 @@ def _ensure_display() -> None:
         sys.exit(subprocess.call(cmd, env=env))
 
 
-def _model(name: str, tmp: Path, class_names: list[str], **arch) -> tuple[str, bool]:
-    """``(spec, placeholder)``: the bundled model ``name``, or a random-init stand-in."""
+def _model(
+    name: str, tmp: Path, class_names: list[str], given: Path | None = None, **arch
+) -> tuple[str, bool]:
+    """``(spec, placeholder)``: the checkpoint given, the bundled model ``name``, or a
+    random-init stand-in."""
     from napari_prosma.checkpoint import ModelCard, list_bundled, save
     from napari_prosma.nets import build_model
 
+    if given is not None:
+        return str(given.resolve()), False
     if name in list_bundled():
         return name, False
     net = build_model("prosma_unet", widths="small", **arch).eval()
@@ -100,6 +106,10 @@ def _segment(viewer, spec: str, *, prob: bool = False, tta: bool = False, scope:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs", help="output folder")
+    parser.add_argument("--model-2d", type=Path, help="checkpoint for the BUSI ultrasound "
+                        "(default: bundled busi_prosma)")
+    parser.add_argument("--model-3d", type=Path, help="checkpoint for the hippocampus MRI "
+                        "(default: bundled hippocampus_prosma)")
     args = parser.parse_args(argv)
     _ensure_display()
     os.environ.pop("QT_QPA_PLATFORM", None)
@@ -113,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     placeholders = []
 
     # 1-2: a 2D ultrasound image, segmented; then its gates
-    busi, ph = _model("busi_prosma", tmp, ["background", "lesion"], spatial_dims=2,
-                      in_channels=1, out_channels=1)
+    busi, ph = _model("busi_prosma", tmp, ["background", "lesion"], args.model_2d,
+                      spatial_dims=2, in_channels=1, out_channels=1)
     placeholders += ["busi_prosma"] if ph else []
     viewer = napari.Viewer(show=True, title="napari-prosma: Segment")
     _window(viewer)
@@ -131,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3-4: a 3D MRI volume with a 3D model; then its gates, following the slice
     hip, ph = _model("hippocampus_prosma", tmp, ["background", "anterior", "posterior"],
-                     spatial_dims=3, in_channels=1, out_channels=3)
+                     args.model_3d, spatial_dims=3, in_channels=1, out_channels=3)
     placeholders += ["hippocampus_prosma"] if ph else []
     viewer = napari.Viewer(show=True, title="napari-prosma: Segment a volume")
     _window(viewer)

@@ -494,7 +494,13 @@ def model_choices(extra_files: Iterable[str] = ()) -> tuple[list[ModelChoice], s
             active_spec = active
     for f in extra_files:
         if not any(c.spec == f for c in choices):
-            choices.append(ModelChoice(f"{os.path.basename(f)}  (file)", f, "file"))
+            try:
+                name = read_model_card(f).name
+            except Exception:  # shown as unusable once selected
+                name = ""
+            base = os.path.basename(f)
+            label = f"{name}  (file {base})" if name and name != base else f"{base}  (file)"
+            choices.append(ModelChoice(label, f, "file"))
     if active_spec is not None:
         for c in choices:
             if c.spec == active_spec:
