@@ -56,6 +56,9 @@ def _model(
         return str(given.resolve()), False
     if name in list_bundled():
         return name, False
+    import torch
+
+    torch.manual_seed(0)  # the same stand-in every time
     net = build_model("prosma_unet", widths="small", **arch).eval()
     card = ModelCard(
         architecture="prosma_unet", arch_kwargs=net.config, name=f"{name} (placeholder)",
