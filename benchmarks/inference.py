@@ -52,6 +52,19 @@ IMAGENET = {
 }
 
 
+#: (name, precision, tile) of the engine runs: defaults; float32; one whole-image tile
+#: (what the engine would do with ``tile_size`` set to the image, for comparison).
+VARIANTS_2D_CPU = (
+    ("engine", "auto", None),
+    ("engine_fp32", "fp32", None),
+    ("engine_whole", "auto", "whole"),
+)
+VARIANTS_3D = (
+    ("engine", "auto", None),
+    ("engine_fp32", "fp32", None),
+    ("engine_whole", "auto", "whole"),
+)
+
 # ---------------------------------------------------------------------------- set-up
 
 
@@ -214,16 +227,24 @@ def plain_labels(model, card, images: list[np.ndarray], device, chunk: int = 32)
     return out
 
 
+#: Process CPU seconds of the last :func:`timed` call's repeats (robust to other processes
+#: on a shared CPU: wall time there also counts their load).
+LAST_CPU_SECONDS: list[float] = []
+
+
 def timed(fn, device, repeats: int) -> tuple[list[float], Any]:
+    """Wall seconds of each of ``repeats`` calls, and the last result."""
     times, result = [], None
+    LAST_CPU_SECONDS.clear()
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         sync(device)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         result = fn()
         sync(device)
         times.append(time.perf_counter() - t)
+        LAST_CPU_SECONDS.append(time.process_time() - c)
     return times, result
 
 
@@ -293,10 +314,13 @@ def bench_gpu_3d(device, shape: tuple[int, ...], repeats: int, peak: float) -> d
         "foreground_fraction": float(np.mean(plain[0] > 0)),
     }
     res["plain"]["fraction_of_peak"] = res["plain"]["tflops"] / peak
-    for name, prec in (("engine", "auto"), ("engine_fp32", "fp32")):
+    for name, prec, tile in VARIANTS_3D:
+        tile = shape if tile == "whole" else tile
         predict(vol[: roi[0], : roi[1], : roi[2]], model, card, device=device, precision=prec)
         t, pred = timed(
-            lambda p=prec: predict(vol, model, card, device=device, precision=p, spacing=spacing),
+            lambda p=prec, ts=tile: predict(
+                vol, model, card, device=device, precision=p, spacing=spacing, tile_size=ts
+            ),
             device,
             repeats,
         )
@@ -322,14 +346,20 @@ def bench_cpu(repeats: int) -> dict[str, Any]:
     model, card, what = model_2d()
     img = images_2d(1, 512)[0]
     r: dict[str, Any] = {"model": what, "shape": list(img.shape)}
-    for name, prec in (("engine", "auto"), ("engine_fp32", "fp32")):
-        predict(img, model, card, device=cpu, precision=prec)  # warm-up
+    for name, prec, tile in VARIANTS_2D_CPU:
+        tile = img.shape[:2] if tile == "whole" else tile
+        predict(img, model, card, device=cpu, precision=prec, tile_size=tile)  # warm-up
         t, pred = timed(
-            lambda p=prec: predict(img, model, card, device=cpu, precision=p), cpu, repeats
+            lambda p=prec, ts=tile: predict(
+                img, model, card, device=cpu, precision=p, tile_size=ts
+            ),
+            cpu,
+            repeats,
         )
         r[name] = {
             "seconds_min": min(t),
             "seconds_median": statistics.median(t),
+            "cpu_seconds_min": min(LAST_CPU_SECONDS),
             "tiles": pred.n_tiles,
             "tile": list(pred.tile_size),
             "precision": pred.precision,
@@ -337,22 +367,30 @@ def bench_cpu(repeats: int) -> dict[str, Any]:
         }
     plain_labels(model, card, [img], cpu)
     t, _ = timed(lambda: plain_labels(model, card, [img], cpu), cpu, repeats)
-    r["plain"] = {"seconds_min": min(t), "seconds_median": statistics.median(t)}
+    r["plain"] = {
+        "seconds_min": min(t),
+        "seconds_median": statistics.median(t),
+        "cpu_seconds_min": min(LAST_CPU_SECONDS),
+    }
     out["2d_512"] = r
 
     model, card, what = model_3d()
     vol = smooth_field((128, 128, 128))
     spacing = tuple(card.spacing) if card.spacing else None
     r = {"model": what, "shape": [128, 128, 128]}
-    for name, prec in (("engine", "auto"), ("engine_fp32", "fp32")):
+    for name, prec, tile in VARIANTS_3D:
+        tile = vol.shape if tile == "whole" else tile
         t, pred = timed(
-            lambda p=prec: predict(vol, model, card, device=cpu, precision=p, spacing=spacing),
+            lambda p=prec, ts=tile: predict(
+                vol, model, card, device=cpu, precision=p, spacing=spacing, tile_size=ts
+            ),
             cpu,
             max(1, repeats - 1),
         )
         r[name] = {
             "seconds_min": min(t),
             "seconds_median": statistics.median(t),
+            "cpu_seconds_min": min(LAST_CPU_SECONDS),
             "tiles": pred.n_tiles,
             "tile": list(pred.tile_size),
             "precision": pred.precision,
@@ -388,7 +426,7 @@ def table(results: dict[str, Any]) -> str:
             f"  {'path':12s} {'s/vol':>9s} {'speedup':>8s} {'peak GB':>8s} "
             f"{'TFLOP/s':>8s} {'of peak':>8s} {'Dice':>6s}",
         ]
-        for k in ("plain", "engine", "engine_fp32"):
+        for k in ("plain", "engine", "engine_fp32", "engine_whole"):
             v = g[k]
             lines.append(
                 f"  {k:12s} {v['seconds']:9.2f} {v.get('speedup_vs_plain', 1):8.2f} "
@@ -399,7 +437,7 @@ def table(results: dict[str, Any]) -> str:
         for key, title in (("2d_512", "CPU 512x512 2D image"), ("3d_128", "CPU 128^3 volume")):
             c = results["cpu"][key]
             lines.append(f"{title}, {c['model']}:")
-            for k in ("engine", "engine_fp32", "plain"):
+            for k in ("engine", "engine_fp32", "engine_whole", "plain"):
                 if k in c:
                     v = c[k]
                     extra = (
@@ -409,7 +447,8 @@ def table(results: dict[str, Any]) -> str:
                     )
                     lines.append(
                         f"  {k:12s} {v['seconds_min']:7.2f} s (median "
-                        f"{v['seconds_median']:.2f}){extra}"
+                        f"{v['seconds_median']:.2f}, CPU time {v['cpu_seconds_min']:.2f} s)"
+                        f"{extra}"
                     )
     return "\n".join(lines)
 

@@ -146,10 +146,16 @@ def empty_cache(device: torch.device) -> None:
             torch.mps.empty_cache()
 
 
-def is_oom(exc: BaseException) -> bool:
-    """Whether ``exc`` is an accelerator out-of-memory error."""
+def is_oom(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an error it was raised from, as MONAI wraps them) is an
+    accelerator out-of-memory error."""
     import torch
 
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+        if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+            return True
+        exc, seen = exc.__cause__, seen + 1
+    return False
