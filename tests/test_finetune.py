@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -197,3 +198,26 @@ def test_model_stays_trainable_after_a_prediction():
     net.train()
     net(torch.randn(2, 1, 32, 32)).mean().backward()
     assert net.head.weight.grad is not None
+
+
+def test_training_units_are_resized_like_inference_does():
+    """A model trained on resized images (card input_size) sees the same scale in fine-tuning
+    as in inference."""
+    from napari_prosma.finetune import _working
+
+    net = build_model(spatial_dims=2, widths="tiny")
+    card = ModelCard(
+        architecture="prosma_unet", arch_kwargs=net.config, extra={"input_size": [32, 32]}
+    )
+    img = np.zeros((64, 48, 3), np.uint8)
+    lab = np.zeros((64, 48), np.uint8)
+    lab[:32] = 1
+    rgb = dataclasses.replace(card, arch_kwargs={**net.config, "in_channels": 3})
+    x, y = _working(img, lab, rgb)
+    assert x.shape == (3, 32, 32) and y.shape == (32, 32)
+    assert set(np.unique(y).tolist()) == {0, 1} and y[:16].all() and not y[16:].any()
+    x, y = _working(img[..., 0], lab, card)
+    assert x.shape == (1, 32, 32)
+    plain = ModelCard(architecture="prosma_unet", arch_kwargs=net.config)
+    x, y = _working(img[..., 0], lab, plain)
+    assert x.shape == (1, 64, 48) and y.shape == (64, 48)

@@ -359,18 +359,8 @@ def finetune(
     if cancelled():
         raise Cancelled("fine-tuning was cancelled; the previous model stays active")
 
-    sd = card.spatial_dims
-    prep = [
-        (prepare(img, card.in_channels, sd, card.normalization)[0], lab.astype(np.int64))
-        for img, lab in train_units
-    ]
-    rep = [
-        (
-            prepare(img, card.in_channels, sd, card.normalization)[0],
-            np.asarray(lab).astype(np.int64),
-        )
-        for img, lab in (replay or [])
-    ]
+    prep = [_working(img, lab, card) for img, lab in train_units]
+    rep = [_working(img, lab, card) for img, lab in (replay or [])]
     patch = _patch_size(cfg, card, [y.shape for _, y in prep], device.type)
     loss_fn = _loss_fn(card)
     params = trainable_parameters(net, cfg.trainable)
@@ -472,6 +462,26 @@ def finetune(
         len(hold_units),
         history,
     )
+
+
+def _working(img: np.ndarray, lab: np.ndarray, card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
+    """A training unit as the network sees it at inference: normalised ``(C, *S)`` and
+    integer labels, resized to the card's ``input_size`` when the model was trained on
+    resized images (the inference engine resizes every image to it)."""
+    from .inference.resample import card_input_size
+
+    x = prepare(img, card.in_channels, card.spatial_dims, card.normalization)[0]
+    y = np.asarray(lab).astype(np.int64)
+    size = card_input_size(card)
+    if size is not None and tuple(y.shape) != tuple(size):
+        import torch
+
+        from .inference.resample import resize
+
+        x = resize(torch.from_numpy(np.ascontiguousarray(x))[None], size)[0].numpy()
+        y = resize(torch.from_numpy(y)[None, None].float(), size, labels=True)[0, 0]
+        y = y.numpy().astype(np.int64)
+    return x, y
 
 
 def _patch_size(
