@@ -211,3 +211,11 @@ def test_usage_errors(tmp_path, rgb_model, capsys):
         == 1
     )
     assert "--overlap" in capsys.readouterr().err
+
+
+def test_no_model_and_none_bundled(tmp_path, capsys, monkeypatch):
+    import napari_prosma.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "list_bundled", lambda: [])
+    rc = main(["predict", str(sample_path("kvasir_polyp")), "-o", str(tmp_path / "o")])
+    assert rc == 1 and "pass --model" in capsys.readouterr().err

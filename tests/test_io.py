@@ -37,6 +37,7 @@ def spleen(shared_data) -> Path:
     return shared_data / "ct-samples" / "spleen_2_crop_ct.nii.gz"
 
 
+@pytest.mark.data
 def test_nifti_geometry_in_napari_order(spleen):
     img = read_image(spleen)
     assert img.kind == "volume" and img.format == "nifti"
@@ -50,6 +51,7 @@ def test_nifti_geometry_in_napari_order(spleen):
     assert kw["scale"] == img.spacing and kw["translate"] == img.origin
 
 
+@pytest.mark.data
 def test_nifti_label_round_trip_keeps_affine_and_header_exactly(spleen, tmp_path):
     import nibabel as nib
 
@@ -69,6 +71,7 @@ def test_nifti_label_round_trip_keeps_affine_and_header_exactly(spleen, tmp_path
     assert _no_temp_files(tmp_path)
 
 
+@pytest.mark.data
 def test_hippocampus_round_trip_and_uint16_labels(shared_data, tmp_path):
     import nibabel as nib
 
@@ -82,6 +85,7 @@ def test_hippocampus_round_trip_and_uint16_labels(shared_data, tmp_path):
     np.testing.assert_array_equal(nib.load(out).affine, nib.load(path).affine)
 
 
+@pytest.mark.data
 def test_probability_maps_written_as_4d_nifti(spleen, tmp_path):
     import nibabel as nib
 
@@ -196,6 +200,7 @@ def test_wrong_shape_labels_refused(tmp_path):
         write_labels(tmp_path / "l.png", np.full((10, 12), 0.5), img)
 
 
+@pytest.mark.data
 def test_corrupt_truncated_and_unsupported_files(spleen, tmp_path):
     trunc = tmp_path / "trunc.nii.gz"
     trunc.write_bytes(spleen.read_bytes()[:200_000])

@@ -160,6 +160,14 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.overlap < 1:
         raise UserError(f"--overlap must be at least 0 and below 1, got {args.overlap}")
     resolve_device(args.device)  # fail once, early, on a missing GPU
+    if args.model is None:
+        from ..checkpoint import list_bundled
+
+        if not list_bundled():
+            raise UserError(
+                "no bundled models are installed in this version; pass --model with a "
+                "checkpoint path"
+            )
     files = collect_inputs(args.inputs)
     if not files:
         raise UserError("no image files found in the given input(s)")
