@@ -101,7 +101,7 @@ def layers(name: str) -> list[tuple[Any, dict[str, Any], str]]:
 
 
 def kvasir_polyp() -> list[tuple[Any, dict[str, Any], str]]:
-    """Colonoscopy frame with a polyp (RGB, 320×280) and its manual mask."""
+    """Colonoscopy frame with a polyp (RGB, 288×288) and its manual mask."""
     return layers("kvasir_polyp")
 
 
@@ -111,7 +111,7 @@ def busi_benign() -> list[tuple[Any, dict[str, Any], str]]:
 
 
 def hippocampus_mri() -> list[tuple[Any, dict[str, Any], str]]:
-    """Cropped T1 MRI around the hippocampus (35×51×35 at 1 mm) and its manual labels."""
+    """Cropped T1 MRI around the hippocampus (36×49×34 at 1 mm) and its manual labels."""
     return layers("hippocampus_mri")
 
 
