@@ -15,6 +15,7 @@ if ls _device/whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
 mkdir -p "$OUT/logs" runs
+EXTRA=${EXTRA:-}; export EXTRA
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 run_job() {
@@ -22,10 +23,10 @@ run_job() {
   now=$(date +%s); left=$(( LIMIT - (now - T0) ))
   if [ "$left" -lt 40 ]; then echo "skip $name (no time)"; return; fi
   echo "start $name ($left s left)"
-  python3 training/run_train.py "$@" --time-limit "$left" > "$OUT/logs/$name.log" 2>&1
+  python3 training/run_train.py "$@" $EXTRA --time-limit "$left" > "$OUT/logs/$name.log" 2>&1
   echo "end $name rc=$? $(tail -n 2 "$OUT/logs/$name.log" | tr '\n' ' ')"
 }
 export -f run_job; export T0 LIMIT OUT
 grep -v '^\s*#' "$JOBS" | grep -v '^\s*$' | xargs -P "$PAR" -L 1 bash -c 'run_job "$@"' _
-python3 training/collect.py runs "$OUT/runs.tgz" "${KEEP_WEIGHTS:-}"
+python3 training/collect.py runs "$OUT/${TAG:-runs}.tgz" "${KEEP_WEIGHTS:-}" "$OUT/logs"
 echo "device.sh done in $(( $(date +%s) - T0 )) s"

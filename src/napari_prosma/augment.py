@@ -144,6 +144,7 @@ class Data3D:
         self.fg_offset = torch.tensor(np.cumsum([0, *counts[:-1]]), device=device)
         self.full = torch.tensor(full, device=device)
         self.ar = [torch.arange(p, device=device) for p in self.patch]
+        self.patch_t = torch.tensor(self.patch, device=device)  # no host copies in a graph
 
     def batch(self, b: int, augment: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """A random batch of ``b`` patches: float ``x`` and labels ``y``, ``(b, 1, *patch)``."""
@@ -151,7 +152,7 @@ class Data3D:
         r = torch.rand(b, 8, device=dev)
         vi = (r[:, 0] * self.n).long().clamp_max(self.n - 1)
         shp = self.shapes[vi]  # (b, 3)
-        patch = torch.tensor(self.patch, device=dev)
+        patch = self.patch_t
         hi = (shp - patch).clamp_min(0)  # start range per axis
         rand_start = (r[:, 1:4] * (hi + 1)).long().minimum(hi)
         k = (r[:, 4] * self.fg_count[vi]).long().minimum(self.fg_count[vi] - 1)

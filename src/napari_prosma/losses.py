@@ -51,7 +51,8 @@ def dice_ce_loss(
     ce = F.cross_entropy(logits, target)
     k = logits.shape[1]
     p = torch.softmax(logits, 1)
-    onehot = F.one_hot(target, k).movedim(-1, 1).float()
+    classes = torch.arange(k, device=target.device).view(1, k, *([1] * (logits.ndim - 2)))
+    onehot = (target.unsqueeze(1) == classes).float()  # no one_hot: it syncs (CUDA graphs)
     dims = (0, *range(2, logits.ndim))
     inter = (p * onehot).sum(dims)
     denom = p.sum(dims) + onehot.sum(dims)
