@@ -347,6 +347,8 @@ class SegmentWidget(QWidget):
 
         labels_layer = self._find(image, "labels")
         labels = _core.place(plan, result.labels, _data_or_none(labels_layer))
+        if labels is result.labels:  # the layer gets painted on: keep the prediction intact
+            labels = labels.copy()
         outputs.append(("labels", f"{image.name} labels", labels, {}))
         if req["probabilities"] and result.probabilities is not None:
             for k in range(1, result.probabilities.shape[0]):

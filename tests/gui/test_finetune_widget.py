@@ -1,0 +1,321 @@
+"""The Fine-tune widget end to end under Xvfb: a tiny random-init 2D model, a stack of
+bright discs (an easy task it gets wrong), the user's corrections = the true discs.
+
+Each test runs a few dozen optimiser steps on 48x48 slices: seconds on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from test_segment_widget import (  # tests/gui is on sys.path under pytest
+    errors_since,
+    n_records,
+    save_tiny,
+    segment_widget,
+)
+
+pytestmark = pytest.mark.gui
+
+FAST = {"lr": 3e-3, "eval_every": 10, "patience": 10, "batch_size": 4}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROSMA_MODEL_DIR", str(tmp_path / "store"))
+
+
+def store():
+    from napari_prosma.versions import ModelStore
+
+    return ModelStore(os.environ["PROSMA_MODEL_DIR"])
+
+
+def disc_stack(n: int = 8, size: int = 48, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(Z, Y, X)`` bright discs on noise, and their labels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    imgs, labs = [], []
+    for _ in range(n):
+        cy, cx = rng.integers(14, size - 14, 2).tolist()
+        r = int(rng.integers(6, 11))
+        lab = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).astype(np.uint8)
+        imgs.append((rng.normal(60, 15, (size, size)) + 120 * lab).clip(0, 255).astype(np.uint8))
+        labs.append(lab)
+    return np.stack(imgs), np.stack(labs)
+
+
+def warnings_since(n: int) -> list[str]:
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    return [
+        str(r.message) for r in notification_manager.records[n:]
+        if r.severity == NotificationSeverity.WARNING
+    ]
+
+
+def finetune_widget(viewer, checkpoint=None, steps: int = 30, **config):
+    _, widget = viewer.window.add_plugin_dock_widget("napari-prosma", "Fine-tune")
+    if checkpoint is not None:
+        widget.model.add_checkpoint(checkpoint)
+    widget.device_combo.setCurrentIndex(widget.device_combo.findData("cpu"))
+    widget.trainable_combo.setCurrentIndex(widget.trainable_combo.findData("all"))
+    widget.steps_spin.setValue(steps)
+    widget.time_spin.setValue(0)  # no time limit: the steps decide
+    widget.extra_config = {**FAST, **config}
+    return widget
+
+
+@pytest.fixture
+def corrected(make_napari_viewer, tmp_path):
+    """A viewer with the disc stack segmented by the tiny model, and its labels layer
+    corrected in place (as painting does) to the true discs."""
+    import torch
+
+    torch.manual_seed(3)  # a start that gets the discs wrong (held-out Dice 0)
+    ckpt = save_tiny(tmp_path, "discs", out_channels=2)
+    viewer = make_napari_viewer()
+    vol, truth = disc_stack()
+    viewer.add_image(vol, name="discs")
+    seg = segment_widget(viewer, ckpt)
+    seg.run(sync=True)
+    labels = seg.last_labels
+    prediction = labels.metadata["prosma"]["result"].labels.copy()
+    assert not np.array_equal(prediction, truth)  # the random model is wrong
+    labels.data[:] = truth  # the user's corrections, painted into the layer
+    labels.refresh()
+    # the Segment widget keeps its prediction apart from the layer the user paints on
+    np.testing.assert_array_equal(labels.metadata["prosma"]["result"].labels, prediction)
+    return SimpleNamespace(viewer=viewer, ckpt=ckpt, labels=labels, truth=truth, seg=seg)
+
+
+def test_finetune_end_to_end(corrected, qtbot):
+    c = corrected
+    viewer, ckpt, labels, truth, seg = c.viewer, c.ckpt, c.labels, c.truth, c.seg
+    widget = finetune_widget(viewer, ckpt, steps=20)
+    assert widget.current_image().name == "discs"
+    assert widget.current_labels().unique_id == labels.unique_id  # found by itself
+    n = n_records()
+
+    worker = widget.run()
+
+    assert worker is not None and widget.is_running and not widget.run_button.isEnabled()
+    qtbot.waitUntil(lambda: not widget.is_busy, timeout=60_000)
+    assert not errors_since(n), errors_since(n)
+    versions = store().versions()
+    assert len(versions) == 1
+    vid = versions[0].id
+    assert store().active() == vid  # held-out Dice did not drop: the new model is active
+    result = widget.last_result
+    assert result.n_train == 6 and result.n_holdout == 2  # 8 corrected slices
+    assert result.dice_after > result.dice_before + 0.5, (result.dice_before, result.dice_after)
+    spec = str(versions[0].checkpoint)
+    assert widget.model.current_spec() == spec
+    assert seg.model.current_spec() == spec  # every chooser follows
+    # the image was segmented again with the new model, into a fresh labels layer ...
+    assert widget.resegment_widget is seg
+    new = seg.last_labels
+    assert new.unique_id != labels.unique_id
+    assert new.metadata["prosma"]["model"] == spec
+    assert new.name == "discs labels"
+    def dice(a, b):
+        return 2 * np.sum((a > 0) & (b > 0)) / max(np.sum(a > 0) + np.sum(b > 0), 1)
+
+    old_prediction = labels.metadata["prosma"]["prediction"]
+    assert dice(new.data, truth) > dice(old_prediction, truth) + 0.3
+    # ... and the corrections are untouched, kept under a plain name
+    np.testing.assert_array_equal(labels.data, truth)
+    assert labels.name == "discs corrected"
+    assert labels.metadata["prosma"]["role"] == "corrected"
+    assert labels.unique_id in {layer.unique_id for layer in viewer.layers}
+    # the live plot has the loss of every step and the held-out Dice points
+    assert len(widget.loss_line.get_xdata()) == result.steps
+    assert len(widget.dice_line.get_xdata()) == 3  # before, then every 10 steps
+    assert len(widget.best_marker.get_xdata()) == 1
+    assert {p.phase for p in widget.history} >= {"before", "train", "eval", "done"}
+    assert widget.progress_bar.value() == 100
+    # the versions list
+    assert widget.versions_table.rowCount() == 1
+    assert widget.versions_table.item(0, 0).text() == f"★ {vid}"
+    assert "→" in widget.versions_table.item(0, 1).text()
+    # the corrections were saved with the version
+    _, saved = store().load_corrections(versions[0].path / "corrections")
+    np.testing.assert_array_equal(saved[0], truth)
+    assert "active" in widget.status_label.text()
+
+
+def test_cancel_mid_run_keeps_the_parent(corrected, qtbot):
+    c = corrected
+    viewer, ckpt, labels, truth, seg = c.viewer, c.ckpt, c.labels, c.truth, c.seg
+    widget = finetune_widget(viewer, ckpt, steps=5000)
+    parent_spec = widget.model.current_spec()
+    names = [layer.name for layer in viewer.layers]
+
+    widget.run()
+    qtbot.waitUntil(
+        lambda: sum(p.phase == "train" for p in widget.history) >= 2, timeout=60_000
+    )
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=60_000)
+
+    assert store().versions() == []
+    assert store().active() is None  # nothing was activated
+    assert widget.model.current_spec() == parent_spec
+    assert seg.model.current_spec() == parent_spec
+    assert "ancel" in widget.status_label.text()
+    assert [layer.name for layer in viewer.layers] == names  # nothing re-segmented
+    np.testing.assert_array_equal(labels.data, truth)
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+    # no partial version; the corrections survive for the user
+    assert list((store().root / ".incoming").glob("*/index.json"))
+
+
+def test_regression_guard_warns_and_keeps_the_parent(corrected, qtbot, monkeypatch):
+    import napari_prosma.finetune as ft
+
+    c = corrected
+    viewer, ckpt, labels, truth, seg = c.viewer, c.ckpt, c.labels, c.truth, c.seg
+    scores = iter([0.8] + [0.5] * 20)  # before 0.8, then worse at every evaluation
+    monkeypatch.setattr(ft, "holdout_dice", lambda *a, **k: next(scores))
+    widget = finetune_widget(viewer, ckpt, steps=10)
+    parent_spec = widget.model.current_spec()
+    n = n_records()
+
+    widget.run()
+    qtbot.waitUntil(lambda: not widget.is_busy, timeout=60_000)
+
+    warns = warnings_since(n)
+    assert warns and "worse" in warns[-1] and "previous model stays active" in warns[-1]
+    assert not errors_since(n)
+    (version,) = store().versions()
+    assert version.run["improved"] is False
+    assert store().active() is None
+    assert widget.model.current_spec() == parent_spec and seg.model.current_spec() == parent_spec
+    assert not widget.activate_anyway_button.isHidden()
+    assert labels.name == "discs labels"  # not re-segmented, not renamed
+    assert "⚠" in widget.versions_table.item(0, 1).text()
+
+    widget.activate_anyway_button.click()
+    qtbot.waitUntil(lambda: not widget.is_busy, timeout=60_000)
+
+    assert store().active() == version.id
+    assert seg.model.current_spec() == str(version.checkpoint)
+    assert seg.last_labels.metadata["prosma"]["model"] == str(version.checkpoint)
+    np.testing.assert_array_equal(labels.data, truth)
+    assert widget.activate_anyway_button.isHidden()
+
+
+def _fake_version(root, vid: str, parent: str, before: float, after: float):
+    save_tiny(root / vid, "model")
+    run = {"parent": parent, "dice_before": before, "dice_after": after,
+           "improved": after >= before}
+    (root / vid / "run.json").write_text(json.dumps(run))
+
+
+def test_versions_list_activate_and_revert(make_napari_viewer, tmp_path):
+    parent = save_tiny(tmp_path, "parent")
+    root = store().root
+    _fake_version(root, "parent-ft-1", str(parent), 0.40, 0.70)
+    _fake_version(root, "parent-ft-2", "parent-ft-1", 0.70, 0.65)
+    viewer = make_napari_viewer()
+    seg = segment_widget(viewer)
+    widget = finetune_widget(viewer)
+    table = widget.versions_table
+    assert table.rowCount() == 2
+    ids = [table.item(r, 0).text() for r in range(2)]
+    assert set(ids) == {"parent-ft-1", "parent-ft-2"}  # nothing active yet
+    assert widget.store_label.text().endswith(str(root))
+
+    widget.select_version("parent-ft-2")
+    widget.activate_button.click()
+
+    assert store().active() == "parent-ft-2"
+    ckpt2 = str(root / "parent-ft-2" / "model.safetensors")
+    assert widget.model.current_spec() == ckpt2 and seg.model.current_spec() == ckpt2
+    row = next(r for r in range(2) if "parent-ft-2" in table.item(r, 0).text())
+    assert table.item(row, 0).text().startswith("★")
+    assert table.item(row, 3).text() == "parent-ft-1"
+
+    widget.versions_table.clearSelection()
+    widget.revert_button.click()  # the active version's parent
+
+    assert store().active() == "parent-ft-1"
+    assert seg.model.current_spec() == str(root / "parent-ft-1" / "model.safetensors")
+
+    widget.revert_to_parent("parent-ft-1")  # back to the original file
+
+    assert store().active() == str(parent)
+    assert widget.model.current_spec() == str(parent)
+    assert seg.model.current_spec() == str(parent)
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def _assert_refused(viewer, widget, expect: str) -> None:
+    snapshot = {layer.name: np.array(layer.data, copy=True) for layer in viewer.layers}
+    n = n_records()
+    assert widget.run() is None
+    errs = errors_since(n)
+    assert errs, "no error notification"
+    assert expect in errs[-1].lower(), errs[-1]
+    assert "Traceback" not in errs[-1]
+    assert not widget.is_running
+    assert [layer.name for layer in viewer.layers] == list(snapshot)
+    for layer in viewer.layers:
+        np.testing.assert_array_equal(layer.data, snapshot[layer.name])
+    assert store().versions() == []
+
+
+def test_no_labels_layer_is_a_notification(make_napari_viewer, tmp_path):
+    ckpt = save_tiny(tmp_path, "discs")
+    viewer = make_napari_viewer()
+    viewer.add_image(disc_stack(2)[0], name="discs")
+    widget = finetune_widget(viewer, ckpt)
+    _assert_refused(viewer, widget, "no labels layer")
+
+
+def test_labels_of_another_shape_are_refused(make_napari_viewer, tmp_path):
+    ckpt = save_tiny(tmp_path, "discs")
+    viewer = make_napari_viewer()
+    vol, truth = disc_stack(2)
+    viewer.add_image(vol, name="discs")
+    viewer.add_labels(truth[:, :40], name="other")
+    widget = finetune_widget(viewer, ckpt)
+    _assert_refused(viewer, widget, "does not match")
+
+
+def test_uncorrected_prediction_is_refused(corrected):
+    labels = corrected.labels
+    labels.data[:] = labels.metadata["prosma"]["result"].labels  # undo every correction
+    widget = finetune_widget(corrected.viewer, corrected.ckpt)
+    _assert_refused(corrected.viewer, widget, "exactly the model's prediction")
+
+
+def test_empty_hand_drawn_labels_are_refused(make_napari_viewer, tmp_path):
+    ckpt = save_tiny(tmp_path, "discs")
+    viewer = make_napari_viewer()
+    vol, truth = disc_stack(2)
+    viewer.add_image(vol, name="discs")
+    viewer.add_labels(np.zeros_like(truth), name="mine")
+    widget = finetune_widget(viewer, ckpt)
+    _assert_refused(viewer, widget, "draw or correct labels first")
+
+
+def test_finetune_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import napari_prosma._widgets.finetune\n"
+        "bad = [m for m in ('torch', 'monai', 'matplotlib') if m in sys.modules]\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
