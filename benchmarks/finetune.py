@@ -1,0 +1,350 @@
+"""Fine-tuning on a user's corrections: a domain shift from real data, before and after.
+
+Design (``--help`` for the knobs):
+
+- Parent: the bundled 2D model ``kvasir_prosma`` (RGB colonoscopy polyps, Kvasir-SEG,
+  whole frames resized to 256x256). If it is not bundled yet, ``--stand-in SECONDS`` makes a
+  stand-in with the same architecture and card (``small`` ProSMA-UNet, ImageNet
+  normalisation, input size 256): a fresh network trained for that long on the Kvasir-SEG
+  training split (seed 0) with the project's own training loop (``finetune``, all weights).
+  The output says which parent was used.
+- New domain: GlaS gland histology (RGB, 512x512), official split. The user "corrects" 8
+  images of the official *train* part (a seeded random pick; their labels are the
+  ground-truth masks, as if every mistake had been fixed); ``run_finetune`` holds out 2 of
+  them for early stopping and the regression guard and trains on 6.
+- Measured: Dice on the 60 official *testA* images (never seen in fine-tuning) before and
+  after, through the project's inference engine (``predict_batch``), the wall time of
+  ``run_finetune`` (load, saving the corrections, training, held-out checks, saving the new
+  version: what the user waits for), the held-out Dice the engine reports, and the Dice on
+  Kvasir-SEG test images (the parent's own domain: what fine-tuning costs there).
+- One row per ``--trainable`` choice (the widget's default is ``decoder_gates``).
+
+    python benchmarks/finetune.py                          # CPU, kvasir_prosma
+    python benchmarks/finetune.py --stand-in 300           # no bundled model yet
+    python benchmarks/finetune.py --device cuda            # GPU (20 s budget)
+
+Writes ``benchmarks/results/finetune_<device>.json`` (``--out`` to change) and prints a
+table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from napari_prosma.checkpoint import ModelCard, list_bundled, load, resolve, save  # noqa: E402
+from napari_prosma.finetune import FinetuneConfig, finetune, run_finetune  # noqa: E402
+from napari_prosma.inference import predict_batch  # noqa: E402
+from napari_prosma.metrics import dice  # noqa: E402
+from napari_prosma.versions import ModelStore  # noqa: E402
+
+DATA = Path(os.environ.get("PROSMA_DATA", ROOT.parent / "shared" / "data"))
+KVASIR_NORM = {
+    "mode": "fixed",
+    "scale": 255.0,
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+}
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def read_mask(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return (np.asarray(im.convert("L")) > 127).astype(np.uint8)
+
+
+def glas(ids: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    root = DATA / "glas"
+    return (
+        [read_rgb(root / "images" / f"{i}.jpg") for i in ids],
+        [read_mask(root / "masks" / f"{i}.png") for i in ids],
+    )
+
+
+def kvasir(ids: list[str], size: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Kvasir-SEG frames as a user has them (original size), or resized to ``size``."""
+    from napari_prosma.datasets import resize_image, resize_mask
+
+    root = DATA / "kvasir-seg"
+    imgs = [read_rgb(root / "images" / f"{i}.jpg") for i in ids]
+    masks = [read_mask(root / "masks" / f"{i}.jpg") for i in ids]
+    if size:
+        imgs = [resize_image(a, size) for a in imgs]
+        masks = [resize_mask(m, size) for m in masks]
+    return imgs, masks
+
+
+def split(name: str) -> dict[str, Any]:
+    return json.loads((ROOT / "training" / "splits" / f"{name}.json").read_text())
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def stand_in(seconds: float, device: str, folder: Path) -> Path:
+    """A Kvasir-trained stand-in for ``kvasir_prosma`` (cached in ``folder``)."""
+    import torch
+
+    from napari_prosma.nets import build_model
+
+    path = folder / f"kvasir_standin_{int(seconds)}s.safetensors"
+    if path.exists():
+        print(f"stand-in parent: {path} (cached)", file=sys.stderr)
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    net = build_model("prosma_unet", spatial_dims=2, in_channels=3, out_channels=1,
+                      widths="small")
+    card = ModelCard(
+        architecture="prosma_unet", arch_kwargs=dict(net.config),
+        name="kvasir_prosma (stand-in)", class_names=["background", "polyp"],
+        normalization=dict(KVASIR_NORM), patch_size=[256, 256],
+        intended_use="Benchmark stand-in for kvasir_prosma until trained weights are bundled.",
+        extra={"input_size": [256, 256]},
+    )
+    ids = split("kvasir_seed0")["train"]
+    print(f"training a stand-in on {len(ids)} Kvasir-SEG images for {seconds:.0f} s ...",
+          file=sys.stderr)
+    imgs, masks = kvasir(ids, 256)
+    cfg = FinetuneConfig(trainable="all", max_steps=10**6, time_budget_s=seconds, lr=1e-3,
+                         batch_size=8, patch_size=(256, 256), holdout_fraction=0.0,
+                         replay_fraction=0.0, device=device)
+    res = finetune(net, card, imgs, masks, config=cfg)
+    card.training = {"stand_in": True, "data": "Kvasir-SEG train split seed 0",
+                     "steps": res.steps, "seconds": round(res.seconds, 1), "device": device}
+    save(res.model, path.with_suffix(""), card)
+    print(f"stand-in parent: {path} ({res.steps} steps)", file=sys.stderr)
+    return path
+
+
+def mean_dice(model: Any, card: ModelCard, images: list[np.ndarray], masks: list[np.ndarray],
+              device: str, batch: int = 8) -> list[float]:
+    """Foreground Dice per image through the inference engine (same-shape batches)."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for k, a in enumerate(images):
+        by_shape.setdefault(a.shape, []).append(k)
+    scores: dict[int, float] = {}
+    for idx in by_shape.values():
+        for s in range(0, len(idx), batch):
+            part = idx[s:s + batch]
+            preds = predict_batch([images[k] for k in part], model, card, device=device)
+            for k, p in zip(part, preds):
+                scores[k] = dice(p.labels > 0, masks[k] > 0)
+    return [scores[k] for k in range(len(images))]
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    name = platform.processor() or "CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores, torch {torch.get_num_threads()} threads)"
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from napari_prosma.inference import resolve_device
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="kvasir_prosma",
+                    help="parent: bundled name or checkpoint (default kvasir_prosma)")
+    ap.add_argument("--stand-in", type=float, default=None, metavar="SECONDS",
+                    help="if the parent is not available, train a Kvasir stand-in this long")
+    ap.add_argument("--stand-in-dir", type=Path,
+                    default=Path(tempfile.gettempdir()) / "prosma-bench-standin")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    ap.add_argument("--trainable", nargs="+", default=["decoder_gates", "all", "gates"],
+                    choices=["decoder_gates", "all", "gates"])
+    ap.add_argument("--n-train", type=int, default=8, help="corrected GlaS images (train part)")
+    ap.add_argument("--n-eval", type=int, default=60, help="GlaS testA images to evaluate on")
+    ap.add_argument("--n-source", type=int, default=40,
+                    help="Kvasir-SEG test images (the parent's domain) to evaluate on; 0: skip")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds of training (default 100 on the CPU, 15 on CUDA)")
+    ap.add_argument("--max-steps", type=int, default=None,
+                    help="default 300 on the CPU, 1000 on CUDA")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = str(resolve_device(args.device))
+    dev_type = "cuda" if device.startswith("cuda") else "cpu"
+    budget = args.time_budget if args.time_budget is not None else (
+        15.0 if dev_type == "cuda" else 100.0)
+    max_steps = args.max_steps or (1000 if dev_type == "cuda" else 300)
+    out = args.out or ROOT / "benchmarks" / "results" / f"finetune_{dev_type}.json"
+
+    # the parent
+    parent_spec: str = args.model
+    is_stand_in = False
+    try:
+        resolve(parent_spec)
+    except Exception:
+        if args.stand_in is None:
+            print(f"the parent {parent_spec!r} is not available (bundled: {list_bundled()}); "
+                  "pass --stand-in SECONDS to train a Kvasir stand-in", file=sys.stderr)
+            return 2
+        parent_spec = str(stand_in(args.stand_in, device, args.stand_in_dir))
+        is_stand_in = True
+    parent, card = load(resolve(parent_spec))
+    parent = parent.to(device).eval()
+
+    # the data
+    gsplit = json.loads((DATA / "glas" / "split.json").read_text())
+    rng = np.random.default_rng(args.seed)
+    train_ids = sorted(rng.choice(gsplit["train"], size=args.n_train, replace=False).tolist())
+    test_ids = sorted(gsplit["testA"], key=lambda s: int(s.split("_")[-1]))[: args.n_eval]
+    tr_imgs, tr_masks = glas(train_ids)
+    te_imgs, te_masks = glas(test_ids)
+    src_ids = split("kvasir_seed0")["test"][: args.n_source] if args.n_source else []
+    src_imgs, src_masks = kvasir(src_ids) if src_ids else ([], [])
+    print(f"parent {card.name} on {device_name(device)}; {len(train_ids)} corrected GlaS "
+          f"train images, {len(test_ids)} GlaS testA, {len(src_ids)} Kvasir test",
+          file=sys.stderr)
+
+    t = time.perf_counter()
+    before = mean_dice(parent, card, te_imgs, te_masks, device)
+    src_before = mean_dice(parent, card, src_imgs, src_masks, device) if src_ids else []
+    eval_s = time.perf_counter() - t
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="prosma-bench-store-") as tmp:
+        store = ModelStore(tmp)
+        for trainable in args.trainable:
+            cfg = FinetuneConfig(trainable=trainable, max_steps=max_steps, time_budget_s=budget,
+                                 lr=args.lr, device=args.device, seed=args.seed)
+            if dev_type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            result, vid = run_finetune(parent_spec, tr_imgs, tr_masks, store=store, config=cfg,
+                                       activate="never")
+            wall = time.perf_counter() - t0
+            model, new_card = load(store.get(vid).checkpoint)
+            model = model.to(device).eval()
+            after = mean_dice(model, new_card, te_imgs, te_masks, device)
+            src_after = mean_dice(model, new_card, src_imgs, src_masks, device) if src_ids else []
+            row = {
+                "trainable": trainable,
+                "wall_s": round(wall, 1),
+                "train_s": round(result.seconds, 1),
+                "steps": result.steps,
+                "stopped": result.stopped,
+                "n_train": result.n_train,
+                "n_holdout": result.n_holdout,
+                "holdout_dice_before": _r(result.dice_before),
+                "holdout_dice_after": _r(result.dice_after),
+                "testA_dice_before": _r(statistics.fmean(before)),
+                "testA_dice_after": _r(statistics.fmean(after)),
+                "testA_dice_after_sd": _r(statistics.pstdev(after)),
+                "testA_gain": _r(statistics.fmean(after) - statistics.fmean(before)),
+                "testA_improved_images": int(sum(a > b for a, b in zip(after, before))),
+                "kvasir_dice_before": _r(statistics.fmean(src_before)) if src_ids else None,
+                "kvasir_dice_after": _r(statistics.fmean(src_after)) if src_ids else None,
+            }
+            rows.append(row)
+            print(f"  {trainable:13s} {row['testA_dice_before']:.3f} -> "
+                  f"{row['testA_dice_after']:.3f} in {wall:.1f} s ({result.steps} steps, "
+                  f"{result.stopped})", file=sys.stderr)
+
+    report = {
+        "benchmark": "finetune",
+        "device": {"type": dev_type, "name": device_name(device), "torch": torch.__version__},
+        "parent": {
+            "spec": parent_spec if not is_stand_in else "stand-in",
+            "name": card.name,
+            "stand_in": is_stand_in,
+            "stand_in_seconds": args.stand_in if is_stand_in else None,
+            "stand_in_steps": card.training.get("steps") if is_stand_in else None,
+        },
+        "design": {
+            "new_domain": "GlaS (RGB gland histology, 512x512), official split",
+            "corrected": train_ids,
+            "evaluated": f"{len(test_ids)} testA images",
+            "source_domain_eval": f"{len(src_ids)} Kvasir-SEG test images (split seed 0)",
+            "labels": "ground-truth masks stand for the user's corrections",
+            "time_budget_s": budget,
+            "max_steps": max_steps,
+            "lr": args.lr,
+            "seed": args.seed,
+            "eval_before_s": round(eval_s, 1),
+        },
+        "rows": rows,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+    print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    return 0
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(float(v), 4)
+
+
+def table(report: dict[str, Any]) -> str:
+    dev = report["device"]
+    p = report["parent"]
+    parent = p["name"] + (f", trained {p['stand_in_seconds']:.0f} s" if p["stand_in"] else "")
+    lines = [
+        f"Fine-tuning {parent} on {len(report['design']['corrected'])} corrected GlaS "
+        f"images; {dev['name']}",
+        "",
+        "| train | wall s | steps | held-out Dice (2 of the 8) | GlaS testA Dice | gain | "
+        "Kvasir Dice |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        kv = ("–" if r["kvasir_dice_before"] is None
+              else f"{r['kvasir_dice_before']:.3f} → {r['kvasir_dice_after']:.3f}")
+        lines.append(
+            f"| {r['trainable']} | {r['wall_s']:.0f} | {r['steps']} ({r['stopped']}) | "
+            f"{r['holdout_dice_before']:.3f} → {r['holdout_dice_after']:.3f} | "
+            f"{r['testA_dice_before']:.3f} → {r['testA_dice_after']:.3f} | "
+            f"{r['testA_gain']:+.3f} | {kv} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
