@@ -86,14 +86,21 @@ def predict_labels(
     device: str = "cpu",
     channel_axis: int | None = None,
     engine: str = "internal",
+    spacing: Sequence[float] | None = None,
 ) -> np.ndarray:
-    """Integer labels of one image (2D ``(H, W[, C])`` or a volume) as inference makes them."""
+    """Integer labels of one image (2D ``(H, W[, C])`` or a volume) as inference makes them.
+
+    ``engine="auto"`` runs :func:`napari_prosma.inference.predict` (float32, no TTA) when it
+    is importable, the internal path otherwise."""
     import torch
 
     if engine == "auto":
         predict = _engine()
         if predict is not None:
-            return np.asarray(predict(image, model, card, device=device).labels)
+            kw: dict[str, Any] = {"device": device, "precision": "fp32"}
+            if spacing is not None:
+                kw["spacing"] = spacing
+            return np.asarray(predict(image, model, card, **kw).labels)
     dims = card.spatial_dims
     a = np.asarray(image)
     orig = a.shape if channel_axis is None else np.delete(a.shape, channel_axis)
@@ -154,7 +161,7 @@ def evaluate(
         else:
             img, gt = data.images[i], data.labels[i]
             spacing = data.spacing[i] if data.spacing else None
-        pred = predict_labels(model, card, img, device=device, engine=engine)
+        pred = predict_labels(model, card, img, device=device, engine=engine, spacing=spacing)
         m = case_metrics(pred, gt, classes, spacing, with_hd95)
         cases.append(m)
         row: dict[str, Any] = {"id": data.ids[i]}

@@ -163,7 +163,8 @@ def summarize(
         "mean_iou": float(np.mean([e["iou"]["mean"] for e in per_class.values()])),
     }
     if all("hd95" in e for e in per_class.values()):
-        out["mean_hd95"] = float(np.nanmean([e["hd95"]["mean"] for e in per_class.values()]))
+        hd = [e["hd95"]["mean"] for e in per_class.values() if np.isfinite(e["hd95"]["mean"])]
+        out["mean_hd95"] = float(np.mean(hd)) if hd else float("nan")
     return out
 
 

@@ -22,6 +22,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate only the first N cases")
     p.add_argument("--device", default="auto", help="auto, cuda, cpu")
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
+    p.add_argument(
+        "--engine",
+        default="auto",
+        choices=("auto", "internal"),
+        help="auto: the inference engine (napari_prosma.inference) if present; internal: "
+        "whole image / plain sliding window",
+    )
     p.add_argument("--json", dest="json_out", help="write the full result (per case) here")
     return p
 
@@ -51,9 +58,12 @@ def run(args: argparse.Namespace) -> int:
         ds = ds.subset(read_split(args.split)[args.subset])
     if args.limit:
         ds = ds.subset(ds.ids[: args.limit])
-    res = evaluate(model, card, ds, device=device, with_hd95=not args.no_hd95)
+    res = evaluate(model, card, ds, device=device, with_hd95=not args.no_hd95, engine=args.engine)
     s = res["summary"]
-    print(f"{card.name} on {ds.name}: {s['n_cases']} cases, {res['seconds']:.1f} s ({device})")
+    print(
+        f"{card.name} on {ds.name}: {s['n_cases']} cases, {res['seconds']:.1f} s ({device}, "
+        f"{res['engine']})"
+    )
     for name, e in s["per_class"].items():
         line = (
             f"  {name:12s} dice {e['dice']['mean']:.4f} ± {e['dice']['std']:.4f}  "
@@ -66,5 +76,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json_out:
         res["model"] = str(args.model)
         res["data"] = args.data
-        atomic_write_bytes(Path(args.json_out), (json.dumps(res, indent=1) + "\n").encode())
+        from ..train_support import _json_safe
+
+        text = json.dumps(_json_safe(res), indent=1, allow_nan=False) + "\n"
+        atomic_write_bytes(Path(args.json_out), text.encode())
     return 0
