@@ -297,3 +297,38 @@ def test_bf16_close_to_fp32():
     assert np.abs(low.probabilities - ref.probabilities).max() < 0.05
     with pytest.raises(InputError, match="precision"):
         predict(img, model, card, device="cpu", precision="int8")
+
+
+def test_windows_stay_inside_an_image_larger_than_the_tile():
+    """A volume a little larger than the tile is not zero-padded up to the network's divisor:
+    padding filled tiles with zeros the model never saw and cost Dice on real data."""
+    import torch
+
+    from napari_prosma.checkpoint import ModelCard
+    from napari_prosma.inference import predict
+    from napari_prosma.nets import build_model
+
+    torch.manual_seed(0)
+    net = build_model(spatial_dims=3, in_channels=1, out_channels=3, widths="tiny").eval()
+    card = ModelCard(architecture="prosma_unet", arch_kwargs=net.config, patch_size=[32, 32, 32])
+    vol = np.random.default_rng(0).normal(size=(35, 37, 33)).astype(np.float32)
+    seen = []
+    orig = net.forward
+
+    padded_tiles = []
+
+    def spy(x, *a, **k):
+        seen.append(tuple(x.shape[2:]))
+        # a tile reaching into zero padding has an all-zero last plane along some axis
+        for t in x[:, 0]:
+            if any(bool((t.select(ax, -1) == 0).all()) for ax in range(3)):
+                padded_tiles.append(tuple(x.shape))
+        return orig(x, *a, **k)
+
+    net.forward = spy
+    pred = predict(vol, net, card, device="cpu", precision="fp32")
+    assert pred.labels.shape == vol.shape
+    assert seen and all(s == (32, 32, 32) for s in seen)
+    assert padded_tiles == []
+    # 2 windows per axis (0 and size - 32) at overlap 0.5: tiles stay within the volume
+    assert pred.n_tiles == 8
