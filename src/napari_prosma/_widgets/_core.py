@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..inference.types import gate_sparsity_range  # noqa: F401  (re-exported)
 from ..preprocess import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -301,23 +302,6 @@ def fmt_range(lo: float, hi: float) -> str:
         if a != b or lo == hi:
             return f"{a}–{b}"
     return f"{lo:.3%}–{hi:.3%}"
-
-
-def gate_sparsity_range(
-    predictions: Iterable[Prediction], margin: float = 0.0
-) -> dict[str, list[float]]:
-    """The ``gate_sparsity_range`` a model card should record, from predictions (with
-    ``return_gates=True``) on the training images: per stage ``[min, max]`` of
-    ``zero_frac_mean``, widened by ``margin`` on both sides and clipped to [0, 1]."""
-    seen: dict[int, list[float]] = {}
-    for p in predictions:
-        for g in p.gates:
-            if g.zero_frac_mean is not None:
-                seen.setdefault(g.stage, []).append(float(g.zero_frac_mean))
-    return {
-        f"stage{s}": [max(0.0, min(v) - margin), min(1.0, max(v) + margin)]
-        for s, v in sorted(seen.items())
-    }
 
 
 def describe_gates(gates: Sequence[GateStage]) -> list[str]:

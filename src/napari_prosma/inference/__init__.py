@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from .device import DEVICES, resolve_device
 from .engine import load_model, predict, predict_batch
-from .types import Cancelled, Prediction, StageGates
+from .types import Cancelled, Prediction, StageGates, gate_sparsity_range
 
 __all__ = [
     "DEVICES",
     "Cancelled",
     "Prediction",
     "StageGates",
+    "gate_sparsity_range",
     "load_model",
     "predict",
     "predict_batch",
