@@ -106,6 +106,32 @@ def _segment(viewer, spec: str, *, prob: bool = False, tta: bool = False, scope:
     return dock, seg
 
 
+def _finetune(viewer, spec: str, steps: int = 40) -> None:
+    """Segment the CT sample, paint the manual labels in as the user's corrections, and
+    fine-tune (in this thread) through the Fine-tune widget."""
+    samples = REPO / "src/napari_prosma/_samples"
+    image = viewer.open(str(samples / "spleen_ct.nii.gz"), plugin="napari-prosma")[0]
+    truth = viewer.open(str(samples / "spleen_ct_label.nii.gz"), plugin="napari-prosma")[0]
+    truth.visible = False
+    viewer.dims.set_current_step(0, 14)
+    seg_dock, seg = _segment(viewer, spec)
+    labels = seg.last_labels
+    labels.data[:] = truth.data  # the corrections, painted into the Segment labels layer
+    labels.refresh()
+    viewer.layers.remove(truth)
+    seg_dock.hide()
+    _, ft = viewer.window.add_plugin_dock_widget("napari-prosma", "Fine-tune")
+    ft.image_combo.setCurrentIndex(ft.image_combo.findData(image.name))
+    ft.device_combo.setCurrentIndex(ft.device_combo.findData("auto"))
+    ft.steps_spin.setValue(steps)
+    ft.time_spin.setValue(0)
+    ft.extra_config = {"eval_every": max(steps // 6, 1), "patience": 100, "lr": 1e-3}
+    if ft.run(sync=True) is None:
+        raise SystemExit("fine-tuning failed; see the message above")
+    viewer.layers[f"{image.name} corrected"].visible = False
+    viewer.layers.selection.active = viewer.layers[f"{image.name} labels"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs", help="output folder")
@@ -113,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: bundled busi_prosma)")
     parser.add_argument("--model-3d", type=Path, help="checkpoint for the hippocampus MRI "
                         "(default: bundled hippocampus_prosma)")
+    parser.add_argument("--finetune-steps", type=int, default=60,
+                        help="optimiser steps of the fine-tuning shot")
     args = parser.parse_args(argv)
     _ensure_display()
     os.environ.pop("QT_QPA_PLATFORM", None)
@@ -140,6 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     gates.psi_checks[1].setChecked(True)
     viewer.title = "napari-prosma: Gate inspector"
     _shot(viewer, out / "gates_2d.png")
+    viewer.close()
+
+    # 5: Fine-tune: the 2D model segments a CT volume slice by slice (a domain it never
+    # saw), the user's corrections (here: the sample's manual spleen labels) teach it
+    viewer = napari.Viewer(show=True, title="napari-prosma: Fine-tune")
+    _window(viewer)
+    _finetune(viewer, busi, steps=args.finetune_steps)
+    _shot(viewer, out / "finetune_2d.png")
     viewer.close()
 
     # 3-4: a 3D MRI volume with a 3D model; then its gates, following the slice

@@ -146,6 +146,7 @@ def test_finetune_end_to_end(corrected, qtbot):
     _, saved = store().load_corrections(versions[0].path / "corrections")
     np.testing.assert_array_equal(saved[0], truth)
     assert "active" in widget.status_label.text()
+    assert "segmented again" in widget.status_label.text()
 
 
 def test_cancel_mid_run_keeps_the_parent(corrected, qtbot):

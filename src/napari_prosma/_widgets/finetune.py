@@ -145,6 +145,7 @@ class FinetuneWidget(QWidget):
             "from their prediction)"
         )
         self.model = ModelChooser()
+        self.model.card_text.setMaximumHeight(80)
         self.trainable_combo = QComboBox()
         for key, text in TRAINABLE_LABELS.items():
             self.trainable_combo.addItem(text, key)
@@ -370,7 +371,7 @@ class FinetuneWidget(QWidget):
 
     def _update_others(self) -> None:
         n = len(self._other_pairs(self.current_image()))
-        self.others_check.setText(f"Also learn from {n} other corrected image(s)")
+        self.others_check.setText(f"Also learn from other corrected images ({n})")
         self.others_check.setEnabled(n > 0)
 
     def _prediction(self, labels: Labels, image: Image) -> np.ndarray | None:
@@ -637,7 +638,23 @@ class FinetuneWidget(QWidget):
         seg.image_combo.setCurrentIndex(seg.image_combo.findData(image.name))
         _select(seg.model, spec)
         self.resegment_widget = seg
-        return seg.run(sync=bool(req.get("sync")))
+        out = seg.run(sync=bool(req.get("sync")))
+        if out is not None and hasattr(out, "finished"):  # a worker
+            out.finished.connect(self._resegmented)
+        else:
+            self._resegmented()
+        return out
+
+    def _resegmented(self) -> None:
+        text = self.status_label.text()
+        if text.endswith("Segmenting again with it…"):
+            seg = self.resegment_widget
+            done = seg is not None and seg.status_label.text().startswith("Done")
+            self.status_label.setText(
+                text.removesuffix("Segmenting again with it…")
+                + ("The image was segmented again with it." if done
+                   else "Segmenting again did not finish; see the Segment widget.")
+            )
 
     def _keep_corrections(self, layer: Labels, image: Image, prediction: Any) -> None:
         """Take the corrected labels layer out of the Segment widget's hands (it would write
