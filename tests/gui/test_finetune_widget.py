@@ -210,6 +210,34 @@ def test_regression_guard_warns_and_keeps_the_parent(corrected, qtbot, monkeypat
     assert widget.activate_anyway_button.isHidden()
 
 
+def test_other_corrected_images_join_in(make_napari_viewer, tmp_path):
+    """Four 2D images segmented, three of them corrected: those three are learnt from."""
+    import torch
+
+    torch.manual_seed(3)
+    ckpt = save_tiny(tmp_path, "discs")
+    viewer = make_napari_viewer()
+    vol, truth = disc_stack(4)
+    seg = segment_widget(viewer, ckpt)
+    for k in range(4):
+        viewer.add_image(vol[k], name=f"img{k}")
+        seg.image_combo.setCurrentIndex(seg.image_combo.findData(f"img{k}"))
+        seg.run(sync=True)
+        if k < 3:  # img3 stays as the model left it: nothing to learn there
+            seg.last_labels.data[:] = truth[k]
+    widget = finetune_widget(viewer, ckpt, steps=3)
+    widget.image_combo.setCurrentIndex(widget.image_combo.findData("img0"))
+    assert widget.current_labels().name == "img0 labels"
+
+    widget.others_check.setChecked(True)
+    result, vid = widget.run(sync=True)
+
+    assert result.n_train + result.n_holdout == 3 and result.n_holdout == 1
+    assert len(store().get(vid).card.training["data"]) == 3
+    assert seg.last_labels.name == "img0 labels"  # img0 segmented again
+    np.testing.assert_array_equal(viewer.layers["img0 corrected"].data, truth[0])
+
+
 def _fake_version(root, vid: str, parent: str, before: float, after: float):
     save_tiny(root / vid, "model")
     run = {"parent": parent, "dice_before": before, "dice_after": after,

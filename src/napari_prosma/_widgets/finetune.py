@@ -139,10 +139,10 @@ class FinetuneWidget(QWidget):
             "The labels layer with your corrections (usually '<image> labels' made by the "
             "Segment widget, after you painted and erased). It is never modified."
         )
-        self.others_check = QCheckBox("Also learn from other images")
+        self.others_check = QCheckBox("Also learn from other corrected images")
         self.others_check.setToolTip(
-            "Add the corrected Segment labels of the other open images (those that differ "
-            "from their prediction)"
+            "Add the Segment labels of the other open images that you corrected (those that "
+            "differ from their prediction)"
         )
         self.model = ModelChooser()
         self.model.card_text.setMaximumHeight(80)
@@ -261,7 +261,6 @@ class FinetuneWidget(QWidget):
         self.activate_button.clicked.connect(lambda: self.activate_version())
         self.revert_button.clicked.connect(lambda: self.revert_to_parent())
         self.image_combo.currentIndexChanged.connect(self._on_image)
-        self.others_check.toggled.connect(lambda *_: self._update_others())
         events = self.viewer.layers.events
         events.inserted.connect(self._refresh_layers)
         events.removed.connect(self._refresh_layers)
@@ -321,11 +320,9 @@ class FinetuneWidget(QWidget):
         images = self.image_layers()
         _fill(self.image_combo, [layer.name for layer in images], keep_image)
         self._fill_labels(keep_labels if keep_image == self.image_combo.currentData() else None)
-        self._update_others()
 
     def _on_image(self, *_: Any) -> None:
         self._fill_labels(None)
-        self._update_others()
 
     def _fill_labels(self, keep: str | None) -> None:
         layers = self.labels_layers()
@@ -368,11 +365,6 @@ class FinetuneWidget(QWidget):
                     out.append((other, layer, pred))
                     break
         return out
-
-    def _update_others(self) -> None:
-        n = len(self._other_pairs(self.current_image()))
-        self.others_check.setText(f"Also learn from other corrected images ({n})")
-        self.others_check.setEnabled(n > 0)
 
     def _prediction(self, labels: Labels, image: Image) -> np.ndarray | None:
         """The last prediction of ``image`` on the labels' grid, if the plugin knows it."""
@@ -448,7 +440,7 @@ class FinetuneWidget(QWidget):
             )
             return None
         images, labels, previous = [img], [lab], [pred]
-        if self.others_check.isChecked() and self.others_check.isEnabled():
+        if self.others_check.isChecked():
             for other, layer, other_pred in self._other_pairs(image):
                 images.append(np.array(other.data, copy=True))
                 labels.append(np.array(layer.data, copy=True))
