@@ -281,6 +281,15 @@ def test_versions_list_activate_and_revert(make_napari_viewer, tmp_path):
     assert widget.model.current_spec() == str(parent)
     assert seg.model.current_spec() == str(parent)
 
+    # a parent that is gone: a plain message, nothing changes
+    _fake_version(root, "gone-ft-1", str(tmp_path / "deleted.safetensors"), 0.1, 0.2)
+    store().activate("gone-ft-1")
+    n = n_records()
+    widget.revert_to_parent("gone-ft-1")
+    errs = errors_since(n)
+    assert errs and "not available any more" in errs[-1]
+    assert store().active() == "gone-ft-1"
+
 
 # ---------------------------------------------------------------------------- errors
 

@@ -767,6 +767,14 @@ class FinetuneWidget(QWidget):
         if not parent:
             notify_warning(f"the version {vid} does not record its parent")
             return
+        try:
+            _core.read_model_card(self.spec_of(parent))
+        except Exception:
+            notify_error(
+                f"the model {vid} was trained from ({parent}) is not available any more, so "
+                "it cannot be made active; choose another model or version"
+            )
+            return
         store.activate(parent)
         self.refresh_versions()
         self._select_everywhere(self.spec_of(parent))
