@@ -1,29 +1,37 @@
-"""Fine-tuning on a user's corrections: a domain shift from real data, before and after.
+"""Fine-tuning on a user's corrections: domain shifts from real data, before and after.
 
-Design (``--help`` for the knobs):
+Two cases (``--case``), each: a parent model, 8 "corrected" images of a domain it was not
+trained on (their ground-truth masks stand for the user's corrections, as if every mistake
+had been fixed), and other images of that domain, never used in fine-tuning, to measure
+Dice before and after. ``run_finetune`` holds out 2 of the 8 for early stopping and the
+regression guard and trains on 6, as the widget does.
 
-- Parent: the bundled 2D model ``kvasir_prosma`` (RGB colonoscopy polyps, Kvasir-SEG,
-  whole frames resized to 256x256). If it is not bundled yet, ``--stand-in SECONDS`` makes a
-  stand-in with the same architecture and card (``small`` ProSMA-UNet, ImageNet
-  normalisation, input size 256): a fresh network trained for that long on the Kvasir-SEG
-  training split (seed 0) with the project's own training loop (``finetune``, all weights).
-  The output says which parent was used.
-- New domain: GlaS gland histology (RGB, 512x512), official split. The user "corrects" 8
-  images of the official *train* part (a seeded random pick; their labels are the
-  ground-truth masks, as if every mistake had been fixed); ``run_finetune`` holds out 2 of
-  them for early stopping and the regression guard and trains on 6.
-- Measured: Dice on the 60 official *testA* images (never seen in fine-tuning) before and
-  after, through the project's inference engine (``predict_batch``), the wall time of
-  ``run_finetune`` (load, saving the corrections, training, held-out checks, saving the new
-  version: what the user waits for), the held-out Dice the engine reports, and the Dice on
-  Kvasir-SEG test images (the parent's own domain: what fine-tuning costs there).
-- One row per ``--trainable`` choice (the widget's default is ``decoder_gates``).
+- ``kvasir-glas`` (the issue's design): the bundled 2D model ``kvasir_prosma`` (RGB
+  colonoscopy polyps, Kvasir-SEG, whole frames resized to 256x256), corrected on 8 GlaS
+  gland-histology images (RGB, 512x512; a seeded pick from the official *train* part),
+  evaluated on the 60 official *testA* images. Until ``kvasir_prosma`` is bundled,
+  ``--stand-in SECONDS`` makes a stand-in with the same architecture and card (``small``
+  ProSMA-UNet, ImageNet normalisation, input size 256): a fresh network trained that long
+  on 200 Kvasir-SEG training images (split seed 0) with the project's own loop.
+- ``busi-hippocampus``: the bundled 2D model ``busi_prosma`` (grey breast ultrasound),
+  corrected on one slice of each of 8 hippocampus T1 MRI volumes (MSD Task04, train part of
+  split seed 0; the slice with the largest hippocampus area, anterior + posterior as one
+  class), evaluated on that slice of the 52 test volumes (other patients). A cross-modality
+  shift with a fully trained parent, available now.
 
-    python benchmarks/finetune.py                          # CPU, kvasir_prosma
-    python benchmarks/finetune.py --stand-in 300           # no bundled model yet
-    python benchmarks/finetune.py --device cuda            # GPU (20 s budget)
+Measured: the wall time of ``run_finetune`` (load, saving the corrections, training,
+held-out checks, saving the new version: what the user waits for) with its CPU time and
+what else the machine was doing; mean Dice on the new domain before and after through the
+project's inference engine (``predict_batch``), beside the Dice of calling every pixel
+foreground (a trivial baseline); the held-out Dice the engine reports; and the Dice on the
+parent's own domain before and after (what fine-tuning costs there). One row per
+``--trainable`` choice (the widget's default is ``decoder_gates``).
 
-Writes ``benchmarks/results/finetune_<device>.json`` (``--out`` to change) and prints a
+    python benchmarks/finetune.py                           # CPU, both cases
+    python benchmarks/finetune.py --stand-in 1200           # kvasir_prosma not bundled yet
+    python benchmarks/finetune.py --device cuda             # GPU (15 s training budget)
+
+Writes ``benchmarks/results/finetune_<cpu|cuda>.json`` (``--out`` to change) and prints a
 table.
 """
 
@@ -37,6 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -177,31 +186,110 @@ def device_name(device: str) -> str:
 # ---------------------------------------------------------------------------- main
 
 
+@dataclass
+class Case:
+    """One domain shift: a parent, the corrected images of the new domain, the images to
+    evaluate on (new domain: target; parent's domain: source)."""
+
+    name: str
+    parent: str
+    target: str
+    source: str
+    corrected_ids: list[str]
+    train: tuple[list[np.ndarray], list[np.ndarray]]
+    test: tuple[list[np.ndarray], list[np.ndarray]]
+    source_test: tuple[list[np.ndarray], list[np.ndarray]]
+    design: dict[str, Any] = field(default_factory=dict)
+
+
+def kvasir_glas(args: argparse.Namespace, rng: np.random.Generator) -> Case:
+    """Kvasir-SEG polyps (RGB endoscopy) -> GlaS glands (RGB histology)."""
+    gsplit = json.loads((DATA / "glas" / "split.json").read_text())
+    train_ids = sorted(rng.choice(gsplit["train"], size=args.n_train, replace=False).tolist())
+    test_ids = sorted(gsplit["testA"], key=lambda s: int(s.split("_")[-1]))[: args.n_eval]
+    src_ids = split("kvasir_seed0")["test"][: args.n_source] if args.n_source else []
+    return Case(
+        "kvasir-glas", args.model or "kvasir_prosma", "GlaS testA", "Kvasir-SEG test",
+        train_ids, glas(train_ids), glas(test_ids), kvasir(src_ids) if src_ids else ([], []),
+        {"new_domain": "GlaS gland histology (RGB, 512x512), official split: corrected = "
+         f"{len(train_ids)} of the train part, evaluated = {len(test_ids)} testA images",
+         "source_domain": f"{len(src_ids)} Kvasir-SEG test images (split seed 0)"},
+    )
+
+
+def busi_hippocampus(args: argparse.Namespace, rng: np.random.Generator) -> Case:
+    """BUSI breast ultrasound (grey) -> hippocampus T1 MRI slices (grey), binary."""
+    import nibabel as nib
+
+    def slice_of(stem: str) -> tuple[np.ndarray, np.ndarray]:
+        root = DATA / "hippocampus"
+        img = np.asarray(nib.load(str(root / "imagesTr" / f"{stem}.nii.gz")).dataobj)
+        lab = np.asarray(nib.load(str(root / "labelsTr" / f"{stem}.nii.gz")).dataobj) > 0
+        k = int(np.argmax(lab.reshape(lab.shape[0], -1).sum(1)))  # largest hippocampus area
+        return np.ascontiguousarray(img[k]).astype(np.uint8), lab[k].astype(np.uint8)
+
+    def pairs(stems: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        got = [slice_of(s) for s in stems]
+        return [g[0] for g in got], [g[1] for g in got]
+
+    hsplit = split("hippocampus_seed0")
+    train_ids = sorted(rng.choice(hsplit["train"], size=args.n_train, replace=False).tolist())
+    test_ids = hsplit["test"][: args.n_eval]
+    bsplit = split("busi_seed0")["test"][: args.n_source] if args.n_source else []
+    broot = DATA / "busi"
+
+    def busi(stems: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        from PIL import Image
+
+        imgs = [np.asarray(Image.open(broot / "images" / f"{s}.png").convert("L"))
+                for s in stems]
+        return imgs, [read_mask(broot / "masks" / f"{s}.png") for s in stems]
+
+    return Case(
+        "busi-hippocampus", args.model or "busi_prosma", "hippocampus MRI slices", "BUSI test",
+        train_ids, pairs(train_ids), pairs(test_ids), busi(bsplit) if bsplit else ([], []),
+        {"new_domain": "MSD Task04 hippocampus T1 MRI (grey), split seed 0; one slice per "
+         "volume (along the first array axis, the one with the largest hippocampus area), "
+         "anterior + posterior as one class: corrected = "
+         f"{len(train_ids)} train volumes, evaluated = {len(test_ids)} test volumes",
+         "source_domain": f"{len(bsplit)} BUSI test images (split seed 0)"},
+    )
+
+
+CASES = {"kvasir-glas": kvasir_glas, "busi-hippocampus": busi_hippocampus}
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
     from napari_prosma.inference import resolve_device
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="kvasir_prosma",
-                    help="parent: bundled name or checkpoint (default kvasir_prosma)")
+    ap.add_argument("--case", nargs="+", default=list(CASES), choices=list(CASES),
+                    help="domain shifts to run (default: both)")
+    ap.add_argument("--model", default=None,
+                    help="parent: bundled name or checkpoint (default: kvasir_prosma for "
+                    "kvasir-glas, busi_prosma for busi-hippocampus)")
     ap.add_argument("--stand-in", type=float, default=None, metavar="SECONDS",
-                    help="if the parent is not available, train a Kvasir stand-in this long")
+                    help="if kvasir_prosma is not available, train a Kvasir stand-in this long")
     ap.add_argument("--stand-in-dir", type=Path,
                     default=Path(tempfile.gettempdir()) / "prosma-bench-standin")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     ap.add_argument("--trainable", nargs="+", default=["decoder_gates", "all", "gates"],
                     choices=["decoder_gates", "all", "gates"])
-    ap.add_argument("--n-train", type=int, default=8, help="corrected GlaS images (train part)")
-    ap.add_argument("--n-eval", type=int, default=60, help="GlaS testA images to evaluate on")
+    ap.add_argument("--n-train", type=int, default=8, help="corrected images of the new domain")
+    ap.add_argument("--n-eval", type=int, default=60, help="new-domain images to evaluate on")
     ap.add_argument("--n-source", type=int, default=40,
-                    help="Kvasir-SEG test images (the parent's domain) to evaluate on; 0: skip")
+                    help="images of the parent's domain to evaluate on (forgetting); 0: skip")
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds of training (default 100 on the CPU, 15 on CUDA)")
     ap.add_argument("--max-steps", type=int, default=None,
                     help="default 300 on the CPU, 1000 on CUDA")
     ap.add_argument("--lr", type=float, default=FinetuneConfig().lr,
                     help="AdamW learning rate (default: the widget's, 3e-4)")
+    ap.add_argument("--patience", type=int, default=FinetuneConfig().patience,
+                    help="held-out evaluations without improvement before stopping")
+    ap.add_argument("--batch-size", type=int, default=FinetuneConfig().batch_size)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", type=Path, default=None)
@@ -215,49 +303,70 @@ def main(argv: list[str] | None = None) -> int:
         15.0 if dev_type == "cuda" else 100.0)
     max_steps = args.max_steps or (1000 if dev_type == "cuda" else 300)
     out = args.out or ROOT / "benchmarks" / "results" / f"finetune_{dev_type}.json"
+    settings = {"time_budget_s": budget, "max_steps": max_steps, "lr": args.lr,
+                "patience": args.patience, "batch_size": args.batch_size, "seed": args.seed,
+                "labels": "ground-truth masks stand for the user's corrections"}
 
-    # the parent
-    parent_spec: str = args.model
-    is_stand_in = False
-    try:
-        resolve(parent_spec)
-    except Exception:
-        if args.stand_in is None:
-            print(f"the parent {parent_spec!r} is not available (bundled: {list_bundled()}); "
-                  "pass --stand-in SECONDS to train a Kvasir stand-in", file=sys.stderr)
-            return 2
-        parent_spec = str(stand_in(args.stand_in, device, args.stand_in_dir))
-        is_stand_in = True
+    reports = []
+    for name in args.case:
+        case = CASES[name](args, np.random.default_rng(args.seed))
+        parent_spec, is_stand_in = case.parent, False
+        try:
+            resolve(parent_spec)
+        except Exception:
+            if name != "kvasir-glas" or args.stand_in is None:
+                print(f"{name}: the parent {parent_spec!r} is not available (bundled: "
+                      f"{list_bundled()}); skipped" + (
+                          " (--stand-in SECONDS trains a Kvasir stand-in)"
+                          if name == "kvasir-glas" else ""), file=sys.stderr)
+                continue
+            parent_spec = str(stand_in(args.stand_in, device, args.stand_in_dir))
+            is_stand_in = True
+        reports.append(run_case(case, parent_spec, is_stand_in, args, device, settings))
+    if not reports:
+        return 2
+
+    report = {
+        "benchmark": "finetune",
+        "device": {"type": dev_type, "name": device_name(device), "torch": torch.__version__},
+        "settings": settings,
+        "cases": reports,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+    print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    return 0
+
+
+def run_case(case: Case, parent_spec: str, is_stand_in: bool, args: argparse.Namespace,
+             device: str, settings: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
     parent, card = load(resolve(parent_spec))
     parent = parent.to(device).eval()
-
-    # the data
-    gsplit = json.loads((DATA / "glas" / "split.json").read_text())
-    rng = np.random.default_rng(args.seed)
-    train_ids = sorted(rng.choice(gsplit["train"], size=args.n_train, replace=False).tolist())
-    test_ids = sorted(gsplit["testA"], key=lambda s: int(s.split("_")[-1]))[: args.n_eval]
-    tr_imgs, tr_masks = glas(train_ids)
-    te_imgs, te_masks = glas(test_ids)
-    src_ids = split("kvasir_seed0")["test"][: args.n_source] if args.n_source else []
-    src_imgs, src_masks = kvasir(src_ids) if src_ids else ([], [])
-    print(f"parent {card.name} on {device_name(device)}; {len(train_ids)} corrected GlaS "
-          f"train images, {len(test_ids)} GlaS testA, {len(src_ids)} Kvasir test",
-          file=sys.stderr)
-
+    tr_imgs, tr_masks = case.train
+    te_imgs, te_masks = case.test
+    src_imgs, src_masks = case.source_test
+    print(f"{case.name}: parent {card.name} on {device_name(device)}; {len(tr_imgs)} corrected, "
+          f"{len(te_imgs)} {case.target}, {len(src_imgs)} {case.source}", file=sys.stderr)
     trivial = statistics.fmean(dice(np.ones_like(m, bool), m > 0) for m in te_masks)
     load_start = _loadavg()
     t = time.perf_counter()
     before = mean_dice(parent, card, te_imgs, te_masks, device)
-    src_before = mean_dice(parent, card, src_imgs, src_masks, device) if src_ids else []
+    src_before = mean_dice(parent, card, src_imgs, src_masks, device) if src_imgs else []
     eval_s = time.perf_counter() - t
+    cuda = device.startswith("cuda")
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="prosma-bench-store-") as tmp:
         store = ModelStore(tmp)
         for trainable in args.trainable:
-            cfg = FinetuneConfig(trainable=trainable, max_steps=max_steps, time_budget_s=budget,
-                                 lr=args.lr, device=args.device, seed=args.seed)
-            if dev_type == "cuda":
+            cfg = FinetuneConfig(trainable=trainable, max_steps=settings["max_steps"],
+                                 time_budget_s=settings["time_budget_s"], lr=args.lr,
+                                 patience=args.patience, batch_size=args.batch_size,
+                                 device=args.device, seed=args.seed)
+            if cuda:
                 torch.cuda.synchronize()
             st0 = _cpu_stat()
             t0, c0 = time.perf_counter(), time.process_time()
@@ -268,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             model, new_card = load(store.get(vid).checkpoint)
             model = model.to(device).eval()
             after = mean_dice(model, new_card, te_imgs, te_masks, device)
-            src_after = mean_dice(model, new_card, src_imgs, src_masks, device) if src_ids else []
+            src_after = mean_dice(model, new_card, src_imgs, src_masks, device) if src_imgs else []
             row = {
                 "trainable": trainable,
                 "wall_s": round(wall, 1),
@@ -282,27 +391,20 @@ def main(argv: list[str] | None = None) -> int:
                 "n_holdout": result.n_holdout,
                 "holdout_dice_before": _r(result.dice_before),
                 "holdout_dice_after": _r(result.dice_after),
-                "testA_dice_before": _r(statistics.fmean(before)),
-                "testA_dice_after": _r(statistics.fmean(after)),
-                "testA_dice_after_sd": _r(statistics.pstdev(after)),
-                "testA_gain": _r(statistics.fmean(after) - statistics.fmean(before)),
-                "testA_improved_images": int(sum(a > b for a, b in zip(after, before))),
-                "kvasir_dice_before": _r(statistics.fmean(src_before)) if src_ids else None,
-                "kvasir_dice_after": _r(statistics.fmean(src_after)) if src_ids else None,
+                "target_dice_before": _r(statistics.fmean(before)),
+                "target_dice_after": _r(statistics.fmean(after)),
+                "target_dice_after_sd": _r(statistics.pstdev(after)),
+                "target_gain": _r(statistics.fmean(after) - statistics.fmean(before)),
+                "target_improved_images": int(sum(a > b for a, b in zip(after, before))),
+                "source_dice_before": _r(statistics.fmean(src_before)) if src_imgs else None,
+                "source_dice_after": _r(statistics.fmean(src_after)) if src_imgs else None,
             }
             rows.append(row)
-            print(f"  {trainable:13s} {row['testA_dice_before']:.3f} -> "
-                  f"{row['testA_dice_after']:.3f} in {wall:.1f} s ({result.steps} steps, "
+            print(f"  {trainable:13s} {row['target_dice_before']:.3f} -> "
+                  f"{row['target_dice_after']:.3f} in {wall:.1f} s ({result.steps} steps, "
                   f"{result.stopped})", file=sys.stderr)
-
-    report = {
-        "benchmark": "finetune",
-        "device": {
-            "type": dev_type,
-            "name": device_name(device),
-            "torch": torch.__version__,
-            "loadavg_1min_start_end": [load_start, _loadavg()],
-        },
+    return {
+        "case": case.name,
         "parent": {
             "spec": parent_spec if not is_stand_in else "stand-in",
             "name": card.name,
@@ -310,26 +412,14 @@ def main(argv: list[str] | None = None) -> int:
             "stand_in_seconds": args.stand_in if is_stand_in else None,
             "stand_in_steps": card.training.get("steps") if is_stand_in else None,
         },
-        "design": {
-            "new_domain": "GlaS (RGB gland histology, 512x512), official split",
-            "corrected": train_ids,
-            "evaluated": f"{len(test_ids)} testA images",
-            "source_domain_eval": f"{len(src_ids)} Kvasir-SEG test images (split seed 0)",
-            "labels": "ground-truth masks stand for the user's corrections",
-            "time_budget_s": budget,
-            "max_steps": max_steps,
-            "lr": args.lr,
-            "seed": args.seed,
-            "eval_before_s": round(eval_s, 1),
-            "testA_dice_all_gland": _r(trivial),
-        },
+        "target": case.target,
+        "source": case.source,
+        "design": {**case.design, "corrected": case.corrected_ids,
+                   "target_dice_all_foreground": _r(trivial),
+                   "eval_before_s": round(eval_s, 1)},
+        "loadavg_1min_start_end": [load_start, _loadavg()],
         "rows": rows,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(table(report))
-    print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
-    return 0
 
 
 def _cpu_stat() -> list[int] | None:
@@ -365,27 +455,32 @@ def _r(v: float | None) -> float | None:
 
 def table(report: dict[str, Any]) -> str:
     dev = report["device"]
-    p = report["parent"]
-    parent = p["name"] + (f", trained {p['stand_in_seconds']:.0f} s" if p["stand_in"] else "")
-    lines = [
-        f"Fine-tuning {parent} on {len(report['design']['corrected'])} corrected GlaS "
-        f"images; {dev['name']}; 1-min load average {dev['loadavg_1min_start_end']}",
-        f"(calling every pixel gland scores Dice {report['design']['testA_dice_all_gland']:.3f} "
-        "on testA)",
-        "",
-        "| train | wall s | steps | held-out Dice (2 of the 8) | GlaS testA Dice | gain | "
-        "Kvasir Dice |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in report["rows"]:
-        kv = ("–" if r["kvasir_dice_before"] is None
-              else f"{r['kvasir_dice_before']:.3f} → {r['kvasir_dice_after']:.3f}")
-        lines.append(
-            f"| {r['trainable']} | {r['wall_s']:.0f} | {r['steps']} ({r['stopped']}) | "
-            f"{r['holdout_dice_before']:.3f} → {r['holdout_dice_after']:.3f} | "
-            f"{r['testA_dice_before']:.3f} → {r['testA_dice_after']:.3f} | "
-            f"{r['testA_gain']:+.3f} | {kv} |"
-        )
+    lines = [f"Device: {dev['name']}, torch {dev['torch']}"]
+    for c in report["cases"]:
+        p = c["parent"]
+        parent = p["name"] + (f", trained {p['stand_in_seconds']:.0f} s" if p["stand_in"] else "")
+        lines += [
+            "",
+            f"{c['case']}: {parent}, corrected on {len(c['design']['corrected'])} images; "
+            f"1-min load average {c['loadavg_1min_start_end']}; calling every pixel "
+            f"foreground scores Dice {c['design']['target_dice_all_foreground']:.3f} on "
+            f"{c['target']}",
+            "",
+            f"| train | wall s | steps | held-out Dice | {c['target']} Dice | gain | "
+            f"{c['source']} Dice |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in c["rows"]:
+            src = ("–" if r["source_dice_before"] is None
+                   else f"{r['source_dice_before']:.3f} → {r['source_dice_after']:.3f}")
+            hold = ("–" if r["holdout_dice_before"] is None
+                    else f"{r['holdout_dice_before']:.3f} → {r['holdout_dice_after']:.3f}")
+            lines.append(
+                f"| {r['trainable']} | {r['wall_s']:.0f} | {r['steps']} ({r['stopped']}) | "
+                f"{hold} ({r['n_holdout']} of {r['n_train'] + r['n_holdout']}) | "
+                f"{r['target_dice_before']:.3f} → {r['target_dice_after']:.3f} | "
+                f"{r['target_gain']:+.3f} | {src} |"
+            )
     return "\n".join(lines)
 
 
