@@ -570,7 +570,10 @@ class FinetuneWidget(QWidget):
         if p.holdout_dice is not None and p.phase in ("before", "eval"):
             self._dice.append((p.step, p.holdout_dice))
         if p.phase == "done" and p.holdout_dice is not None:
-            self._best = (p.step, p.holdout_dice)
+            # the kept state: the first evaluation that reached the best held-out Dice
+            top = max((d for _, d in self._dice), default=p.holdout_dice)
+            step = next((s for s, d in self._dice if d >= top), p.step)
+            self._best = (step, p.holdout_dice)
         parts = [f"step {p.step}/{p.max_steps}", f"{p.elapsed_s:.0f} s"]
         if self._loss:
             parts.append(f"loss {self._loss[-1][1]:.3f}")
