@@ -9,6 +9,7 @@ and the output says plainly that its weights are untrained and its Dice meaningl
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=f"./{DEFAULT_OUT}/",
         metavar="OUT",
         help=f"output folder (default ./{DEFAULT_OUT}/)",
+    )
+    p.add_argument(
+        "--model",
+        choices=list(DEMO_MODELS),
+        help="bundled model to run on its sample (default: the first of these that is bundled)",
     )
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     return p
@@ -115,7 +121,11 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     bundled = list_bundled()
-    name = next((n for n in DEMO_MODELS if n in bundled), None)
+    wanted = [args.model] if getattr(args, "model", None) else list(DEMO_MODELS)
+    name = next((n for n in wanted if n in bundled), None)
+    if getattr(args, "model", None) and name is None:
+        print(f"error: model {args.model} is not bundled in this installation", file=sys.stderr)
+        return 2
     if name is not None:
         model, card = load_model(name, device="cpu")
         sample = DEMO_MODELS[name]
