@@ -193,6 +193,8 @@ def test_segment_volume_through_worker(make_napari_viewer, qtbot, tiny2d):
     np.testing.assert_allclose(labels.translate, image.translate)
     assert seen and seen[-1][0] == seen[-1][1]
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+    bar = widget.progress_bar
+    assert bar.value() == bar.maximum() > bar.minimum()  # a finished run shows a full bar
     assert len(widget.last_result.gates[0].c_slices) == image.data.shape[0]
     assert labels.metadata["prosma_io"]["source_affine"] is not None  # for the writer
 
@@ -237,6 +239,7 @@ def test_cancel_leaves_layers_untouched(make_napari_viewer, qtbot, tiny2d):
     assert [layer.name for layer in viewer.layers] == before
     assert "ancel" in widget.status_label.text()
     assert widget.last_result is None
+    assert widget.progress_bar.value() == widget.progress_bar.minimum()  # not shown as done
 
 
 # ---------------------------------------------------------------------------- errors

@@ -275,6 +275,7 @@ class SegmentWidget(QWidget):
         from napari.utils import progress
 
         self._pbar = progress(total=0, desc="ProSMA segmentation")
+        self._succeeded = False
         self.progress_bar.setRange(0, 0)  # busy until the first tile batch reports
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
@@ -292,6 +293,7 @@ class SegmentWidget(QWidget):
         return worker
 
     def _on_returned(self, out: tuple[Any, _core.SegResult]) -> None:
+        self._succeeded = True
         self._apply(self._req, *out)
 
     def cancel(self) -> None:
@@ -325,8 +327,9 @@ class SegmentWidget(QWidget):
         self.worker = None
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
+        # a finished run shows a full bar; a cancelled or failed one an empty bar
         self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(0)
+        self.progress_bar.setValue(1 if getattr(self, "_succeeded", False) else 0)
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
