@@ -4,6 +4,10 @@
 # Extra arguments go to `prosma demo` (see `bash scripts/demo.sh --help`).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+repo=$(cd "$here/.." && pwd -P)
 env=$(bash "$here/setup.sh")
 export VIRTUAL_ENV=$env PATH="$env/bin:$PATH"
+# Clones share the env, whose editable install points at the clone set up last: put this
+# clone's sources first so its own code is what runs.
+export PYTHONPATH="$repo/src${PYTHONPATH:+:$PYTHONPATH}"
 exec "$env/bin/prosma" demo "$@"

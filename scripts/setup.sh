@@ -7,7 +7,7 @@
 #    (Xvfb, the xcb libraries of Qt's xcb platform plugin, Mesa's OpenGL).
 # 2. Builds a venv OUTSIDE the clone, at
 #        ${PROSMA_ENV_ROOT:-$HOME/.cache/napari-prosma}/env-<hash>
-#    where <hash> is the first 12 hex of sha256(requirements/*.txt + pyproject.toml):
+#    where <hash> is the first 12 hex of sha256(python -V + requirements/*.txt + pyproject.toml):
 #    torch first and alone (requirements/torch.txt pins the small CPU wheel), then the
 #    base + gui + dev requirements, then this clone in editable mode.
 # 3. An env whose dependencies are complete carries a marker file, written after them.
@@ -88,7 +88,9 @@ if ((${#missing[@]})); then
 fi
 
 # ---------------------------------------------------------------- 2. the venv
-hash=$(cd "$repo" && export LC_ALL=C && cat requirements/*.txt pyproject.toml | sha256sum | cut -c1-12)
+# The interpreter's version is hashed too: an env built from another Python is another env.
+hash=$(cd "$repo" && export LC_ALL=C && { "$python" -V 2>&1; cat requirements/*.txt pyproject.toml; } \
+    | sha256sum | cut -c1-12)
 env=$env_root/env-$hash
 marker=$env/$marker_name
 mkdir -p "$env_root"

@@ -7,6 +7,9 @@ set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 env=$(bash "$repo/scripts/setup.sh") || exit
 export VIRTUAL_ENV=$env PATH="$env/bin:$PATH"
+# Clones share the env, whose editable install points at the clone set up last: put this
+# clone's sources first so its own code is what runs.
+export PYTHONPATH="$repo/src${PYTHONPATH:+:$PYTHONPATH}"
 # offscreen has no OpenGL, and together with Xvfb it turns napari screenshots black.
 unset QT_QPA_PLATFORM
 cd "$repo"
