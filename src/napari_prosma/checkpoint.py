@@ -45,9 +45,9 @@ class ModelCard:
             (``spatial_dims``, ``in_channels``, ``out_channels``, ``widths``, ``gate``, ...).
         name: short name of the model.
         class_names: one name per output class, background first.
-        normalization: intensity normalisation, e.g. ``{"mode": "zscore"}``,
-            ``{"mode": "ct_window", "window": [-160, 240]}``,
-            ``{"mode": "rgb", "mean": [...], "std": [...]}`` or ``{"mode": "minmax"}``.
+        normalization: intensity normalisation (see :mod:`napari_prosma.preprocess`), e.g.
+            ``{"mode": "zscore"}``, ``{"mode": "ct_window", "window": [-160, 240]}`` or
+            ``{"mode": "fixed", "scale": 255, "mean": [...], "std": [...]}``.
         patch_size: training patch (spatial) size; inference tiles default to it.
         spacing: training voxel spacing (z, y, x) in mm, or None (2D / not resampled).
         training: data, split, seed, epochs, command, ...
@@ -104,7 +104,16 @@ class ModelCard:
         missing = [f for f in REQUIRED_FIELDS if f not in data]
         if missing:
             raise CheckpointError(f"{source} lacks required field(s): {', '.join(missing)}")
-        if int(data["format_version"]) > CARD_FORMAT:
+        version = data["format_version"]
+        if isinstance(version, bool) or not isinstance(version, int | float | str):
+            raise CheckpointError(f"{source}: 'format_version' must be a number, not {version!r}")
+        try:
+            version = int(version)
+        except ValueError:
+            raise CheckpointError(
+                f"{source}: 'format_version' must be a number, not {version!r}"
+            ) from None
+        if version > CARD_FORMAT:
             raise CheckpointError(
                 f"{source} has format version {data['format_version']}; this napari-prosma "
                 f"({__version__}) reads up to {CARD_FORMAT}: please update the plugin"
@@ -114,6 +123,7 @@ class ModelCard:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
         unknown = {k: v for k, v in data.items() if k not in known}
+        _check_fields(kwargs, source)
         card = cls(**kwargs)
         card.extra = {**card.extra, **unknown}
         return card
@@ -145,6 +155,52 @@ class ModelCard:
         if self.weights_sha256:
             lines.append(f"Weights    sha256 {self.weights_sha256[:16]}")
         return "\n".join(lines)
+
+
+def _check_fields(data: dict[str, Any], source: str) -> None:
+    """Refuse card fields of the wrong type with a message that names the field (a card
+    edited by hand or damaged would otherwise fail later, deep inside inference)."""
+    import numpy as np
+
+    from .preprocess import InputError, normalize
+
+    def bad(name: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{source}: {name!r} must be {what}, not {data[name]!r}")
+
+    def numbers(v: Any, positive: bool = False) -> bool:
+        return isinstance(v, list) and all(
+            isinstance(x, int | float) and not isinstance(x, bool) and (x > 0 or not positive)
+            for x in v
+        )
+
+    for name in ("name", "intended_use", "limitations"):
+        if name in data and not isinstance(data[name], str):
+            raise bad(name, "text")
+    for name in ("parent_hash", "weights_sha256", "created"):
+        if data.get(name) is not None and not isinstance(data[name], str):
+            raise bad(name, "text or null")
+    for name in ("training", "metrics", "extra"):
+        if name in data and not isinstance(data[name], Mapping):
+            raise bad(name, "an object")
+    names = data.get("class_names", [])
+    if not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
+        raise bad("class_names", "a list of names")
+    if data.get("patch_size") is not None and not (
+        numbers(data["patch_size"], positive=True)
+        and all(isinstance(x, int) for x in data["patch_size"])
+    ):
+        raise bad("patch_size", "a list of positive whole numbers or null")
+    if data.get("spacing") is not None and not numbers(data["spacing"], positive=True):
+        raise bad("spacing", "a list of positive numbers (mm) or null")
+    if "normalization" in data:
+        norm = data["normalization"]
+        if not isinstance(norm, Mapping):
+            raise bad("normalization", 'an object such as {"mode": "zscore"}')
+        try:  # the spec must work on an image of the card's channel count
+            c = int(data["arch_kwargs"].get("in_channels", 1))
+            normalize(np.zeros((max(c, 1), 2, 2), np.float32), norm)
+        except (InputError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: 'normalization' cannot be used: {e}") from None
 
 
 # ---------------------------------------------------------------------------- paths
@@ -318,6 +374,8 @@ def load(
         CheckpointError: missing/corrupt files, a card without required fields, or weights
             that do not fit the card's architecture (the message names the tensor and shapes).
     """
+    import torch
+
     from .nets import build_model
 
     weights, card_path = checkpoint_paths(resolve(path))
@@ -363,6 +421,11 @@ def load(
             )
         if v.is_floating_point():
             state[k] = state[k].to(v.dtype)
+            if not bool(torch.isfinite(state[k]).all()):
+                raise CheckpointError(
+                    f"weights file {weights.name}: tensor {k!r} holds NaN or infinite values "
+                    "(the training that made it diverged); this model cannot be used"
+                )
     model.load_state_dict(state)
     model.eval()
     return model.to(device), card

@@ -2,23 +2,46 @@
 
 from __future__ import annotations
 
+import errno
+
+#: Errors whose message is written for the user as it stands.
+_USER_FACING = ("UserError", "CheckpointError", "InputError", "ValueError", "Cancelled")
+#: What a failed write means, by errno, and what to do about it.
+_DISK_ERRORS = {
+    errno.ENOSPC: "the disk is full; free some space or choose another output folder",
+    errno.EDQUOT: "the disk quota is used up; free some space or choose another output folder",
+    errno.EFBIG: "the file grew larger than this system allows (disk full or a size limit); "
+    "free some space or choose another output folder",
+    errno.EROFS: "the folder is on a read-only disk; choose another output folder",
+}
 
 def user_message(exc: BaseException) -> str:
     """One line that says what went wrong and, where possible, what to do.
 
-    Known error types keep their own (already user-facing) message; CUDA out-of-memory
-    and missing files get a hint; anything else is named by its type and text.
+    Known error types keep their own (already user-facing) message; running out of memory
+    (GPU or host), a full or read-only disk and missing files get a hint; anything else is
+    named by its type and text.
     """
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     name = type(exc).__name__
-    if "out of memory" in text.lower():
-        return "the GPU ran out of memory; try the CPU or smaller tiles"
     if isinstance(exc, FileNotFoundError):
         return f"file not found: {exc.filename or text}"
-    if isinstance(exc, PermissionError):
-        return f"permission denied: {exc.filename or text}"
     if isinstance(exc, FileExistsError):
         return text or "the output exists already and is never overwritten"
-    if name in ("UserError", "CheckpointError", "InputError", "ValueError", "Cancelled"):
+    if isinstance(exc, PermissionError) or (
+        isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM)
+    ):
+        return f"permission denied: {exc.filename or text}"
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _DISK_ERRORS[exc.errno].replace(";", f"{where};", 1)
+    if isinstance(exc, MemoryError) or "can't allocate memory" in text.lower():
+        return (
+            "not enough memory for this image: close other programs, crop the image or use "
+            "smaller tiles"
+        )
+    if name in _USER_FACING:
         return text or name
+    if "out of memory" in text.lower():
+        return "the GPU ran out of memory; try the CPU or smaller tiles"
     return f"{text} ({name})" if text else name

@@ -49,7 +49,9 @@ def to_channel_first(
 
     Args:
         image: 2D grey ``(H, W)``, 2D colour ``(H, W, 3|4)`` or ``(3|4, H, W)``, a volume
-            ``(D, H, W)`` or a multi-channel volume with ``channel_axis`` given.
+            ``(D, H, W)``, a multi-channel volume ``(C, D, H, W)`` with ``C == in_channels``,
+            or any of these with ``channel_axis`` given. A 4D series whose first axis does
+            not match ``in_channels`` (time points) is refused, never averaged.
         in_channels: channels the model expects.
         spatial_dims: 2 or 3.
         channel_axis: axis holding channels, if any (guessed for 2D colour images).
@@ -73,8 +75,14 @@ def to_channel_first(
             a = np.moveaxis(a, -1, 0)
         elif spatial_dims == 2 and a.ndim == 3 and a.shape[0] in (1, 3, 4):
             pass
-        elif spatial_dims == 3 and a.ndim == 4 and a.shape[0] <= 4:
+        elif spatial_dims == 3 and a.ndim == 4 and a.shape[0] == in_channels:
             pass
+        elif spatial_dims == 3 and a.ndim == 4:
+            raise InputError(
+                f"this model segments a 3D volume (D, H, W) with {in_channels} channel(s); the "
+                f"data has shape {a.shape}: a series of {a.shape[0]} volumes (time points or "
+                "channels). Segment one volume at a time"
+            )
         else:
             kind = (
                 "2D image (H, W) or colour image (H, W, 3)"
@@ -95,13 +103,13 @@ def to_channel_first(
     if min(a.shape[1:]) < 1:
         raise InputError(f"the image is empty (shape {image.shape})")
     c = a.shape[0]
-    if c == 4 and in_channels in (1, 3):
+    if spatial_dims == 2 and c == 4 and in_channels in (1, 3):  # RGBA photo
         a = a[:3]
         c = 3
         notes.append("the alpha channel was ignored")
     if c == in_channels:
         return a, notes
-    if c == 3 and in_channels == 1:
+    if spatial_dims == 2 and c == 3 and in_channels == 1:
         if np.array_equal(a[0], a[1]) and np.array_equal(a[0], a[2]):
             return a[:1], notes
         notes.append("the colour image was converted to greyscale for this greyscale model")
@@ -115,31 +123,50 @@ def to_channel_first(
 
 
 def normalize(x: np.ndarray, spec: Mapping[str, Any] | None) -> np.ndarray:
-    """Normalise a channel-first image ``(C, *S)`` as ``spec`` says; returns float32."""
+    """Normalise a channel-first image ``(C, *S)`` as ``spec`` says; returns float32.
+
+    Raises:
+        InputError: an unknown mode, a spec that does not fit the channels, or values too
+            large for 32-bit floats (the result would hold infinities or NaN).
+    """
     spec = dict(spec or {"mode": "none"})
     mode = spec.get("mode", "none")
-    x = np.asarray(x, dtype=np.float32)
+    if mode not in NORMALIZATION_MODES:
+        raise InputError(f"unknown normalisation mode {mode!r}; known: {NORMALIZATION_MODES}")
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        out = _normalize(np.asarray(x, dtype=np.float32), spec, mode)
+    if not np.isfinite(out).all():  # e.g. float64 values beyond the float32 range
+        raise InputError(
+            "the image's values are too large to compute with (beyond ±3.4e38 as 32-bit "
+            "floats); rescale the image first"
+        )
+    return out
+
+
+def _per_channel(values: Any, default: float, c: int, ndim: int) -> np.ndarray:
+    """One value per channel, shaped to broadcast over ``(C, *S)``."""
+    v = np.asarray(values if values is not None else [default] * c, dtype=np.float32)
+    if v.size == 1:
+        v = np.repeat(v, c)
+    if v.size != c:
+        raise InputError(f"normalisation lists {v.size} values for {c} channel(s)")
+    return v.reshape((c,) + (1,) * (ndim - 1))
+
+
+def _normalize(x: np.ndarray, spec: dict[str, Any], mode: str) -> np.ndarray:
     c = x.shape[0]
-    shape = (c,) + (1,) * (x.ndim - 1)
-
-    def per_channel(values: Any, default: float) -> np.ndarray:
-        v = np.asarray(values if values is not None else [default] * c, dtype=np.float32)
-        if v.size == 1:
-            v = np.repeat(v, c)
-        if v.size != c:
-            raise InputError(f"normalisation lists {v.size} values for {c} channel(s)")
-        return v.reshape(shape)
-
     if mode == "fixed":
         scale = float(spec.get("scale", 255.0))
-        mean, std = per_channel(spec.get("mean"), 0.0), per_channel(spec.get("std"), 1.0)
+        mean = _per_channel(spec.get("mean"), 0.0, c, x.ndim)
+        std = _per_channel(spec.get("std"), 1.0, c, x.ndim)
         return (x / scale - mean) / std
     if mode == "zscore":
         out = np.empty_like(x)
         for i in range(c):
             ch = x[i]
             vals = ch[ch != 0] if spec.get("nonzero") and np.any(ch != 0) else ch
-            mean, std = float(vals.mean()), float(vals.std())
+            # statistics in float64: a float32 variance of large values overflows to inf
+            mean, std = float(vals.mean(dtype=np.float64)), float(vals.std(dtype=np.float64))
             out[i] = (ch - mean) / max(std, 1e-8)
         return out
     if mode == "ct_window":
@@ -152,9 +179,7 @@ def normalize(x: np.ndarray, spec: Mapping[str, Any] | None) -> np.ndarray:
             lo, hi = np.percentile(x[i], [lo_p, hi_p])
             out[i] = np.clip((x[i] - lo) / max(hi - lo, 1e-8), 0.0, 1.0)
         return out
-    if mode == "none":
-        return x
-    raise InputError(f"unknown normalisation mode {mode!r}; known: {NORMALIZATION_MODES}")
+    return x  # "none"
 
 
 def prepare(
