@@ -268,9 +268,14 @@ def _freeze_norm_stats(model: torch.nn.Module) -> None:
 
 
 def holdout_dice(
-    model: Any, card: ModelCard, units: Sequence[tuple[np.ndarray, np.ndarray]], device: str
+    model: Any,
+    card: ModelCard,
+    units: Sequence[tuple[np.ndarray, np.ndarray]],
+    device: str,
+    cancel: Callable[[], bool] | None = None,
 ) -> float | None:
-    """Mean foreground Dice of the model on held-out units, through the inference engine."""
+    """Mean foreground Dice of the model on held-out units, through the inference engine
+    (``cancel`` is polled between its tiles)."""
     from .inference import predict
     from .metrics import dice
 
@@ -281,7 +286,7 @@ def holdout_dice(
     model.eval()
     try:
         for img, lab in units:
-            pred = predict(img, model, card, device=device)
+            pred = predict(img, model, card, device=device, cancel=cancel)
             if card.out_channels == 1:
                 lab = (lab > 0).astype(np.uint8)
             classes = range(1, max(card.out_channels, 2))
@@ -355,7 +360,7 @@ def finetune(
 
     fmt = memory_format(device, card.spatial_dims)  # channels-last: faster on CPU and CUDA
     net = copy.deepcopy(model).to(device, memory_format=fmt)
-    before = holdout_dice(net, card, hold_units, str(device))
+    before = holdout_dice(net, card, hold_units, str(device), cancelled)
     report(0, None, before, "before")
     if cancelled():
         raise Cancelled("fine-tuning was cancelled; the previous model stays active")
@@ -397,7 +402,7 @@ def finetune(
         report(step, lv, None, "train")
         out_of_time = cfg.time_budget_s is not None and time.perf_counter() - t0 > cfg.time_budget_s
         if hold_units and (step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time):
-            d = holdout_dice(net, card, hold_units, str(device))
+            d = holdout_dice(net, card, hold_units, str(device), cancelled)
             _freeze_norm_stats(net)
             history[-1]["holdout_dice"] = d
             report(step, lv, d, "eval")
@@ -414,7 +419,7 @@ def finetune(
             break
     if hold_units:
         net.load_state_dict(best_state)
-        after = holdout_dice(net, card, hold_units, str(device))
+        after = holdout_dice(net, card, hold_units, str(device), cancelled)
     else:
         after = None
     for p in net.parameters():
@@ -561,6 +566,10 @@ def run_finetune(
             progress=progress,
             cancel=cancel,
         )
+        if _cancel_check(cancel)():  # cancelled during the final evaluation: keep nothing
+            from .inference import Cancelled
+
+            raise Cancelled("fine-tuning was cancelled; the previous model stays active")
         result.card.name = vid
         save(result.model, stage / "model", result.card)
         run = {

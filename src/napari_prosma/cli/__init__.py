@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -50,6 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``prosma`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not os.environ.get("PROSMA_DEBUG"):
+        # libraries' own log lines (tifffile on a corrupt file) would add to the one line
+        # per error this command prints; PROSMA_DEBUG=1 shows them
+        quiet = logging.getLogger("tifffile")
+        if not any(isinstance(h, logging.NullHandler) for h in quiet.handlers):
+            quiet.addHandler(logging.NullHandler())
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

@@ -130,6 +130,27 @@ def gates_summary(pred: Any) -> dict[str, Any]:
     }
 
 
+def check_fit(src: Path, kind: str, spatial_dims: int) -> None:
+    """Refuse a file whose kind the model cannot segment (the engine alone cannot tell an
+    ``(H, W, 3)`` photo from a 3-slice volume, nor a 3-slice volume from channels).
+
+    Raises:
+        UserError: a colour image for a 3D model, or a volume for a 2D model.
+    """
+    from . import UserError
+
+    if kind == "rgb" and spatial_dims == 3:
+        raise UserError(
+            f"{src.name} is a 2D colour image but the model segments 3D volumes; "
+            "choose a 2D model"
+        )
+    if kind == "volume" and spatial_dims == 2:
+        raise UserError(
+            f"{src.name} is a 3D volume but the model segments 2D images; choose a 3D model "
+            "(or segment the slices in napari with the Segment widget)"
+        )
+
+
 class _Models:
     """Loads each model once; picks the bundled default per image kind when none is named."""
 
@@ -182,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             img = read_image(src)
             name, model, card = models.get(img.kind)
+            check_fit(src, img.kind, card.spatial_dims)
             paths = output_paths(src, img.format, out_root / rel, args)
             if any(p in planned for p in paths.values()):  # same stem twice in this run
                 raise UserError(f"another input already writes {paths['labels'].name}; rename one")
@@ -255,10 +277,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"  note: {note}")
     n = len(files)
     if failed:
-        print(
-            f"prosma predict: {failed} of {n} file(s) failed; the others were written",
-            file=sys.stderr,
-        )
+        if n > 1:  # one file: its own line said it all
+            print(
+                f"prosma predict: {failed} of {n} file(s) failed; the others were written",
+                file=sys.stderr,
+            )
         return 1
     print(f"done: {n} file(s) segmented into {out_root}")
     return 0
