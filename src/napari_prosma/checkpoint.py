@@ -234,22 +234,32 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder, then rename."""
+def _write_temp(path: Path, data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path`` and flush it to the disk; returns
+    the temporary file (removed again if the write fails)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private (0600)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder, then rename."""
+    tmp = _write_temp(path, data)
+    try:
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- save
@@ -303,8 +313,19 @@ def save(
         package_version=__version__,
         created=card.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
-    atomic_write_bytes(weights, blob)
-    atomic_write_bytes(card_path, (json.dumps(card.to_dict(), indent=2) + "\n").encode())
+    # both files are complete on disk before either is renamed into place: a crash while
+    # writing leaves the earlier checkpoint as it was (only the two renames could be cut
+    # apart, which load() detects by the card's weights_sha256)
+    text = (json.dumps(card.to_dict(), indent=2) + "\n").encode()
+    temps: list[tuple[Path, Path]] = []
+    try:
+        temps.append((_write_temp(weights, blob), weights))
+        temps.append((_write_temp(card_path, text), card_path))
+        for tmp, target in temps:
+            os.replace(tmp, target)
+    finally:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
     return weights
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 
 #: Errors whose message is written for the user as it stands.
-_USER_FACING = ("UserError", "CheckpointError", "InputError", "ValueError", "Cancelled")
+_USER_FACING = (
+    "UserError", "CheckpointError", "InputError", "ValueError", "Cancelled", "WriteError"
+)
 #: What a failed write means, by errno, and what to do about it.
 _DISK_ERRORS = {
     errno.ENOSPC: "the disk is full; free some space or choose another output folder",

@@ -332,6 +332,11 @@ def _read_nifti(p: Path) -> ImageData:
 # ---------------------------------------------------------------------------- writing
 
 
+class WriteError(OSError):
+    """A file could not be written in full (a writer library reported a short write, as
+    on a full disk or past a file size limit); the message is meant for the user."""
+
+
 def atomic_write(
     path: str | os.PathLike[str], write: Callable[[Path], None], overwrite: bool = False
 ) -> Path:
@@ -359,7 +364,16 @@ def atomic_write(
     os.close(fd)
     tmp = Path(name)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as e:
+            if e.errno is not None:  # the system's own error says what happened
+                raise
+            detail = str(e).strip() or type(e).__name__
+            raise WriteError(
+                f"{path.name} could not be written in full ({detail}): the disk may be full "
+                "or the file too large; nothing was kept"
+            ) from e
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
