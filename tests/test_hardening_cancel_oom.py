@@ -253,3 +253,19 @@ def test_finetune_oom_leaves_no_version(ft_setup, monkeypatch):
     assert user_message(info.value) == "the GPU ran out of memory; try the CPU or smaller tiles"
     _assert_nothing_kept(store, parent, parent_bytes)
     assert snapshot(parent.parent)  # the parent's folder still holds its files
+
+
+def test_finetune_that_diverges_saves_nothing(ft_setup, monkeypatch):
+    """A loss that becomes NaN (as CPU bf16 training once did) stops the run with a plain
+    message; no NaN model is saved, let alone activated (with no held-out part to catch
+    it, it used to be)."""
+    import napari_prosma.finetune as ft
+
+    parent, store, images, labels = ft_setup
+    parent_bytes = parent.read_bytes()
+    monkeypatch.setattr(ft, "_loss_fn", lambda card: lambda logits, y: logits.sum() * np.nan)
+    with pytest.raises(InputError, match="diverged") as info:
+        run_finetune(parent, images[:1], labels[:1], store=store,
+                     config=_cfg(holdout_fraction=0.0))
+    assert "previous model stays active" in user_message(info.value)
+    _assert_nothing_kept(store, parent, parent_bytes)

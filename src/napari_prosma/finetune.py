@@ -398,6 +398,11 @@ def finetune(
         loss.backward()
         opt.step()
         lv = float(loss.detach())
+        if not math.isfinite(lv):  # never save (or activate) a diverged model
+            raise InputError(
+                "fine-tuning diverged (the loss became infinite or NaN); the previous model "
+                "stays active. Try a lower learning rate or training fewer layers"
+            )
         history.append({"step": step, "loss": lv})
         report(step, lv, None, "train")
         out_of_time = cfg.time_budget_s is not None and time.perf_counter() - t0 > cfg.time_budget_s

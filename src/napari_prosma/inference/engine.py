@@ -388,6 +388,11 @@ def _run(
     t1 = time.perf_counter()
     crop = (slice(None), slice(None), *(slice(0, s) for s in work))
     probs = resize(out["0_prob"][crop], in_shape)
+    if not bool(torch.isfinite(probs).all()):  # argmax of NaN would label it all background
+        raise InputError(
+            "the model produced invalid numbers (NaN) for this image: its intensities may be "
+            "far outside what the model was trained on, or the model itself is broken"
+        )
     if binary:
         labels = (probs[:, 0] > 0.5).to(torch.uint8)
     else:
