@@ -178,7 +178,11 @@ def _classify(p: Path, a: np.ndarray, rgb_last: bool) -> tuple[np.ndarray, str, 
     """Squeeze singleton axes and decide grey / rgb / volume."""
     warnings: list[str] = []
     if a.ndim > 2:
-        keep = [i for i, s in enumerate(a.shape) if s != 1 or i >= a.ndim - 2]
+        # keep the two image axes (and the colour axis): a 1-pixel or 1-row RGB image
+        # (1, 1, 3) / (1, W, 3) must not become a grey (1, 3) / (W, 3) image
+        colour = rgb_last and a.shape[-1] in (3, 4)
+        last = a.ndim - (3 if colour else 2)
+        keep = [i for i, s in enumerate(a.shape) if s != 1 or i >= last]
         a = a.reshape([a.shape[i] for i in keep])
     if a.dtype == bool:
         a = a.astype(np.uint8)
@@ -227,6 +231,8 @@ def _read_tiff(p: Path) -> ImageData:
             yres = tags["YResolution"].value if "YResolution" in tags else None
             runit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
             ij = tf.imagej_metadata or {}
+            if not ij and tf.shaped_metadata:  # tifffile's own JSON (non-ImageJ dtypes)
+                ij = {k: v for k, v in tf.shaped_metadata[0].items() if k in ("spacing", "unit")}
     except Exception as e:
         raise _corrupt(p, "TIFF", e) from None
     a, kind, warnings = _classify(p, a, rgb_last=axes.endswith("S"))
@@ -490,6 +496,11 @@ def _write(
     else:
         if a.ndim != 2 and not (a.ndim == 3 and a.shape[-1] in (3, 4)):
             raise InputError(f"a PNG holds one 2D image; got shape {a.shape} (use TIFF)")
+        if a.dtype != np.uint8 and not (a.ndim == 2 and a.dtype == np.uint16):
+            raise InputError(
+                f"{Path(path).name}: a PNG holds 8-bit colour or 8/16-bit grey, not "
+                f"{'colour' if a.ndim == 3 else 'grey'} {a.dtype} data (use TIFF)"
+            )
 
         def writer(tmp: Path) -> None:
             import imageio.v3 as iio
@@ -549,7 +560,8 @@ def _tiff_writer(a: np.ndarray, like: ImageData | None, channels: bool) -> Calla
         xres, yres = like.meta["tiff_resolution"]
         kwargs["resolution"] = (tuple(xres), tuple(yres))
         kwargs["resolutionunit"] = like.meta.get("tiff_resolutionunit", 1)
-    elif like is not None and like.unit is not None:
+    elif like is not None and (like.unit is not None or tuple(like.spacing[-2:]) != (1.0, 1.0)):
+        # a spacing without a unit (a napari scale) is kept too, as unitless resolution
         sy, sx = like.spacing[-2:]
         to_cm = {"mm": 0.1, "cm": 1.0}.get(like.unit)
         if to_cm:
@@ -559,10 +571,17 @@ def _tiff_writer(a: np.ndarray, like: ImageData | None, channels: bool) -> Calla
             kwargs["resolution"] = (1.0 / sx, 1.0 / sy)
             kwargs["resolutionunit"] = 1
     imagej = volume and a.dtype in (np.uint8, np.uint16, np.float32)
-    if imagej:
-        meta: dict[str, Any] = {"spacing": float(like.spacing[0]), "axes": "ZYX"}
+    if volume and min(a.shape[-2:]) == 1:  # tifffile would read it back squeezed, axes mixed
+        raise InputError(
+            f"a TIFF cannot hold a volume whose slices are 1 pixel wide or high (shape "
+            f"{a.shape}); use NIfTI (.nii.gz)"
+        )
+    if volume:  # the slice spacing: ImageJ metadata (8/16-bit, float32), else tifffile's JSON
+        meta: dict[str, Any] = {"spacing": float(like.spacing[0])}
+        if imagej:
+            meta["axes"] = "ZYX"
         if like.unit:
-            meta["unit"] = {"um": "micron"}.get(like.unit, like.unit)
+            meta["unit"] = {"um": "micron"}.get(like.unit, like.unit) if imagej else like.unit
         kwargs["metadata"] = meta
         if kwargs.get("resolutionunit") == 3 and like.format != "tiff":
             kwargs["resolution"] = (1.0 / like.spacing[2], 1.0 / like.spacing[1])
