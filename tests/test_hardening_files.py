@@ -112,6 +112,26 @@ def test_finetune_into_a_read_only_store(tmp_path):
     assert snapshot(parent.parent) == parent_files
 
 
+def test_napari_writer_into_a_read_only_folder_or_full_disk(tmp_path):
+    """napari's File > Save replaces a file after asking: through the plugin's writer, a
+    read-only folder or a full disk leaves the earlier file exactly as it was."""
+    from napari_prosma import _writer
+
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    target = folder / "mine.nii.gz"
+    first = _writer.write_labels(str(target), np.eye(8, dtype=np.uint8), {})
+    assert first == [str(target)]
+    before = snapshot(folder)
+    with read_only(folder), pytest.raises(OSError) as ro:
+        _writer.write_labels(str(target), np.ones((8, 8), np.uint8), {})
+    with disk_full_at_fsync(), pytest.raises(OSError) as full:
+        _writer.write_labels(str(target), np.ones((8, 8), np.uint8), {})
+    assert any(w in user_message(ro.value) for w in READ_ONLY_WORDS)
+    assert user_message(full.value).startswith("the disk is full")
+    assert snapshot(folder) == before
+
+
 # ---------------------------------------------------------------------------- full disk
 
 
