@@ -269,3 +269,25 @@ def test_finetune_that_diverges_saves_nothing(ft_setup, monkeypatch):
                      config=_cfg(holdout_fraction=0.0))
     assert "previous model stays active" in user_message(info.value)
     _assert_nothing_kept(store, parent, parent_bytes)
+
+
+def test_cli_ctrl_c_removes_the_outputs_of_the_file_in_progress(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after the labels of a file were written but before its probability map:
+    exit code 130, one line, and that file's labels are removed (no half set of outputs)."""
+    import napari_prosma.io as io_mod
+    from napari_prosma._samples import sample_path
+    from napari_prosma.cli import main
+
+    model = save_tiny(tmp_path / "models", "grey")
+    out = tmp_path / "out"
+
+    def interrupted(*a, **k):
+        assert list(out.glob("*_labels.png"))  # the labels are on disk at this point
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io_mod, "write_image", interrupted)
+    rc = main(["predict", str(sample_path("busi_benign")), "-o", str(out), "--model",
+               str(model), "--device", "cpu", "--probabilities"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 130 and err == ["prosma: interrupted"]
+    assert list(out.rglob("*")) == []

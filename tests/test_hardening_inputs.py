@@ -344,3 +344,30 @@ def test_labels_of_another_shape_are_refused_everywhere(tmp_path, capsys):
     assert rc == 1 and "Traceback" not in err
     assert "do not match the image" in err
     assert store.versions() == [] and store.active() == "parent-name"
+
+
+@pytest.mark.filterwarnings("ignore:.*zero-size array:UserWarning")
+def test_cli_refuses_bad_content_one_line_per_file(tmp_path, capsys):
+    """Readable files whose content cannot be segmented: NaN, values beyond float32,
+    complex numbers, a 4D TIFF, an empty TIFF. One line each, exit code 1, no output."""
+    model = save_tiny(tmp_path / "models", "grey")
+    src = tmp_path / "in"
+    src.mkdir()
+    nan = smooth_image((16, 16))
+    nan[2, 3] = np.nan
+    nib.save(nib.Nifti1Image(nan[..., None], np.eye(4)), src / "nan.nii.gz")
+    tifffile.imwrite(src / "huge.tif", np.full((16, 16), 1e300))
+    tifffile.imwrite(src / "complex.tif", np.zeros((16, 16), np.complex64))
+    tifffile.imwrite(src / "series.tif", np.zeros((2, 3, 16, 16), np.uint8))
+    tifffile.imwrite(src / "empty.tif", np.zeros((0, 16), np.uint8))
+    expect = {"nan.nii.gz": "NaN", "huge.tif": "too large", "complex.tif": "not numbers",
+              "series.tif": "4 dimensions", "empty.tif": "empty"}
+    rc = main(["predict", str(src), "-o", str(tmp_path / "out"), "--model", str(model),
+               "--device", "cpu"])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 1 and "Traceback" not in err and len(lines) == len(expect) + 1, err
+    for name, words in expect.items():
+        (line,) = [line for line in lines if f"/{name}:" in line]
+        assert words in line, line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
