@@ -371,3 +371,29 @@ def test_cli_refuses_bad_content_one_line_per_file(tmp_path, capsys):
         (line,) = [line for line in lines if f"/{name}:" in line]
         assert words in line, line
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("kind", "dims", "words"),
+    [("rgb", 3, "is a 2D colour image but the model segments 3D volumes"),
+     ("volume3", 2, "is a 3D volume but the model segments 2D images"),
+     ("volume4", 2, "is a 3D volume but the model segments 2D images")],
+)
+def test_cli_refuses_an_image_the_model_cannot_take(tmp_path, capsys, kind, dims, words):
+    """Before the fix a colour photo given to a 3D model was segmented as an (H, W, 3)
+    volume and written as a 3-channel PNG, and a 3- or 4-slice volume given to a 2D model
+    was taken for RGB(A)."""
+    import imageio.v3 as iio
+
+    model = save_tiny(tmp_path / "models", "m", spatial_dims=dims)
+    if kind == "rgb":
+        src = tmp_path / "photo.png"
+        iio.imwrite(src, np.random.default_rng(0).integers(0, 255, (24, 24, 3), np.uint8))
+    else:
+        src = tmp_path / "vol.nii.gz"
+        nib.save(nib.Nifti1Image(smooth_image((24, 24, int(kind[-1]))), np.eye(4)), src)
+    rc = main(["predict", str(src), "-o", str(tmp_path / "out"), "--model", str(model),
+               "--device", "cpu"])
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 1 and words in line, line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
