@@ -275,6 +275,34 @@ def test_slice_axis_and_replay_controls(make_napari_viewer, tmp_path):
     assert widget.slice_axis(layer) == 2
 
 
+def test_volume_spacing_reaches_the_engine(make_napari_viewer, tmp_path, monkeypatch):
+    """A 3D model trained at 1 mm, a volume at 2 mm slices: the widget hands the layer's
+    spacing on, so training resamples the volume as Segment does."""
+    import napari_prosma.finetune as ft
+
+    ckpt = save_tiny(tmp_path, "blobs3d", spatial_dims=3, spacing=[1.0, 1.0, 1.0],
+                     normalization={"mode": "zscore"})
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    vol = rng.normal(size=(6, 20, 20)).astype(np.float32)
+    lab = np.zeros(vol.shape, np.uint8)
+    lab[2:4, 5:12, 5:12] = 1
+    viewer.add_image(vol + 2 * lab, name="vol", scale=(2.0, 1.0, 1.0), metadata={"unit": "mm"})
+    viewer.add_labels(lab, name="mine", scale=(2.0, 1.0, 1.0))
+    shapes = []
+    real = ft._sample_patch
+    monkeypatch.setattr(
+        ft, "_sample_patch", lambda x, y, *a, **k: (shapes.append(y.shape), real(x, y, *a, **k))[1]
+    )
+    widget = finetune_widget(viewer, ckpt, steps=1, batch_size=1)
+    widget.replay_check.setChecked(False)
+
+    _, vid = widget.run(sync=True)
+
+    assert store().get(vid).card.training["data"][0]["spacing"] == [2.0, 1.0, 1.0]
+    assert set(shapes) == {(4, 20, 20)}  # the 2-slice slab at 2 mm is 4 slices at 1 mm
+
+
 @pytest.mark.data
 def test_replay_line_finds_the_bundled_models_data(make_napari_viewer, shared_data, monkeypatch):
     monkeypatch.setenv("PROSMA_DATA", str(shared_data))
