@@ -24,12 +24,17 @@ held-out checks, saving the new version: what the user waits for) with its CPU t
 what else the machine was doing; mean Dice on the new domain before and after through the
 project's inference engine (``predict_batch``), beside the Dice of calling every pixel
 foreground (a trivial baseline); the held-out Dice the engine reports; and the Dice on the
-parent's own domain before and after (what fine-tuning costs there). One row per
-``--trainable`` choice (the widget's default is ``decoder_gates``).
+parent's domain before and after (what fine-tuning costs there). One row per
+``--trainable`` choice (the widget's default is ``decoder_gates``) and ``--replay`` mode:
+``none`` (the corrections only), ``auto`` (a quarter of every batch from 32 of the parent's
+own training images, the train part of its card's split: what the widget and the CLI do
+when the data are on the machine), or ``both``. The source-domain images are the parent's
+*test* split, so replay never shows the model an image it is then scored on.
 
     python benchmarks/finetune.py                           # CPU, both cases
     python benchmarks/finetune.py --stand-in 1200           # kvasir_prosma not bundled yet
     python benchmarks/finetune.py --device cuda             # GPU (15 s training budget)
+    python benchmarks/finetune.py --case busi-hippocampus --replay both
 
 Writes ``benchmarks/results/finetune_<cpu|cuda>.json`` (``--out`` to change) and prints a
 table.
@@ -290,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patience", type=int, default=FinetuneConfig().patience,
                     help="held-out evaluations without improvement before stopping")
     ap.add_argument("--batch-size", type=int, default=FinetuneConfig().batch_size)
+    ap.add_argument("--replay", default="none", choices=["none", "auto", "both"],
+                    help="replay the parent's training images: none (default), auto (the "
+                    "data set its card names, when available), or both, one row each")
+    ap.add_argument("--replay-fraction", type=float, default=FinetuneConfig().replay_fraction)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", type=Path, default=None)
@@ -305,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ROOT / "benchmarks" / "results" / f"finetune_{dev_type}.json"
     settings = {"time_budget_s": budget, "max_steps": max_steps, "lr": args.lr,
                 "patience": args.patience, "batch_size": args.batch_size, "seed": args.seed,
+                "replay_fraction": args.replay_fraction,
+                "replay_samples": FinetuneConfig().replay_samples,
                 "labels": "ground-truth masks stand for the user's corrections"}
 
     reports = []
@@ -361,16 +372,19 @@ def run_case(case: Case, parent_spec: str, is_stand_in: bool, args: argparse.Nam
     rows = []
     with tempfile.TemporaryDirectory(prefix="prosma-bench-store-") as tmp:
         store = ModelStore(tmp)
-        for trainable in args.trainable:
+        modes = ["none", "auto"] if args.replay == "both" else [args.replay]
+        for trainable, replay in [(t, m) for t in args.trainable for m in modes]:
             cfg = FinetuneConfig(trainable=trainable, max_steps=settings["max_steps"],
                                  time_budget_s=settings["time_budget_s"], lr=args.lr,
                                  patience=args.patience, batch_size=args.batch_size,
+                                 replay_fraction=args.replay_fraction,
                                  device=args.device, seed=args.seed)
             if cuda:
                 torch.cuda.synchronize()
             st0 = _cpu_stat()
             t0, c0 = time.perf_counter(), time.process_time()
             result, vid = run_finetune(parent_spec, tr_imgs, tr_masks, store=store, config=cfg,
+                                       replay=None if replay == "none" else replay,
                                        activate="never")
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             busy_other, steal = _others(st0, _cpu_stat(), cpu)
@@ -378,8 +392,15 @@ def run_case(case: Case, parent_spec: str, is_stand_in: bool, args: argparse.Nam
             model = model.to(device).eval()
             after = mean_dice(model, new_card, te_imgs, te_masks, device)
             src_after = mean_dice(model, new_card, src_imgs, src_masks, device) if src_imgs else []
+            rec = result.replay or {}
             row = {
                 "trainable": trainable,
+                "replay": replay,
+                "replay_used": bool(rec.get("used")),
+                "replay_source": rec.get("source"),
+                "replay_samples": rec.get("n_samples", 0),
+                "replay_patches": rec.get("patches", 0),
+                "replay_message": rec.get("message"),
                 "wall_s": round(wall, 1),
                 "cpu_s": round(cpu, 1),
                 "machine_busy_other_s": busy_other,
@@ -389,6 +410,7 @@ def run_case(case: Case, parent_spec: str, is_stand_in: bool, args: argparse.Nam
                 "stopped": result.stopped,
                 "n_train": result.n_train,
                 "n_holdout": result.n_holdout,
+                "independent_report": result.independent_report,
                 "holdout_dice_before": _r(result.dice_before),
                 "holdout_dice_after": _r(result.dice_after),
                 "target_dice_before": _r(statistics.fmean(before)),
@@ -400,9 +422,11 @@ def run_case(case: Case, parent_spec: str, is_stand_in: bool, args: argparse.Nam
                 "source_dice_after": _r(statistics.fmean(src_after)) if src_imgs else None,
             }
             rows.append(row)
-            print(f"  {trainable:13s} {row['target_dice_before']:.3f} -> "
-                  f"{row['target_dice_after']:.3f} in {wall:.1f} s ({result.steps} steps, "
-                  f"{result.stopped})", file=sys.stderr)
+            src_txt = ("" if not src_imgs else f"; source {row['source_dice_before']:.3f} -> "
+                       f"{row['source_dice_after']:.3f}")
+            print(f"  {trainable:13s} replay {replay:4s} {row['target_dice_before']:.3f} -> "
+                  f"{row['target_dice_after']:.3f}{src_txt} in {wall:.1f} s ({result.steps} "
+                  f"steps, {result.stopped}; {rec.get('message')})", file=sys.stderr)
     return {
         "case": case.name,
         "parent": {
@@ -466,17 +490,20 @@ def table(report: dict[str, Any]) -> str:
             f"foreground scores Dice {c['design']['target_dice_all_foreground']:.3f} on "
             f"{c['target']}",
             "",
-            f"| train | wall s | steps | held-out Dice | {c['target']} Dice | gain | "
+            f"| train | replay | wall s | steps | held-out Dice | {c['target']} Dice | gain | "
             f"{c['source']} Dice |",
-            "|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in c["rows"]:
             src = ("–" if r["source_dice_before"] is None
                    else f"{r['source_dice_before']:.3f} → {r['source_dice_after']:.3f}")
             hold = ("–" if r["holdout_dice_before"] is None
                     else f"{r['holdout_dice_before']:.3f} → {r['holdout_dice_after']:.3f}")
+            replay = (f"{r['replay_samples']} images, {r['replay_patches']} patches"
+                      if r.get("replay_used") else r.get("replay", "none"))
             lines.append(
-                f"| {r['trainable']} | {r['wall_s']:.0f} | {r['steps']} ({r['stopped']}) | "
+                f"| {r['trainable']} | {replay} | {r['wall_s']:.0f} | {r['steps']} "
+                f"({r['stopped']}) | "
                 f"{hold} ({r['n_holdout']} of {r['n_train'] + r['n_holdout']}) | "
                 f"{r['target_dice_before']:.3f} → {r['target_dice_after']:.3f} | "
                 f"{r['target_gain']:+.3f} | {src} |"

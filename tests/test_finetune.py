@@ -168,6 +168,32 @@ def test_only_changed_slices_of_a_volume_count():
     assert u[0].shape == (3, 16, 16)  # slab of corrected slices 2..4
 
 
+def test_corrected_slices_along_any_axis():
+    """The same corrections found along axis 2 (e.g. sagittal slices of a (Z, Y, X) scan)."""
+    net = build_model(spatial_dims=2, widths="tiny")
+    card = ModelCard(architecture="prosma_unet", arch_kwargs=net.config)
+    vol = np.arange(6 * 10 * 12, dtype=np.float32).reshape(6, 10, 12)
+    prev = np.zeros((6, 10, 12), np.uint8)
+    lab = prev.copy()
+    lab[1:4, 2:5, 7] = 1  # painted on sagittal slice x = 7
+    lab[2, 6, 9] = 1  # and one voxel on x = 9
+    units = corrected_units([vol], [lab], card, previous=[prev], slice_axis=2,
+                            spacing=[(3.0, 0.8, 0.7)])
+    assert len(units) == 2
+    assert units[0].image.shape == (6, 10) and units[0].labels.sum() == 9
+    np.testing.assert_array_equal(units[0].image, vol[:, :, 7])
+    assert units[0].spacing == (3.0, 0.8)  # the in-plane spacing of a sagittal slice
+    assert len(corrected_units([vol], [lab], card, previous=[prev], slice_axis=0)) == 3
+    card3 = ModelCard(architecture="prosma_unet", arch_kwargs={**net.config, "spatial_dims": 3})
+    (u,) = corrected_units([vol], [lab], card3, previous=[prev], slice_axis=2)
+    assert u.image.shape == (6, 10, 3) and u.labels.sum() == 10  # slab x = 7..9
+    assert u.spacing is None
+    with pytest.raises(InputError, match="slice_axis"):
+        corrected_units([vol], [lab], card, slice_axis=3)
+    with pytest.raises(InputError, match="slice_axis"):
+        FinetuneConfig(slice_axis=-1).validate()
+
+
 def test_bad_inputs_are_refused_with_plain_messages():
     net = build_model(spatial_dims=2, widths="tiny")
     card = ModelCard(architecture="prosma_unet", arch_kwargs=net.config, class_names=["bg", "fg"])
@@ -213,11 +239,322 @@ def test_training_units_are_resized_like_inference_does():
     lab = np.zeros((64, 48), np.uint8)
     lab[:32] = 1
     rgb = dataclasses.replace(card, arch_kwargs={**net.config, "in_channels": 3})
-    x, y = _working(img, lab, rgb)
+    x, y = _working((img, lab), rgb)
     assert x.shape == (3, 32, 32) and y.shape == (32, 32)
     assert set(np.unique(y).tolist()) == {0, 1} and y[:16].all() and not y[16:].any()
-    x, y = _working(img[..., 0], lab, card)
+    x, y = _working((img[..., 0], lab), card)
     assert x.shape == (1, 32, 32)
     plain = ModelCard(architecture="prosma_unet", arch_kwargs=net.config)
-    x, y = _working(img[..., 0], lab, plain)
+    x, y = _working((img[..., 0], lab), plain)
     assert x.shape == (1, 64, 48) and y.shape == (64, 48)
+
+
+# ---------------------------------------------------------------------------- held-out split
+
+
+def test_held_out_units_split_into_selection_and_report_when_enough():
+    from napari_prosma.finetune import REPORT_SPLIT_MIN, min_units_for_report, split_units
+
+    for n in range(2, 40):
+        train, sel, rep = split_units(n, 0.25, np.random.default_rng(n))
+        held = set(sel) | set(rep)
+        assert set(train).isdisjoint(held) and len(train) + len(held) == n
+        assert train, n  # never everything held out
+        if len(held) >= REPORT_SPLIT_MIN:
+            assert set(sel).isdisjoint(rep) and len(rep) >= len(sel) >= 2, (n, sel, rep)
+        else:
+            assert sel == rep, (n, sel, rep)  # too few: both roles on the same units
+    assert min_units_for_report(0.25) == 14
+    assert len(split_units(13, 0.25, np.random.default_rng(0))[2]) == 3  # shared
+    assert len(split_units(14, 0.25, np.random.default_rng(0))[2]) == 2  # own half
+    assert split_units(5, 0.0, np.random.default_rng(0)) == ([0, 1, 2, 3, 4], [], [])
+
+
+def _by_role(selection, report):
+    """A stand-in for ``holdout_dice``: the first list of units it sees is the selection
+    part (measured first), the second the report part; each gets its own scores."""
+    roles: dict[int, str] = {}
+    scores = {"selection": iter(selection), "report": iter(report)}
+    calls = []
+
+    def fake(model, card, units, device, cancel=None):
+        if id(units) not in roles:
+            roles[id(units)] = ("selection", "report")[len(roles)]
+        role = roles[id(units)]
+        calls.append((role, len(units)))
+        return next(scores[role])
+
+    return fake, calls
+
+
+def test_guard_decides_on_the_report_part_not_on_the_selection_part(
+    parent, tmp_path, monkeypatch
+):
+    """The selection part improves (so early stopping keeps a trained state) while the
+    report part gets worse: the guard must fire. Had it used the selection part, it
+    would have activated the new model."""
+    import json
+
+    import napari_prosma.finetune as ft
+
+    store = ModelStore(tmp_path / "store")
+    store.activate("parent-name")
+    images, labels = _disc_images(16)
+    fake, calls = _by_role(selection=[0.2, 0.5, 0.9, 0.9], report=[0.8, 0.4])
+    monkeypatch.setattr(ft, "holdout_dice", fake)
+    result, vid = run_finetune(
+        parent, images, labels, store=store, config=_cfg(max_steps=4, eval_every=2)
+    )
+    assert calls == [("selection", 2), ("report", 2), ("selection", 2), ("selection", 2),
+                     ("report", 2)]
+    assert result.independent_report and result.n_select == 2 and result.n_report == 2
+    assert result.selection_before == 0.2 and result.selection_after == 0.9
+    assert (result.dice_before, result.dice_after) == (0.8, 0.4)
+    assert result.improved is False
+    assert store.active() == "parent-name"
+    run = json.loads((store.get(vid).path / "run.json").read_text())
+    assert run["improved"] is False and run["independent_report"] is True
+    m = store.get(vid).card.metrics["finetune_holdout"]
+    assert m["dice_after"] == 0.4 and m["selection_dice_after"] == 0.9
+    # the other way round (report better, selection flat) activates it
+    fake, _ = _by_role(selection=[0.5, 0.5, 0.5], report=[0.4, 0.6])
+    monkeypatch.setattr(ft, "holdout_dice", fake)
+    result, vid2 = run_finetune(
+        parent, images, labels, store=store, config=_cfg(max_steps=4, eval_every=2)
+    )
+    assert result.improved is True and store.active() == vid2
+
+
+@pytest.mark.slow
+def test_guard_fires_on_a_real_run_that_gets_worse(tmp_path):
+    """No stand-ins: the parent calls every pixel foreground; the user's corrections teach
+    it discs, but the report images' labels are everything *but* the disc (corrections
+    that contradict the rest). Training improves the selection part and ruins the report
+    part, and the guard keeps the parent active."""
+    from napari_prosma.finetune import split_units
+
+    torch.manual_seed(0)
+    net = build_model(spatial_dims=2, in_channels=1, out_channels=1, widths=[8, 16, 16, 32, 32])
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.fill_(0.5)  # sigmoid 0.62 everywhere: all foreground
+    card = ModelCard(
+        architecture="prosma_unet",
+        arch_kwargs=net.config,
+        name="allfg",
+        class_names=["background", "disc"],
+        normalization={"mode": "fixed", "scale": 255, "mean": [0.3], "std": [0.2]},
+    )
+    path = save(net, tmp_path / "allfg", card)
+    images, labels = _disc_images(16)
+    cfg = _cfg(max_steps=30, eval_every=10, seed=0)
+    _, sel, rep = split_units(16, cfg.holdout_fraction, np.random.default_rng(cfg.seed))
+    assert set(sel).isdisjoint(rep)
+    for k in rep:
+        labels[k] = (1 - labels[k]).astype(np.uint8)
+    store = ModelStore(tmp_path / "store")
+    store.activate("allfg")
+    result, vid = run_finetune(path, images, labels, store=store, config=cfg)
+    assert result.selection_after > result.selection_before + 0.3, result
+    assert result.dice_after < result.dice_before - 0.3, result
+    assert result.improved is False
+    assert store.active() == "allfg"
+    assert store.get(vid).run["improved"] is False
+
+
+# ---------------------------------------------------------------------------- replay
+
+
+def test_replay_patches_take_their_share_of_every_batch():
+    from napari_prosma.finetune import _batch, _n_replay
+
+    rng = np.random.default_rng(0)
+    gen = torch.Generator().manual_seed(0)
+    user = [(np.zeros((1, 16, 16), np.float32), np.zeros((16, 16), np.int64))]
+    base = [(np.full((1, 16, 16), 5.0, np.float32), np.ones((16, 16), np.int64))]
+    for bs, frac, want in ((4, 0.25, 1), (8, 0.25, 2), (4, 0.0, 0), (4, 0.5, 2)):
+        cfg = FinetuneConfig(batch_size=bs, replay_fraction=frac)
+        x, y, n_rep = _batch(user, base, cfg, (16, 16), rng, gen)
+        assert n_rep == want
+        from_base = (x.mean(dim=(1, 2, 3)) > 2).sum().item()  # intensity 5 ± 10 %
+        assert from_base == want and y.sum().item() == want * 256
+    x, y, n_rep = _batch(user, [], FinetuneConfig(batch_size=4), (16, 16), rng, gen)
+    assert n_rep == 0 and x.max() < 1
+    draws = [_n_replay(2, 0.25, rng) for _ in range(4000)]  # 0.5 per batch on average
+    assert 0.45 < np.mean(draws) < 0.55 and max(draws) == 1  # one user patch always left
+
+
+def test_replay_is_trained_on_and_recorded(parent, tmp_path):
+    from napari_prosma.replay import ReplaySet
+
+    images, labels = _disc_images(4)
+    base_i, base_l = _disc_images(3, seed=7)
+    replay = ReplaySet(
+        [(i, lab, None) for i, lab in zip(base_i, base_l)], "discs (test)", "replaying 3",
+        ["a", "b", "c"],
+    )
+    store = ModelStore(tmp_path / "store")
+    result, vid = run_finetune(
+        parent, images, labels, store=store, replay=replay,
+        config=_cfg(max_steps=3, batch_size=4, replay_fraction=0.5),
+    )
+    assert result.replay["patches"] == 6  # 2 of 4 patches in each of 3 steps
+    rec = store.get(vid).card.training["replay"]
+    assert rec["used"] is True and rec["n_samples"] == 3 and rec["source"] == "discs (test)"
+    assert rec["ids"] == ["a", "b", "c"] and rec["fraction"] == 0.5
+    assert store.get(vid).run["replay"]["n_samples"] == 3
+    assert "replaying 3" in result.notes
+    # nothing to replay for this card ('auto'): said plainly, and training goes on
+    result, vid = run_finetune(
+        parent, images, labels, store=store, replay="auto", config=_cfg(max_steps=2)
+    )
+    assert result.replay["used"] is False and result.replay["patches"] == 0
+    assert any("no replay" in n and "does not name" in n for n in result.notes)
+    assert store.get(vid).card.training["replay"]["n_samples"] == 0
+
+
+# ---------------------------------------------------------------------------- geometry
+
+
+def _card3(spacing=(1.0, 1.0, 1.0)):
+    net = build_model(spatial_dims=3, in_channels=1, out_channels=2, widths=[4, 8, 8, 16, 16])
+    card = ModelCard(
+        architecture="prosma_unet",
+        arch_kwargs=net.config,
+        name="blobs3d",
+        class_names=["background", "blob"],
+        normalization={"mode": "zscore"},
+        spacing=list(spacing),
+        patch_size=[32, 32, 32],
+    )
+    return net, card
+
+
+def test_volumes_are_resampled_to_the_card_spacing_as_in_inference():
+    from napari_prosma.finetune import Unit, _working
+    from napari_prosma.inference.resample import working_shape
+
+    _, card = _card3()
+    vol = np.random.default_rng(0).normal(size=(8, 24, 20)).astype(np.float32)
+    lab = np.zeros((8, 24, 20), np.uint8)
+    lab[2:6, 5:15, 4:12] = 1
+    x, y = _working(Unit(vol, lab, (2.0, 1.0, 0.5)), card)
+    assert y.shape == (16, 24, 10) == working_shape(lab.shape, (2.0, 1.0, 0.5), card)[0]
+    assert x.shape == (1, 16, 24, 10)
+    assert set(np.unique(y).tolist()) == {0, 1}  # nearest: still labels
+    assert y.sum() == pytest.approx(lab.sum() * 2 * 0.5, rel=0.05)  # same volume in mm
+    for same in (None, (1.0, 1.0, 1.0), (1.02, 0.99, 1.0)):  # unknown, or within 5 %
+        x, y = _working(Unit(vol, lab, same), card)
+        assert y.shape == lab.shape
+
+
+def test_finetune_trains_and_measures_on_the_card_grid(tmp_path, monkeypatch):
+    """A 3D volume at 2 mm slices for a 1 mm model: training patches come from the volume
+    resampled to 1 mm, and the held-out Dice is measured through the engine with the
+    volume's spacing (result back on the user's grid)."""
+    import napari_prosma.finetune as ft
+    import napari_prosma.inference as inference
+
+    net, card = _card3()
+    rng = np.random.default_rng(0)
+    vols, labs = [], []
+    for _ in range(2):
+        v = rng.normal(size=(8, 24, 24)).astype(np.float32)
+        lab = np.zeros((8, 24, 24), np.uint8)
+        lab[2:6, 6:16, 6:16] = 1
+        vols.append(v + 2 * lab)
+        labs.append(lab)
+    seen_shapes, seen_spacing = [], []
+    real_sample, real_predict = ft._sample_patch, inference.predict
+
+    def sample(x, y, *a, **k):
+        seen_shapes.append(y.shape)
+        return real_sample(x, y, *a, **k)
+
+    def predict(image, *a, **k):
+        seen_spacing.append(k.get("spacing"))
+        return real_predict(image, *a, **k)
+
+    monkeypatch.setattr(ft, "_sample_patch", sample)
+    monkeypatch.setattr(inference, "predict", predict)
+    result = finetune(
+        net, card, vols, labs, spacing=[(2.0, 1.0, 1.0)] * 2,
+        config=_cfg(max_steps=2, batch_size=1, holdout_fraction=0.5),
+    )
+    assert set(seen_shapes) == {(8, 24, 24)}, seen_shapes  # slab 2..5: 4 slices, 8 at 1 mm
+    assert seen_spacing and set(seen_spacing) == {(2.0, 1.0, 1.0)}
+    assert result.card.training["data"][0]["spacing"] == [2.0, 1.0, 1.0]
+
+
+# ---------------------------------------------------------------------------- faults
+
+
+PHASES = ("before", "train", "eval", "after", "save", "save_crash")
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_cancel_or_crash_in_any_phase_leaves_the_parent_and_no_files(
+    phase, parent, tmp_path, monkeypatch
+):
+    """Cancel while the parent is measured, between training steps, inside a held-out
+    evaluation during training, inside the final evaluation of the kept state, and while
+    the checkpoint is written (or a crash there): no version, no partial file, the parent
+    active and untouched, the corrections kept in .incoming."""
+    import napari_prosma.finetune as ft
+    import napari_prosma.inference as inference
+
+    store = ModelStore(tmp_path / "store")
+    store.activate("parent-name")
+    parent_hash = file_sha256(parent)
+    images, labels = _disc_images(8)  # 2 held out: predict calls 0-1 before, 2-3 at step
+    stop = threading.Event()          # 2, 4-5 at step 4, 6-7 on the kept state
+    cfg = _cfg(max_steps=4, eval_every=2)
+    seen: list[tuple[str, int]] = []
+    calls = [0]
+    real_predict, real_save = inference.predict, ft.save
+    at_call = {"before": 0, "eval": 2, "after": 6}.get(phase)
+
+    def predict(*a, **k):
+        if calls[0] == at_call:
+            stop.set()
+        calls[0] += 1
+        return real_predict(*a, **k)
+
+    def progress(p):
+        seen.append((p.phase, p.step))
+        if phase == "train" and p.phase == "train" and p.step == 1:
+            stop.set()
+
+    def save(model, path, card):
+        if phase == "save_crash":
+            (path.parent / "model.safetensors").write_bytes(b"half a checkpoint")
+            raise OSError("disk full")
+        out = real_save(model, path, card)
+        stop.set()  # the user presses Cancel while the files are written
+        return out
+
+    monkeypatch.setattr(inference, "predict", predict)
+    monkeypatch.setattr(ft, "save", save)
+    expected = OSError if phase == "save_crash" else Cancelled
+    with pytest.raises(expected) as info:
+        run_finetune(
+            parent, images, labels, store=store, config=cfg, progress=progress, cancel=stop
+        )
+    if expected is Cancelled:
+        assert "previous model stays active" in str(info.value)
+    # it stopped where it was meant to
+    last = seen[-1] if seen else None
+    want_last = {
+        "before": None, "train": ("train", 1), "eval": ("train", 2), "after": ("eval", 4),
+        "save": ("done", 4), "save_crash": ("done", 4),
+    }[phase]
+    assert last == want_last, seen
+    assert store.versions() == []
+    assert store.active() == "parent-name"
+    assert file_sha256(parent) == parent_hash
+    left = sorted(p.name for p in store.root.iterdir())
+    assert left == [".incoming", "active.json"], left
+    (kept,) = list((store.root / ".incoming").iterdir())
+    assert sorted(p.name for p in kept.iterdir()) == [
+        "index.json", *(f"pair_{k:03d}.npz" for k in range(8))
+    ]

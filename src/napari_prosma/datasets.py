@@ -176,7 +176,10 @@ def _stems(folder: Path, suffix: str) -> list[str]:
 
 
 def read_2d(
-    name: str, root: str | os.PathLike[str] | None = None, limit: int | None = None
+    name: str,
+    root: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    ids: Sequence[str] | None = None,
 ) -> Dataset2D:
     """Read one of the 2D datasets (``busi``, ``kvasir``, ``glas``) from the original files,
     or from ``root/NAME.npz`` if a packed copy lies there.
@@ -185,6 +188,7 @@ def read_2d(
         name: dataset name.
         root: the data folder (default :func:`default_data_root`).
         limit: read only the first ``limit`` ids (sorted), for tests.
+        ids: read only these ids, in this order (e.g. a few replay samples).
     """
     info = DATASETS[name]
     if info["dims"] != 2:
@@ -194,6 +198,8 @@ def read_2d(
     if packed.exists():
         ds = load_packed(packed)
         assert isinstance(ds, Dataset2D)
+        if ids is not None:
+            ds = ds.subset(list(ids))
         if limit:
             ds = ds.subset(ds.ids[:limit])
         return ds
@@ -202,7 +208,7 @@ def read_2d(
         raise FileNotFoundError(f"no {name} data at {folder}")
     img_suffix = ".png" if name == "busi" else ".jpg"
     mask_suffix = ".jpg" if name == "kvasir" else ".png"
-    ids = _stems(folder / "images", img_suffix)
+    ids = list(ids) if ids is not None else _stems(folder / "images", img_suffix)
     if limit:
         ids = ids[:limit]
     size = info["size"]
@@ -217,14 +223,19 @@ def read_2d(
 
 
 def read_hippocampus(
-    root: str | os.PathLike[str] | None = None, limit: int | None = None
+    root: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    ids: Sequence[str] | None = None,
 ) -> Dataset3D:
-    """Read MSD Task04 Hippocampus (``imagesTr``/``labelsTr``) or ``root/hippocampus.npz``."""
+    """Read MSD Task04 Hippocampus (``imagesTr``/``labelsTr``) or ``root/hippocampus.npz``
+    (all volumes, the first ``limit``, or the ``ids`` given)."""
     root = Path(root) if root is not None else default_data_root()
     packed = root / "hippocampus.npz"
     if packed.exists():
         ds = load_packed(packed)
         assert isinstance(ds, Dataset3D)
+        if ids is not None:
+            ds = ds.subset(list(ids))
         if limit:
             ds = ds.subset(ds.ids[:limit])
         return ds
@@ -233,7 +244,9 @@ def read_hippocampus(
     folder = root / "hippocampus"
     if not folder.is_dir():
         raise FileNotFoundError(f"no hippocampus data at {folder}")
-    ids = sorted(p.name[: -len(".nii.gz")] for p in (folder / "imagesTr").glob("*.nii.gz"))
+    if ids is None:
+        ids = sorted(p.name[: -len(".nii.gz")] for p in (folder / "imagesTr").glob("*.nii.gz"))
+    ids = list(ids)
     if limit:
         ids = ids[:limit]
     images, labels, spacing = [], [], []
@@ -252,14 +265,18 @@ def read_hippocampus(
 
 
 def read_dataset(
-    name: str, root: str | os.PathLike[str] | None = None, limit: int | None = None
+    name: str,
+    root: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    ids: Sequence[str] | None = None,
 ) -> Dataset2D | Dataset3D:
-    """Read any of the four datasets by name."""
+    """Read any of the four datasets by name (all of it, the first ``limit`` ids, or the
+    ``ids`` given)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
     if name == "hippocampus":
-        return read_hippocampus(root, limit)
-    return read_2d(name, root, limit)
+        return read_hippocampus(root, limit, ids)
+    return read_2d(name, root, limit, ids)
 
 
 # ---------------------------------------------------------------------------- packing

@@ -238,6 +238,81 @@ def test_other_corrected_images_join_in(make_napari_viewer, tmp_path):
     np.testing.assert_array_equal(viewer.layers["img0 corrected"].data, truth[0])
 
 
+def test_slice_axis_and_replay_controls(make_napari_viewer, tmp_path):
+    """Corrections drawn on sagittal slices (axis 2) of a volume: with the viewer stepping
+    through axis 2 ('the viewer's slicing axis') or with axis 2 chosen, those slices are
+    learnt from. The replay line says plainly that this model has nothing to replay."""
+    ckpt = save_tiny(tmp_path, "discs")
+    viewer = make_napari_viewer()
+    vol, _ = disc_stack(6)
+    layer = viewer.add_image(vol, name="vol")
+    lab = np.zeros(vol.shape, np.uint8)
+    lab[1:5, 10:20, 30] = 1  # sagittal slices x = 30 and x = 31
+    lab[1:5, 10:20, 31] = 1
+    viewer.add_labels(lab, name="mine")
+    widget = finetune_widget(viewer, ckpt, steps=2)
+
+    assert widget.replay_check.isChecked()
+    assert widget.replay_label.text().startswith("No replay: the model card does not name")
+    widget.replay_check.setChecked(False)
+    assert widget.replay_label.text().startswith("Replay is off")
+    widget.replay_check.setChecked(True)
+
+    assert widget.axis_combo.currentData() == "auto"
+    assert widget.slice_axis(layer) == 0  # the viewer shows (y, x): it steps through z
+    viewer.dims.order = (2, 0, 1)  # now it steps through x
+    assert widget.slice_axis(layer) == 2
+    result, vid = widget.run(sync=True)
+
+    assert result.n_train + result.n_holdout == 2  # the two sagittal slices
+    card = store().get(vid).card
+    assert card.training["config"]["slice_axis"] == 2
+    assert card.training["replay"]["used"] is False
+    assert "no replay" in widget.status_label.text()
+
+    viewer.dims.order = (0, 1, 2)
+    widget.axis_combo.setCurrentIndex(widget.axis_combo.findData(2))  # chosen, not viewed
+    assert widget.slice_axis(layer) == 2
+
+
+def test_volume_spacing_reaches_the_engine(make_napari_viewer, tmp_path, monkeypatch):
+    """A 3D model trained at 1 mm, a volume at 2 mm slices: the widget hands the layer's
+    spacing on, so training resamples the volume as Segment does."""
+    import napari_prosma.finetune as ft
+
+    ckpt = save_tiny(tmp_path, "blobs3d", spatial_dims=3, spacing=[1.0, 1.0, 1.0],
+                     normalization={"mode": "zscore"})
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    vol = rng.normal(size=(6, 20, 20)).astype(np.float32)
+    lab = np.zeros(vol.shape, np.uint8)
+    lab[2:4, 5:12, 5:12] = 1
+    viewer.add_image(vol + 2 * lab, name="vol", scale=(2.0, 1.0, 1.0), metadata={"unit": "mm"})
+    viewer.add_labels(lab, name="mine", scale=(2.0, 1.0, 1.0))
+    shapes = []
+    real = ft._sample_patch
+    monkeypatch.setattr(
+        ft, "_sample_patch", lambda x, y, *a, **k: (shapes.append(y.shape), real(x, y, *a, **k))[1]
+    )
+    widget = finetune_widget(viewer, ckpt, steps=1, batch_size=1)
+    widget.replay_check.setChecked(False)
+
+    _, vid = widget.run(sync=True)
+
+    assert store().get(vid).card.training["data"][0]["spacing"] == [2.0, 1.0, 1.0]
+    assert set(shapes) == {(4, 20, 20)}  # the 2-slice slab at 2 mm is 4 slices at 1 mm
+
+
+@pytest.mark.data
+def test_replay_line_finds_the_bundled_models_data(make_napari_viewer, shared_data, monkeypatch):
+    monkeypatch.setenv("PROSMA_DATA", str(shared_data))
+    viewer = make_napari_viewer()
+    widget = finetune_widget(viewer)
+    widget.model.refresh(select="busi_prosma")
+    assert widget.model.current_spec() == "busi_prosma"
+    assert widget.replay_label.text().startswith("Replay: the busi training images were found")
+
+
 def _fake_version(root, vid: str, parent: str, before: float, after: float):
     save_tiny(root / vid, "model")
     run = {"parent": parent, "dice_before": before, "dice_after": after,

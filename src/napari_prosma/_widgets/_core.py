@@ -593,10 +593,15 @@ def version_rows(store: Any) -> list[VersionRow]:
 
 
 def finetune_outcome(
-    dice_before: float | None, dice_after: float | None, version: str, activated: bool
+    dice_before: float | None,
+    dice_after: float | None,
+    version: str,
+    activated: bool,
+    independent: bool = True,
 ) -> tuple[str, str]:
     """``(level, text)`` that tells the user what a finished fine-tuning run did; level is
-    ``"info"`` or ``"warning"``."""
+    ``"info"`` or ``"warning"``. ``independent``: the held-out Dice was measured on
+    corrections that did not also choose the state kept (else it is called optimistic)."""
     if dice_before is None or dice_after is None:
         measured = (
             "there was no held-out part of your corrections to measure it on (correct more "
@@ -604,6 +609,12 @@ def finetune_outcome(
         )
     else:
         measured = f"held-out Dice {dice_before:.3f} → {dice_after:.3f}"
+        if not independent:
+            measured += (
+                " (optimistic: the same held-out images chose the state kept; with 14 or "
+                "more corrected images or slices, half the held-out ones check it "
+                "independently)"
+            )
     if activated:
         return "info", f"the new model {version} is active: {measured}"
     if dice_before is not None and dice_after is not None and dice_after < dice_before:

@@ -13,6 +13,11 @@ and the parent stays active, with a button to activate the new version anyway. T
 of versions shows each one's held-out Dice before → after and its date, with Activate and
 Revert to parent.
 
+"Replay base-model samples when available" mixes a few of the parent's own training images
+into every batch (:mod:`napari_prosma.replay`) when they are on this computer; the line
+under it says whether they were found. "Slices along" picks the volume axis of the
+corrected slices (by default the axis the viewer steps through, as in Segment).
+
 Nothing here touches the viewer outside the main thread; the user's labels are copied on
 the main thread before the run starts.
 """
@@ -55,6 +60,7 @@ from ._common import (
     compact_combo,
     guarded,
     heading,
+    layer_spacing_mm,
     notify_error,
     notify_info,
     notify_warning,
@@ -91,6 +97,10 @@ class FinetuneWidget(QWidget):
     Attributes (the controls, for scripting and tests):
         image_combo, labels_combo: the image and the labels layer with the corrections.
         others_check: also learn from the other images' corrected Segment labels.
+        axis_combo: the volume axis of the corrected slices (``"auto"``: the viewer's
+            slicing axis, else 0, 1 or 2).
+        replay_check, replay_label: replay base-model samples when available, and whether
+            they were found for the chosen model.
         model: :class:`ModelChooser` (the model to start from).
         trainable_combo: ``"decoder_gates"``, ``"all"`` or ``"gates"``.
         steps_spin, time_spin: budget (optimiser steps at most; seconds at most, 0 = none).
@@ -144,8 +154,25 @@ class FinetuneWidget(QWidget):
             "Add the Segment labels of the other open images that you corrected (those that "
             "differ from their prediction)"
         )
+        self.axis_combo = QComboBox()
+        self.axis_combo.addItem("the viewer's slicing axis", "auto")
+        for a in range(3):
+            self.axis_combo.addItem(f"axis {a}", a)
+        self.axis_combo.setToolTip(
+            "For volumes: the axis along which your corrected slices are found (the one you "
+            "step through with the slider, unless you choose another)"
+        )
         self.model = ModelChooser()
         self.model.card_text.setMaximumHeight(80)
+        self.replay_check = QCheckBox("Replay base-model samples when available")
+        self.replay_check.setChecked(True)
+        self.replay_check.setToolTip(
+            "Mix a few of the images the model was first trained on into every training "
+            "batch (a quarter of it), so that it forgets less of what it knew; used only "
+            "when those images are on this computer ($PROSMA_DATA)"
+        )
+        self.replay_label = QLabel("")
+        self.replay_label.setWordWrap(True)
         self.trainable_combo = QComboBox()
         for key, text in TRAINABLE_LABELS.items():
             self.trainable_combo.addItem(text, key)
@@ -221,6 +248,9 @@ class FinetuneWidget(QWidget):
         form.addRow("", self.others_check)
         budget = QFormLayout()
         budget.addRow("Train", self.trainable_combo)
+        budget.addRow("Slices along", self.axis_combo)
+        budget.addRow("", self.replay_check)
+        budget.addRow("", self.replay_label)
         budget.addRow("Steps at most", self.steps_spin)
         budget.addRow("Time at most", self.time_spin)
         budget.addRow("Device", self.device_combo)
@@ -261,6 +291,8 @@ class FinetuneWidget(QWidget):
         self.activate_button.clicked.connect(lambda: self.activate_version())
         self.revert_button.clicked.connect(lambda: self.revert_to_parent())
         self.image_combo.currentIndexChanged.connect(self._on_image)
+        self.model.model_changed.connect(self._update_replay)
+        self.replay_check.toggled.connect(self._update_replay)
         events = self.viewer.layers.events
         events.inserted.connect(self._refresh_layers)
         events.removed.connect(self._refresh_layers)
@@ -270,6 +302,7 @@ class FinetuneWidget(QWidget):
             layer.events.name.connect(self._refresh_layers)
         self._refresh_layers()
         self.refresh_versions()
+        self._update_replay()
 
     # ------------------------------------------------------------------ store
     def store(self) -> Any:
@@ -293,6 +326,22 @@ class FinetuneWidget(QWidget):
         except OSError:
             pass
         return spec
+
+    def _update_replay(self, *_: Any) -> None:
+        """Say under the checkbox whether replay samples exist for the chosen model."""
+        if not self.replay_check.isChecked():
+            self.replay_label.setText("Replay is off: only your corrections are learnt from.")
+            return
+        from ..replay import replay_status
+
+        try:
+            found, text = replay_status(self.model.current_card(), "auto")
+        except Exception as exc:  # a status line must never break the widget
+            found, text = False, f"could not look for them ({exc})"
+        self.replay_label.setText(
+            ("Replay: " if found else "No replay: ") + text[:1].lower() + text[1:] + "."
+            if text else ""
+        )
 
     # ------------------------------------------------------------------ layers
     def image_layers(self) -> list[Image]:
@@ -440,19 +489,23 @@ class FinetuneWidget(QWidget):
             )
             return None
         images, labels, previous = [img], [lab], [pred]
+        spacing = [_spacing(image)]
         if self.others_check.isChecked():
             for other, layer, other_pred in self._other_pairs(image):
                 images.append(np.array(other.data, copy=True))
                 labels.append(np.array(layer.data, copy=True))
                 previous.append(other_pred)
+                spacing.append(_spacing(other))
+        axis = self.slice_axis(image)
         try:
-            corrected_units(images, labels, card, previous)
+            corrected_units(images, labels, card, previous, spacing=spacing, slice_axis=axis)
             budget = int(self.time_spin.value())
             config = FinetuneConfig(
                 trainable=self.trainable_combo.currentData(),
                 max_steps=int(self.steps_spin.value()),
                 time_budget_s=float(budget) if budget > 0 else None,
                 device=self.device_combo.currentData(),
+                slice_axis=axis,
                 **self.extra_config,
             )
             config.validate()
@@ -468,9 +521,24 @@ class FinetuneWidget(QWidget):
             "images": images,
             "labels": labels,
             "previous": previous,
+            "spacing": spacing,
+            "replay": "auto" if self.replay_check.isChecked() else None,
             "config": config,
             "store_dir": self.store_dir,
         }
+
+    def slice_axis(self, image: Image) -> int:
+        """The volume axis of the corrected slices: the chosen one, else (``auto``) the
+        axis the viewer steps through for ``image``, as the Segment widget takes it."""
+        choice = self.axis_combo.currentData()
+        if choice != "auto":
+            return int(choice)
+        ndim = len(_grid(image))
+        if ndim < 3:
+            return 0
+        offset = self.viewer.dims.ndim - ndim
+        hidden = [a - offset for a in self.viewer.dims.not_displayed if a >= offset]
+        return int(hidden[-1]) if hidden else 0
 
     def run(self, sync: bool = False) -> Any:
         """Fine-tune: in a worker (default) or on this thread (``sync``, for scripts).
@@ -592,13 +660,17 @@ class FinetuneWidget(QWidget):
         self._last_req = req
         activated = store.active() == vid
         level, text = _core.finetune_outcome(
-            result.dice_before, result.dice_after, vid, activated
+            result.dice_before, result.dice_after, vid, activated,
+            independent=result.independent_report,
         )
         took = (
             f"{result.steps} steps ({result.stopped.replace('_', ' ')}) in "
             f"{result.seconds:.0f} s on {result.n_train} training and {result.n_holdout} "
             "held-out image(s)/slice(s)"
         )
+        replay = result.replay or {}
+        if replay.get("message") and replay.get("message") != "replay is off":
+            took += f"; {replay['message']}"
         self.refresh_versions()
         self._draw()
         if activated:
@@ -850,8 +922,8 @@ def _compute(req: dict[str, Any], cancel: threading.Event, progress: Any) -> tup
         raise Cancelled()
     return run_finetune(
         req["parent"], req["images"], req["labels"], store=ModelStore(req["store_dir"]),
-        config=req["config"], previous=req["previous"], activate="if_better",
-        progress=progress, cancel=cancel,
+        config=req["config"], previous=req["previous"], spacing=req.get("spacing"),
+        replay=req.get("replay"), activate="if_better", progress=progress, cancel=cancel,
     )
 
 
@@ -887,6 +959,13 @@ def _info(layer: Any) -> dict[str, Any] | None:
 def _grid(image: Any) -> tuple[int, ...]:
     shape = tuple(int(s) for s in np.shape(image.data))
     return shape[:-1] if image.rgb else shape
+
+
+def _spacing(layer: Any) -> tuple[float, ...] | None:
+    """A layer's pixel/voxel spacing in mm when known, as the Segment widget hands it to
+    the engine (so that fine-tuning resamples as segmenting does)."""
+    sp = layer_spacing_mm(layer)
+    return sp if sp is not None and len(sp) == len(_grid(layer)) else None
 
 
 def _uid(layer: Any) -> str:

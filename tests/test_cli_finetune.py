@@ -1,0 +1,116 @@
+"""``prosma finetune`` end to end on a tiny random checkpoint: a new version, replay
+reported plainly, slices along the chosen axis, a plain error for a bad replay folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_prosma.checkpoint import ModelCard, save
+from napari_prosma.cli import main
+from napari_prosma.nets import build_model
+from napari_prosma.versions import ModelStore
+
+
+def _tiny(folder: Path, training: dict | None = None) -> Path:
+    torch.manual_seed(0)
+    net = build_model(spatial_dims=2, in_channels=1, out_channels=1, widths=[4, 8, 8])
+    card = ModelCard(
+        "prosma_unet", net.config, name="tiny", normalization={"mode": "zscore"},
+        class_names=["background", "thing"], training=training or {},
+    )
+    return save(net, folder / "tiny", card)
+
+
+def _png_pairs(folder: Path, n: int, size: int = 32) -> tuple[Path, Path]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    for k in range(n):
+        mask = np.zeros((size, size), np.uint8)
+        y, x = rng.integers(4, size - 12, 2)
+        mask[y : y + 8, x : x + 8] = 1
+        img = (rng.normal(60, 10, (size, size)) + 120 * mask).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / "images" / f"im{k}.png")
+        Image.fromarray(mask).save(folder / "masks" / f"im{k}.png")
+    return folder / "images", folder / "masks"
+
+
+def _run(*args: str) -> int:
+    return main(["finetune", *args, "--max-steps", "2", "--device", "cpu", "--batch-size", "2"])
+
+
+def test_cli_finetune_with_and_without_replay(tmp_path, capsys):
+    ckpt = _tiny(tmp_path / "m")
+    images, masks = _png_pairs(tmp_path / "user", 4)
+    store = tmp_path / "store"
+    assert _run(str(images), str(masks), "--model", str(ckpt), "-o", str(store)) == 0
+    out = capsys.readouterr().out
+    assert "New version tiny-ft-" in out
+    assert "note: no replay: the model card does not name" in out  # 'auto' found nothing
+    assert "optimistic" in out  # 1 held-out image chooses and reports
+    (v,) = ModelStore(store).versions()
+    assert v.card.training["replay"]["used"] is False
+
+    base_images, _ = _png_pairs(tmp_path / "base", 3)
+    assert _run(str(images), str(masks), "--model", str(ckpt), "-o", str(store),
+                "--replay", str(base_images.parent), "--replay-fraction", "0.5") == 0
+    out = capsys.readouterr().out
+    assert f"note: replaying 3 samples from {base_images.parent}" in out
+    new = [v for v in ModelStore(store).versions() if v.card.training["replay"]["used"]]
+    (v2,) = new
+    rec = v2.card.training["replay"]
+    assert rec["n_samples"] == 3 and rec["source"] == str(base_images.parent)
+    assert rec["patches"] == 2  # 1 of 2 patches in each of 2 steps
+    assert v2.card.training["config"]["replay_fraction"] == 0.5
+    run = json.loads((v2.path / "run.json").read_text())
+    assert run["replay"]["n_samples"] == 3 and "ids" not in run["replay"]
+
+
+def test_cli_finetune_bad_replay_folder_is_one_plain_line(tmp_path, capsys):
+    ckpt = _tiny(tmp_path / "m")
+    images, masks = _png_pairs(tmp_path / "user", 2)
+    rc = _run(str(images), str(masks), "--model", str(ckpt), "-o", str(tmp_path / "s"),
+              "--replay", str(tmp_path / "nowhere"))
+    err = capsys.readouterr().err
+    assert rc == 1 and "replay folder" in err and "does not exist" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "s").exists() or ModelStore(tmp_path / "s").versions() == []
+
+
+def test_cli_finetune_slices_along_the_chosen_axis(tmp_path, capsys):
+    import nibabel as nib
+
+    ckpt = _tiny(tmp_path / "m")
+    vol = np.random.default_rng(0).normal(100, 10, (16, 16, 6)).astype(np.float32)
+    lab = np.zeros((16, 16, 6), np.uint8)
+    lab[4:8, 4:8, :] = 1  # every slice along one axis; 4 slices along another
+    for name, data in (("vol", vol), ("lab", lab)):
+        (tmp_path / name).mkdir()
+        nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0])),
+                 tmp_path / name / "case.nii.gz")
+    counts = {}
+    for axis in ("0", "2"):
+        assert _run(str(tmp_path / "vol"), str(tmp_path / "lab"), "--model", str(ckpt),
+                    "-o", str(tmp_path / f"s{axis}"), "--slice-axis", axis,
+                    "--replay", "none") == 0
+        (v,) = ModelStore(tmp_path / f"s{axis}").versions()
+        counts[axis] = v.card.training["n_train_units"] + v.card.training["n_holdout_units"]
+        assert v.card.training["data"][0]["spacing"] == [2.0, 1.0, 1.0]
+    capsys.readouterr()
+    # napari order (k, j, i) = (6, 16, 16): 6 labelled slices along axis 0, 4 along axis 2
+    assert counts == {"0": 6, "2": 4}
+
+
+def test_cli_help_names_replay_and_slice_axis(capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    out = capsys.readouterr().out
+    assert "--replay PATH|auto|none" in out and "--slice-axis" in out
+    assert "optimistic" in out
