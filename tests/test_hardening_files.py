@@ -344,3 +344,14 @@ def test_killed_while_saving_a_finetuned_model(tmp_path):
     assert len(saved) == 1  # the corrections, in the run's (hidden) staging folder
     _, labels = ModelStore.load_corrections(saved[0].parent)
     np.testing.assert_array_equal(labels[0], disc_images(3)[1][0])
+
+    # the next run (or ModelStore.recover) tidies up after the dead process: the corrections
+    # move to .incoming, the half-written checkpoint goes, nothing else is touched
+    recovered = store.recover()
+    assert len(recovered) == 1
+    kept = store.root / ".incoming" / recovered[0]
+    _, labels = ModelStore.load_corrections(kept)
+    np.testing.assert_array_equal(labels[0], disc_images(3)[1][0])
+    assert [p.name for p in store.root.iterdir() if p.name.startswith(".")] == [".incoming"]
+    assert store.versions() == [] and store.active() == "parent-name"
+    assert store.recover() == []

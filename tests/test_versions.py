@@ -57,3 +57,34 @@ def test_ids_never_collide(tmp_path):
             save(net, stage / "model", _card(net))
         ids.append(vid)
     assert len(set(ids)) == 3 and len(store.versions()) == 3
+
+
+def test_recover_leaves_live_and_foreign_runs_alone(tmp_path):
+    """Only staging folders of dead processes on this computer are tidied up."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    store = ModelStore(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    owners = {
+        ".m-ft-1.aaa": {"pid": dead.pid, "host": socket.gethostname()},  # died
+        ".m-ft-2.bbb": {"pid": os.getpid(), "host": socket.gethostname()},  # running (us)
+        ".m-ft-3.ccc": {"pid": dead.pid, "host": "another-computer"},  # not ours to judge
+        ".m-ft-4.ddd": None,  # no owner record (an older version's folder): left alone
+    }
+    for name, owner in owners.items():
+        corr = tmp_path / name / "corrections"
+        corr.mkdir(parents=True)
+        (corr / "index.json").write_text("[]")
+        if owner is not None:
+            (tmp_path / name / "owner.json").write_text(json.dumps(owner))
+
+    assert store.recover() == ["m-ft-1"]
+    assert (tmp_path / ".incoming" / "m-ft-1" / "index.json").exists()
+    assert not (tmp_path / ".m-ft-1.aaa").exists()
+    for name in (".m-ft-2.bbb", ".m-ft-3.ccc", ".m-ft-4.ddd"):
+        assert (tmp_path / name / "corrections" / "index.json").exists()

@@ -32,6 +32,28 @@ import numpy as np
 
 from .checkpoint import CheckpointError, ModelCard, atomic_write_bytes, read_card
 
+_OWNER = "owner.json"  # in a staging folder: the process that is writing it
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id runs on this computer (True when unsure)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}$")
 
 
@@ -168,8 +190,10 @@ class ModelStore:
         else is removed; no version appears in :meth:`versions`.
         """
         self.root.mkdir(parents=True, exist_ok=True)
+        self.recover()
         vid = self.new_id(base)
         stage = Path(tempfile.mkdtemp(prefix=f".{vid}.", dir=self.root))
+        (stage / _OWNER).write_text(json.dumps({"pid": os.getpid(), "host": _host()}))
         try:
             yield vid, stage
         except BaseException:
@@ -184,6 +208,43 @@ class ModelStore:
             shutil.rmtree(stage, ignore_errors=True)
             raise RuntimeError("the run finished without writing a checkpoint")
         os.replace(stage, self.root / vid)
+
+    def recover(self) -> list[str]:
+        """Clean up after runs whose process died (killed, power cut) while training.
+
+        A staging folder (``ROOT/.<id>.<random>``) whose owning process, on this computer,
+        is no longer running is handled as a cancelled run would have been: its saved
+        corrections move to ``ROOT/.incoming/<id>`` and the rest (a half-written checkpoint)
+        is removed. Staging folders of live runs, of other computers sharing the folder, or
+        without an owner record are left alone.
+
+        Returns:
+            The version ids whose corrections were recovered into ``.incoming``.
+        """
+        recovered: list[str] = []
+        if not self.root.is_dir():
+            return recovered
+        for stage in sorted(self.root.glob(".*.*")):
+            owner = stage / _OWNER
+            if not stage.is_dir() or stage.name == ".incoming" or not owner.is_file():
+                continue
+            try:
+                info = json.loads(owner.read_text())
+                pid, host = int(info["pid"]), str(info["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if host != _host() or _alive(pid):
+                continue
+            vid = stage.name[1:].rsplit(".", 1)[0]
+            corr = stage / "corrections"
+            if corr.is_dir() and any(corr.iterdir()):
+                keep = self.root / ".incoming" / vid
+                if not keep.exists():
+                    keep.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(corr), str(keep))
+                    recovered.append(vid)
+            shutil.rmtree(stage, ignore_errors=True)
+        return recovered
 
     @staticmethod
     def save_corrections(
