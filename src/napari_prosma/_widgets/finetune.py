@@ -13,7 +13,7 @@ and the parent stays active, with a button to activate the new version anyway. T
 of versions shows each one's held-out Dice before → after and its date, with Activate and
 Revert to parent.
 
-"Replay base-model samples when available" mixes a few of the parent's own training images
+"Replay training images" mixes a few of the parent's own training images
 into every batch (:mod:`napari_prosma.replay`) when they are on this computer; the line
 under it says whether they were found. "Slices along" picks the volume axis of the
 corrected slices (by default the axis the viewer steps through, as in Segment).
@@ -164,7 +164,7 @@ class FinetuneWidget(QWidget):
         )
         self.model = ModelChooser()
         self.model.card_text.setMaximumHeight(80)
-        self.replay_check = QCheckBox("Replay base-model samples when available")
+        self.replay_check = QCheckBox("Replay training images")
         self.replay_check.setChecked(True)
         self.replay_check.setToolTip(
             "Mix a few of the images the model was first trained on into every training "
