@@ -355,3 +355,31 @@ def test_killed_while_saving_a_finetuned_model(tmp_path):
     assert [p.name for p in store.root.iterdir() if p.name.startswith(".")] == [".incoming"]
     assert store.versions() == [] and store.active() == "parent-name"
     assert store.recover() == []
+
+
+def test_next_finetune_run_says_it_recovered_a_killed_run(tmp_path):
+    """A staging folder left by a dead process is tidied up by the next run, which says
+    where the earlier corrections went."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from napari_prosma.finetune import FinetuneConfig, run_finetune
+
+    parent = save_tiny(tmp_path / "models", "parent", normalization={"mode": "fixed"})
+    store = ModelStore(tmp_path / "store")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stage = store.root / ".parent-ft-20250101-000000.x1y2"
+    ModelStore.save_corrections(stage / "corrections", *[list(a) for a in disc_images(2)])
+    (stage / "owner.json").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+
+    images, labels = disc_images(3)
+    cfg = FinetuneConfig(max_steps=1, time_budget_s=None, batch_size=2, device="cpu")
+    result, _ = run_finetune(str(parent), images, labels, store=store, config=cfg)
+
+    assert not stage.exists()
+    kept = store.root / ".incoming" / "parent-ft-20250101-000000"
+    assert (kept / "index.json").exists()
+    assert any(".incoming" in n and "interrupted" in n for n in result.notes), result.notes

@@ -832,6 +832,7 @@ def run_finetune(
         from .replay import load_replay
 
         replay = load_replay(card, replay, n=cfg.replay_samples, seed=cfg.seed)
+    recovered = store.recover()  # runs killed earlier: their corrections go to .incoming
     with store.staging(card.name) as (vid, stage):
         store.save_corrections(
             stage / "corrections", list(images), list(labels), {"parent": str(parent)}
@@ -848,6 +849,12 @@ def run_finetune(
             progress=progress,
             cancel=cancel,
         )
+        if recovered:
+            result.notes.append(
+                f"an earlier fine-tuning run in {store.root} was interrupted; the corrections "
+                f"it had saved are kept in {store.root / '.incoming'} "
+                f"({', '.join(recovered)})"
+            )
         if cancelled():
             raise Cancelled(CANCEL_MESSAGE)
         result.card.name = vid

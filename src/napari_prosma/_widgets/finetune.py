@@ -671,6 +671,10 @@ class FinetuneWidget(QWidget):
         replay = result.replay or {}
         if replay.get("message") and replay.get("message") != "replay is off":
             took += f"; {replay['message']}"
+        for note in result.notes:
+            if "interrupted" in note:  # an earlier killed run's corrections were recovered
+                took += f". Note: {note}"
+                notify_info(note)
         self.refresh_versions()
         self._draw()
         if activated:
