@@ -25,19 +25,22 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..inference.types import gate_sparsity_range  # noqa: F401  (re-exported)
+from ..inference.types import (
+    StageGates,
+    gate_sparsity_range,  # noqa: F401  (re-exported)
+)
 from ..preprocess import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from ..checkpoint import ModelCard
-    from ..inference import Prediction, StageGates
+    from ..inference import Prediction
 
 MODES = ("image", "slices", "slice")
 SCOPES = ("whole", "slice")
@@ -160,22 +163,15 @@ def plan_input(
 
 
 @dataclass
-class GateStage:
-    """One decoder stage's gates, on the layer's grid (see :class:`StageGates`).
+class GateStage(StageGates):
+    """One decoder stage's gates, on the layer's grid: a :class:`StageGates` plus per-slice
+    values.
 
     ``c_slices`` / ``zero_frac_slices`` are per-slice values (``(Z, C_x)`` / ``(Z,)``) when
     a 2D model segmented a volume slice by slice; a 3D model's channel gate pools over each
     3D tile, so it is one vector for the whole volume (``c_slices`` is None).
     """
 
-    stage: int
-    scale: int
-    psi: np.ndarray | None = None
-    zero_map: np.ndarray | None = None
-    zero_frac: np.ndarray | None = None
-    zero_frac_mean: float | None = None
-    c: np.ndarray | None = None
-    lam: np.ndarray | None = None
     c_slices: np.ndarray | None = None
     zero_frac_slices: np.ndarray | None = None
 
@@ -187,16 +183,8 @@ class GateStage:
 
 
 def _from_stage(g: StageGates) -> GateStage:
-    return GateStage(
-        stage=g.stage,
-        scale=g.scale,
-        psi=g.psi,
-        zero_map=g.zero_map,
-        zero_frac=g.zero_frac,
-        zero_frac_mean=g.zero_frac_mean,
-        c=g.c,
-        lam=g.lam,
-    )
+    """The engine's gates of one stage as a :class:`GateStage` (arrays shared, not copied)."""
+    return GateStage(**{f.name: getattr(g, f.name) for f in fields(StageGates)})
 
 
 def _stack_stages(preds: Sequence[Prediction], axis: int) -> list[GateStage]:
