@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -172,20 +171,11 @@ def mean_dice(model: Any, card: ModelCard, images: list[np.ndarray], masks: list
 
 
 def device_name(device: str) -> str:
+    """The card's or CPU's name, as ``benchmarks/inference.py`` (beside this script) writes it."""
     import torch
+    from inference import device_name as name
 
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    name = platform.processor() or "CPU"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} cores, torch {torch.get_num_threads()} threads)"
+    return name(torch.device(device))
 
 
 # ---------------------------------------------------------------------------- main

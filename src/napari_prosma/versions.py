@@ -190,19 +190,13 @@ class ModelStore:
         else is removed; no version appears in :meth:`versions`.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        self.recover()
         vid = self.new_id(base)
         stage = Path(tempfile.mkdtemp(prefix=f".{vid}.", dir=self.root))
         (stage / _OWNER).write_text(json.dumps({"pid": os.getpid(), "host": _host()}))
         try:
             yield vid, stage
         except BaseException:
-            corr = stage / "corrections"
-            if corr.is_dir() and any(corr.iterdir()):
-                keep = self.root / ".incoming" / vid
-                keep.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(corr), str(keep))
-            shutil.rmtree(stage, ignore_errors=True)
+            self._abandon(stage, vid)
             raise
         if not (stage / "model.safetensors").exists():
             shutil.rmtree(stage, ignore_errors=True)
@@ -236,15 +230,25 @@ class ModelStore:
             if host != _host() or _alive(pid):
                 continue
             vid = stage.name[1:].rsplit(".", 1)[0]
-            corr = stage / "corrections"
-            if corr.is_dir() and any(corr.iterdir()):
-                keep = self.root / ".incoming" / vid
-                if not keep.exists():
-                    keep.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.move(str(corr), str(keep))
-                    recovered.append(vid)
-            shutil.rmtree(stage, ignore_errors=True)
+            if self._abandon(stage, vid):
+                recovered.append(vid)
         return recovered
+
+    def _abandon(self, stage: Path, vid: str) -> bool:
+        """Move a failed run's saved corrections to ``ROOT/.incoming/<id>`` (a free name),
+        then remove its staging folder. Returns whether there were corrections to keep."""
+        corr = stage / "corrections"
+        kept = corr.is_dir() and any(corr.iterdir())
+        if kept:
+            keep = self.root / ".incoming" / vid
+            n = 1
+            while keep.exists():
+                n += 1
+                keep = self.root / ".incoming" / f"{vid}-{n}"
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(corr), str(keep))
+        shutil.rmtree(stage, ignore_errors=True)
+        return kept
 
     @staticmethod
     def save_corrections(

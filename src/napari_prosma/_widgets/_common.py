@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QPlainTextEdit,
     QPushButton,
+    QSizePolicy,
     QVBoxLayout,
     QWidget,
 )
@@ -153,6 +155,102 @@ class Relay(QObject):
     """Carries progress from a worker thread to the main thread (queued signal)."""
 
     progress = QtSignal(int, int)
+
+
+class WorkerHost:
+    """One background run at a time in napari's worker thread, with Cancel: the part the
+    Segment and Fine-tune widgets share (a mixin for a ``QWidget``).
+
+    The widget calls :meth:`_init_worker_host` in ``__init__`` and provides
+    ``run_button``, ``cancel_button``, ``status_label``, ``_relay`` (whose ``progress``
+    signal the worker emits) and ``_on_returned``; ``CANCELLED`` is the status text and the
+    notification of a cancelled run.
+    """
+
+    CANCELLED: tuple[str, str] = ("Cancelled.", "cancelled")
+
+    def _init_worker_host(self) -> None:
+        self.worker: Any = None
+        self._pbar: Any = None
+        self._req: dict[str, Any] = {}
+        self._cancel = threading.Event()
+        # closing the widget stops a run in progress (the event of the current run)
+        holder = self._cancel_holder = [self._cancel]
+        self.destroyed.connect(lambda *_: holder[0].set())
+
+    @property
+    def is_running(self) -> bool:
+        """A run is in progress."""
+        return self.worker is not None
+
+    def _new_cancel(self) -> threading.Event:
+        """A fresh cancel flag for the next run (closing the widget sets it too)."""
+        self._cancel = threading.Event()
+        self._cancel_holder[0] = self._cancel
+        return self._cancel
+
+    def _launch(self, compute: Callable[..., Any], req: dict[str, Any], desc: str,
+                total: int) -> Any:
+        """Start ``compute(req, cancel, progress)`` in a worker, with a napari progress bar
+        of ``total`` steps (0: busy); returns the worker."""
+        from napari.qt.threading import create_worker
+        from napari.utils import progress
+
+        self._pbar = progress(total=total, desc=desc)
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        worker = create_worker(
+            compute, req, self._cancel, self._relay.progress.emit,
+            _start_thread=False, _ignore_errors=True,
+        )
+        self._req = req
+        # bound methods: Qt drops these connections if the widget is closed meanwhile
+        worker.returned.connect(self._on_returned)
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        worker.start()
+        return worker
+
+    def cancel(self) -> None:
+        """Ask the running worker to stop at its next check."""
+        if self.worker is not None:
+            self._cancel.set()
+            self.cancel_button.setEnabled(False)
+            self.status_label.setText("Cancelling…")
+
+    def _on_error(self, exc: BaseException) -> None:
+        from ..inference import Cancelled
+
+        if isinstance(exc, Cancelled):
+            status, note = self.CANCELLED
+            self.status_label.setText(status)
+            notify_info(note)
+        else:
+            text = notify_error(exc)
+            self.status_label.setText(f"Failed: {text}")
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+
+
+def plot_canvas(figsize: tuple[float, float], min_height: int) -> tuple[Any, Any]:
+    """``(figure, canvas)``: a matplotlib figure in a Qt canvas that grows with the dock
+    (matplotlib is imported here, when a widget is made, not when napari starts)."""
+    from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=figsize, dpi=90)
+    canvas = FigureCanvasQTAgg(figure)
+    canvas.setMinimumHeight(min_height)
+    canvas.setMinimumWidth(220)
+    canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+    return figure, canvas
 
 
 # ---------------------------------------------------------------------------- model chooser

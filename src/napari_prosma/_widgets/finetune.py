@@ -44,7 +44,6 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QScrollArea,
-    QSizePolicy,
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
@@ -57,6 +56,7 @@ from . import _core
 from ._common import (
     META,
     ModelChooser,
+    WorkerHost,
     compact_combo,
     guarded,
     heading,
@@ -64,6 +64,7 @@ from ._common import (
     notify_error,
     notify_info,
     notify_warning,
+    plot_canvas,
 )
 from .segment import OUTPUT_ROLES, SegmentWidget
 
@@ -91,7 +92,7 @@ class _Relay(QObject):
     progress = QtSignal(object)
 
 
-class FinetuneWidget(QWidget):
+class FinetuneWidget(WorkerHost, QWidget):
     """Fine-tune a model on the corrected labels of an image.
 
     Attributes (the controls, for scripting and tests):
@@ -120,26 +121,18 @@ class FinetuneWidget(QWidget):
 
     def __init__(self, napari_viewer: Any):
         super().__init__()
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
         self.viewer = napari_viewer
         self.store_dir: str | os.PathLike[str] | None = None
         self.extra_config: dict[str, Any] = {}
-        self.worker: Any = None
+        self._init_worker_host()
         self.history: list[Any] = []
         self.last_result: Any = None
         self.last_version: str | None = None
         self.resegment_widget: SegmentWidget | None = None
         self._own_segmenter: SegmentWidget | None = None
-        self._req: dict[str, Any] = {}
         self._last_req: dict[str, Any] = {}
-        self._cancel = threading.Event()
         self._relay = _Relay()
         self._relay.progress.connect(self._on_progress)
-        holder = self._cancel_holder = [self._cancel]
-        self.destroyed.connect(lambda *_: holder[0].set())  # closing stops a run
-        self._pbar: Any = None
 
         # -- inputs
         self.image_combo = compact_combo(QComboBox())
@@ -212,11 +205,7 @@ class FinetuneWidget(QWidget):
         self.activate_anyway_button.setVisible(False)
 
         # -- plot
-        self.figure = Figure(figsize=(4.0, 3.0), dpi=90)
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(220)
-        self.canvas.setMinimumWidth(220)
-        self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        self.figure, self.canvas = plot_canvas((4.0, 3.0), min_height=220)
         self._setup_plot()
 
         # -- versions
@@ -433,11 +422,6 @@ class FinetuneWidget(QWidget):
 
     # ------------------------------------------------------------------ running
     @property
-    def is_running(self) -> bool:
-        """A fine-tuning run is in progress."""
-        return self.worker is not None
-
-    @property
     def is_busy(self) -> bool:
         """Fine-tuning, or segmenting again with the new model."""
         seg = self.resegment_widget
@@ -553,8 +537,7 @@ class FinetuneWidget(QWidget):
         if req is None:
             return None
         req["sync"] = sync
-        self._cancel = threading.Event()
-        self._cancel_holder[0] = self._cancel
+        self._new_cancel()
         self.history = []
         self._reset_plot()
         self.activate_anyway_button.setVisible(False)
@@ -574,53 +557,15 @@ class FinetuneWidget(QWidget):
         return self._start_worker(req)
 
     def _start_worker(self, req: dict[str, Any]) -> Any:
-        from napari.qt.threading import create_worker
-        from napari.utils import progress
-
-        self._pbar = progress(total=100, desc="ProSMA fine-tuning")
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
-        worker = create_worker(
-            _compute, req, self._cancel, self._relay.progress.emit,
-            _start_thread=False, _ignore_errors=True,
-        )
-        self._req = req
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
-        self.worker = worker
-        worker.start()
-        return worker
-
-    def cancel(self) -> None:
-        """Stop the run at its next step; the parent stays active, no version is kept."""
-        if self.worker is not None:
-            self._cancel.set()
-            self.cancel_button.setEnabled(False)
-            self.status_label.setText("Cancelling…")
+        return self._launch(_compute, req, "ProSMA fine-tuning", total=100)
 
     def _on_returned(self, out: tuple[Any, str]) -> None:
         self._finish(self._req, *out)
 
-    def _on_error(self, exc: BaseException) -> None:
-        from ..inference import Cancelled
-
-        if isinstance(exc, Cancelled):
-            self.status_label.setText(
-                "Cancelled: the previous model stays active and no new version was saved."
-            )
-            notify_info("fine-tuning cancelled; the previous model stays active")
-        else:
-            text = notify_error(exc)
-            self.status_label.setText(f"Failed: {text}")
-
-    def _on_finished(self) -> None:
-        self.worker = None
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
+    CANCELLED = (
+        "Cancelled: the previous model stays active and no new version was saved.",
+        "fine-tuning cancelled; the previous model stays active",
+    )
 
     @guarded("Showing the fine-tuning progress")
     def _on_progress(self, p: Any) -> None:

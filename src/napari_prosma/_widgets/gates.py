@@ -46,6 +46,7 @@ from ._common import (
     guarded,
     heading,
     hub_for,
+    plot_canvas,
     result_layers,
 )
 
@@ -78,9 +79,6 @@ class GateInspectorWidget(QWidget):
 
     def __init__(self, napari_viewer: Any):
         super().__init__()
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
         self.viewer = napari_viewer
         self.psi_checks: dict[int, QCheckBox] = {}
         self.zero_checks: dict[int, QCheckBox] = {}
@@ -110,11 +108,7 @@ class GateInspectorWidget(QWidget):
         self.note_label = QLabel("")
         self.note_label.setWordWrap(True)
 
-        self.figure = Figure(figsize=(4.2, 6.0), dpi=90)
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(420)
-        self.canvas.setMinimumWidth(220)
-        self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        self.figure, self.canvas = plot_canvas((4.2, 6.0), min_height=420)
 
         form = QFormLayout()
         form.addRow("Result", self.result_combo)

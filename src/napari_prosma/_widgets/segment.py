@@ -32,6 +32,7 @@ from ._common import (
     META,
     ModelChooser,
     Relay,
+    WorkerHost,
     compact_combo,
     geometry_kwargs,
     guarded,
@@ -48,7 +49,7 @@ SCOPE_LABELS = {"whole": "Whole image / volume", "slice": "Current slice"}
 OUTPUT_ROLES = ("labels", "probability", "uncertainty", "psi", "zeros")
 
 
-class SegmentWidget(QWidget):
+class SegmentWidget(WorkerHost, QWidget):
     """Segment an image layer with a ProSMA-UNet model.
 
     Attributes (the controls, for scripting and tests):
@@ -66,18 +67,13 @@ class SegmentWidget(QWidget):
     def __init__(self, napari_viewer: Any):
         super().__init__()
         self.viewer = napari_viewer
-        self.worker: Any = None
+        self._init_worker_host()
         self.last_result: _core.SegResult | None = None
         self.last_labels: Labels | None = None
-        self._cancel = threading.Event()
-        self._pbar: Any = None
         self._t0 = 0.0
-        self._req: dict[str, Any] = {}
+        self._succeeded = False
         self._relay = Relay()
         self._relay.progress.connect(self._on_progress)
-        # closing the widget stops a run in progress (the event of the current run)
-        holder = self._cancel_holder = [self._cancel]
-        self.destroyed.connect(lambda *_: holder[0].set())
 
         self.image_combo = compact_combo(QComboBox())
         self.image_combo.setToolTip("The image layer to segment (2D grey or colour, or a volume)")
@@ -194,10 +190,6 @@ class SegmentWidget(QWidget):
             self.unc_check.setChecked(False)
 
     # ------------------------------------------------------------------ running
-    @property
-    def is_running(self) -> bool:
-        return self.worker is not None
-
     def _plan(self, layer: Image, card: Any) -> _core.InputPlan:
         point = None
         axis = 0
@@ -256,8 +248,7 @@ class SegmentWidget(QWidget):
         req = self._request()
         if req is None:
             return None
-        self._cancel = threading.Event()
-        self._cancel_holder[0] = self._cancel
+        self._new_cancel()
         self._t0 = time.perf_counter()
         self.status_label.setText(f"Segmenting {req['plan'].describe()}…")
         if sync:
@@ -271,37 +262,13 @@ class SegmentWidget(QWidget):
         return self._start_worker(req)
 
     def _start_worker(self, req: dict[str, Any]) -> Any:
-        from napari.qt.threading import create_worker
-        from napari.utils import progress
-
-        self._pbar = progress(total=0, desc="ProSMA segmentation")
         self._succeeded = False
         self.progress_bar.setRange(0, 0)  # busy until the first tile batch reports
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
-        worker = create_worker(
-            _compute, req, self._cancel, self._relay.progress.emit,
-            _start_thread=False, _ignore_errors=True,
-        )
-        self._req = req
-        # bound methods: Qt drops these connections if the widget is closed meanwhile
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
-        self.worker = worker
-        worker.start()
-        return worker
+        return self._launch(_compute, req, "ProSMA segmentation", total=0)
 
     def _on_returned(self, out: tuple[Any, _core.SegResult]) -> None:
         self._succeeded = True
         self._apply(self._req, *out)
-
-    def cancel(self) -> None:
-        """Ask the running worker to stop (at its next tile batch)."""
-        if self.worker is not None:
-            self._cancel.set()
-            self.cancel_button.setEnabled(False)
-            self.status_label.setText("Cancelling…")
 
     def _on_progress(self, done: int, total: int) -> None:
         self.progress_bar.setRange(0, max(int(total), 1))
@@ -313,26 +280,13 @@ class SegmentWidget(QWidget):
             if step > 0:
                 self._pbar.update(step)
 
-    def _on_error(self, exc: BaseException) -> None:
-        from ..inference import Cancelled
-
-        if isinstance(exc, Cancelled):
-            self.status_label.setText("Cancelled; nothing was changed.")
-            notify_info("segmentation cancelled; no layer was changed")
-        else:
-            text = notify_error(exc)
-            self.status_label.setText(f"Failed: {text}")
+    CANCELLED = ("Cancelled; nothing was changed.", "segmentation cancelled; no layer was changed")
 
     def _on_finished(self) -> None:
-        self.worker = None
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+        super()._on_finished()
         # a finished run shows a full bar; a cancelled or failed one an empty bar
         self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(1 if getattr(self, "_succeeded", False) else 0)
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
+        self.progress_bar.setValue(1 if self._succeeded else 0)
 
     # ------------------------------------------------------------------ results
     @guarded("Placing the result in layers")
