@@ -113,6 +113,35 @@ def test_resume_continues_from_the_saved_epoch(tmp_path, shared_data):
 
 @pytest.mark.data
 @pytest.mark.slow
+def test_a_failed_final_evaluation_resumes_into_it_without_retraining(
+    tmp_path, shared_data, monkeypatch
+):
+    import napari_prosma.train as train_mod
+
+    cfg = tiny(tmp_path, shared_data, checkpoint_every=50)
+    real = train_mod.evaluate_shipped
+
+    def broken(*a, **k):
+        raise ModuleNotFoundError("No module named 'monai'")
+
+    monkeypatch.setattr(train_mod, "evaluate_shipped", broken)
+    with pytest.raises(ModuleNotFoundError):
+        train(cfg, log=None)
+    # the resume state was written after the last epoch, not only every 50
+    assert read_card(Path(cfg.out_dir) / "last").training["state"]["epoch"] == 3
+    monkeypatch.setattr(train_mod, "evaluate_shipped", real)
+    lines: list[str] = []
+    res = train(cfg, log=lines.append)
+    assert res.status == "finished"
+    assert any("resumed" in s and "epoch 3" in s for s in lines)
+    assert not any(s.startswith("epoch ") for s in lines)  # no epoch trained again
+    assert [h["epoch"] for h in res.result["history"]] == [1, 2, 3]
+    assert res.result["evaluation"]["summary"]["n_cases"] > 0
+    assert not (Path(cfg.out_dir) / "last.json").exists()
+
+
+@pytest.mark.data
+@pytest.mark.slow
 def test_cancel_stops_cleanly(tmp_path, shared_data):
     cfg = tiny(tmp_path, shared_data, epochs=5)
     flag = threading.Event()

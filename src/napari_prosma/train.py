@@ -490,7 +490,9 @@ def train(
             )
             if out_of_time:
                 stop_at = epoch + 1
-            if rank == 0 and (ckpt_due or epoch + 1 == stop_at) and not last:
+            # also after the last epoch: a failure in the final evaluation then resumes
+            # straight into it (removed once result.json is written)
+            if rank == 0 and (ckpt_due or epoch + 1 == stop_at):
                 card.training = {"state": {"epoch": epoch + 1}, "history": history}
                 _write_resume(out, model, opt, card, epoch + 1)
             if out_of_time:
