@@ -6,7 +6,9 @@ Reads every ``training/runs/{dataset}_{arch}_s{seed}.json`` (the ``result.json``
 ``prosma train`` writes) and prints, per dataset and architecture, the per-seed test
 metrics (mean over test images) and the mean ± std over the seeds found (sample std,
 ``ddof=1``, as the paper's ± over 3 seeds; "–" with one seed). Nothing is typed in by hand:
-a run that did not finish has no JSON here and does not appear.
+a run that did not finish has no JSON here and does not appear. ``glasofficial`` is GlaS on
+its official split (train 85 / testA + testB 80); ``gate_*`` are the Table 3 ablation rows
+(ProSMA-UNet with ``gate=none|spatial|channel``; ``prosma`` is the full gate).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import statistics
 from pathlib import Path
 
 RUNS = Path(__file__).resolve().parent / "runs"
-NAME = re.compile(r"^(?P<data>busi|kvasir|glas|hippocampus)_(?P<arch>.+)_s(?P<seed>\d)$")
+NAME = re.compile(r"^(?P<data>busi|kvasir|glasofficial|glas|hippocampus)_(?P<arch>.+)_s(?P<seed>\d)$")
 PAPER = {  # Table 1 of the paper (IoU, F1), ProSMA-UNet / U-Net / Attention U-Net
     ("busi", "prosma"): (66.24, 79.29), ("busi", "unet"): (57.22, 71.91),
     ("busi", "attention_unet"): (55.18, 70.22),
