@@ -68,6 +68,32 @@ def _ms(vals: list[float]) -> str:
     return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
 
 
+def _cases(run: str) -> dict[str, float]:
+    """Per-image Dice of one run's test images (first class), by image id."""
+    res = json.loads((RUNS / f"{run}.json").read_text())
+    out = {}
+    for c in res["evaluation"]["cases"]:
+        cls = next(v for k, v in c.items() if k != "id")
+        out[c["id"]] = 100 * cls["dice"]
+    return out
+
+
+def paired(a: str, b: str, n_boot: int = 10_000, seed: int = 0) -> dict | None:
+    """Mean per-image Dice difference ``a - b`` on the test images both runs share (the same
+    split), with a 95 % paired bootstrap interval over images. None where a run is missing."""
+    import numpy as np
+
+    if not (RUNS / f"{a}.json").exists() or not (RUNS / f"{b}.json").exists():
+        return None
+    ca, cb = _cases(a), _cases(b)
+    ids = sorted(set(ca) & set(cb))
+    d = np.array([ca[i] - cb[i] for i in ids])
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"a": a, "b": b, "n": len(ids), "diff": float(d.mean()), "ci95": [float(lo), float(hi)]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", type=Path, default=RUNS / "summary.json")
@@ -111,7 +137,21 @@ def main() -> None:
                 f"{k} Dice {v['dice']:.2f} HD95 {v['hd95']:.2f}" for k, v in r["per_class"].items()
             )
             print(f"\n{r['run']}: {pc}")
-    args.json.write_text(json.dumps({"table1": table, "runs": rows}, indent=1) + "\n")
+    pairs = [(f"busi_gate_{g}_s0", "busi_prosma_s0") for g in ("none", "spatial", "channel")]
+    for data in ("busi", "glas", "kvasir", "glasofficial"):
+        for seed in range(3):
+            for base in ("unet", "attention_unet"):
+                pairs.append((f"{data}_prosma_s{seed}", f"{data}_{base}_s{seed}"))
+    diffs = [d for a, b in pairs if (d := paired(a, b))]
+    print("\nPaired per-image Dice differences (same split, same test images; 95 % bootstrap CI):")
+    print("\n| A | B | images | Dice A − B | 95 % CI |")
+    print("|---|---|---:|---:|---|")
+    for d in diffs:
+        print(f"| {d['a']} | {d['b']} | {d['n']} | {d['diff']:+.2f} | "
+              f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] |")
+    args.json.write_text(
+        json.dumps({"table1": table, "runs": rows, "paired": diffs}, indent=1) + "\n"
+    )
     print(f"\nwrote {args.json}")
 
 
