@@ -19,6 +19,10 @@ if ls _device/whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site _device/whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
+# the final evaluation of every run goes through the inference engine, which needs MONAI:
+# fail now, not after 400 epochs (session 3's call A lost its last 50 epochs x 8 runs so)
+python3 -c "import monai" 2>/dev/null || {
+  echo "lanes.sh: MONAI is not importable here; carry _device/whl (the MONAI wheel)" >&2; exit 2; }
 mkdir -p _device/logs _device/runs
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 ls -la _device/data
