@@ -88,3 +88,24 @@ def test_recover_leaves_live_and_foreign_runs_alone(tmp_path):
     assert not (tmp_path / ".m-ft-1.aaa").exists()
     for name in (".m-ft-2.bbb", ".m-ft-3.ccc", ".m-ft-4.ddd"):
         assert (tmp_path / name / "corrections" / "index.json").exists()
+
+
+def test_recover_removes_stale_temp_files_of_killed_writes_only(tmp_path):
+    """A write killed between its temp file and the rename leaves ``.NAME.<random>.tmp``;
+    recover() removes it once it is old, and leaves fresh ones (a write in progress) and
+    every other file alone."""
+    import os
+    import time
+
+    store = ModelStore(tmp_path)
+    old = tmp_path / ".active.json.k3j2.tmp"
+    fresh = tmp_path / ".active.json.x9q1.tmp"
+    keep = tmp_path / "notes.tmp"  # not hidden: not one of ours
+    for f in (old, fresh, keep):
+        f.write_text("{")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    os.utime(keep, (hours_ago, hours_ago))
+    assert store.recover() == []
+    assert not old.exists()
+    assert fresh.exists() and keep.exists()

@@ -20,7 +20,9 @@ import statistics
 from pathlib import Path
 
 RUNS = Path(__file__).resolve().parent / "runs"
-NAME = re.compile(r"^(?P<data>busi|kvasir|glasofficial|glas|hippocampus)_(?P<arch>.+)_s(?P<seed>\d)$")
+NAME = re.compile(
+    r"^(?P<data>busi|kvasir|glasofficial|glas|hippocampus)_(?P<arch>.+)_s(?P<seed>\d)$"
+)
 PAPER = {  # Table 1 of the paper (IoU, F1), ProSMA-UNet / U-Net / Attention U-Net
     ("busi", "prosma"): (66.24, 79.29), ("busi", "unet"): (57.22, 71.91),
     ("busi", "attention_unet"): (55.18, 70.22),

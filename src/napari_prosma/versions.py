@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ import numpy as np
 from .checkpoint import CheckpointError, ModelCard, atomic_write_bytes, read_card
 
 _OWNER = "owner.json"  # in a staging folder: the process that is writing it
+STALE_TMP_S = 3600  # a temporary file this old in the store folder was left by a killed write
 
 
 def _host() -> str:
@@ -210,7 +212,9 @@ class ModelStore:
         is no longer running is handled as a cancelled run would have been: its saved
         corrections move to ``ROOT/.incoming/<id>`` and the rest (a half-written checkpoint)
         is removed. Staging folders of live runs, of other computers sharing the folder, or
-        without an owner record are left alone.
+        without an owner record are left alone. Temporary files of an interrupted atomic
+        write in the store folder itself (``ROOT/.active.json.<random>.tmp``) are removed
+        once they are an hour old (a live write takes milliseconds).
 
         Returns:
             The version ids whose corrections were recovered into ``.incoming``.
@@ -218,6 +222,12 @@ class ModelStore:
         recovered: list[str] = []
         if not self.root.is_dir():
             return recovered
+        for tmp in self.root.glob(".*.tmp"):
+            try:
+                if tmp.is_file() and time.time() - tmp.stat().st_mtime > STALE_TMP_S:
+                    tmp.unlink()
+            except OSError:
+                pass
         for stage in sorted(self.root.glob(".*.*")):
             owner = stage / _OWNER
             if not stage.is_dir() or stage.name == ".incoming" or not owner.is_file():
