@@ -24,11 +24,14 @@ NAME = re.compile(
     r"^(?P<data>busi|kvasir|glasofficial|glas|hippocampus)_(?P<arch>.+)_s(?P<seed>\d)$"
 )
 PAPER = {  # Table 1 of the paper (IoU, F1), ProSMA-UNet / U-Net / Attention U-Net
-    ("busi", "prosma"): (66.24, 79.29), ("busi", "unet"): (57.22, 71.91),
+    ("busi", "prosma"): (66.24, 79.29),
+    ("busi", "unet"): (57.22, 71.91),
     ("busi", "attention_unet"): (55.18, 70.22),
-    ("glas", "prosma"): (88.76, 94.04), ("glas", "unet"): (86.66, 92.79),
+    ("glas", "prosma"): (88.76, 94.04),
+    ("glas", "unet"): (86.66, 92.79),
     ("glas", "attention_unet"): (86.84, 92.89),
-    ("kvasir", "prosma"): (66.23, 85.43), ("kvasir", "unet"): (54.58, 79.59),
+    ("kvasir", "prosma"): (66.23, 85.43),
+    ("kvasir", "unet"): (54.58, 79.59),
     ("kvasir", "attention_unet"): (62.75, 83.36),
 }
 
@@ -56,8 +59,11 @@ def _row(path: Path) -> dict | None:
         "dice": 100 * summ["mean_dice"],
         "hd95": summ.get("mean_hd95"),
         "per_class": {
-            k: {"dice": 100 * v["dice"]["mean"], "iou": 100 * v["iou"]["mean"],
-                "hd95": (v.get("hd95") or {}).get("mean")}
+            k: {
+                "dice": 100 * v["dice"]["mean"],
+                "iou": 100 * v["iou"]["mean"],
+                "hd95": (v.get("hd95") or {}).get("mean"),
+            }
             for k, v in classes.items()
         },
     }
@@ -114,9 +120,13 @@ def main() -> None:
         rs.sort(key=lambda r: r["seed"])
         p = PAPER.get((data, arch), (None, None))
         entry = {
-            "dataset": data, "arch": arch, "seeds": [r["seed"] for r in rs],
-            "iou": [r["iou"] for r in rs], "dice": [r["dice"] for r in rs],
-            "hd95": [r["hd95"] for r in rs], "paper": p,
+            "dataset": data,
+            "arch": arch,
+            "seeds": [r["seed"] for r in rs],
+            "iou": [r["iou"] for r in rs],
+            "dice": [r["dice"] for r in rs],
+            "hd95": [r["hd95"] for r in rs],
+            "paper": p,
         }
         table.append(entry)
         cards = ", ".join(sorted({r["device"] for r in rs}))
@@ -149,8 +159,10 @@ def main() -> None:
     print("\n| A | B | images | Dice A − B | 95 % CI |")
     print("|---|---|---:|---:|---|")
     for d in diffs:
-        print(f"| {d['a']} | {d['b']} | {d['n']} | {d['diff']:+.2f} | "
-              f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] |")
+        print(
+            f"| {d['a']} | {d['b']} | {d['n']} | {d['diff']:+.2f} | "
+            f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] |"
+        )
     args.json.write_text(
         json.dumps({"table1": table, "runs": rows, "paired": diffs}, indent=1) + "\n"
     )
