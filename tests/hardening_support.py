@@ -47,14 +47,17 @@ def save_tiny(folder: Path, name: str = "tiny", **kw) -> Path:
     return save(net, folder / name, card)
 
 
-def disc_images(n: int, size: int = 32, seed: int = 0) -> tuple[list, list]:
-    """Bright discs on noise (uint8) and their labels."""
+def disc_images(
+    n: int, size: int = 32, seed: int = 0, margin: int = 10, radius: tuple[int, int] = (4, 8)
+) -> tuple[list, list]:
+    """Bright discs on noise (uint8) and their labels: an easy task a random model gets
+    wrong. Centres keep ``margin`` pixels from the border; radii in ``[radius[0], radius[1])``."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
     images, labels = [], []
     for _ in range(n):
-        cy, cx = rng.integers(10, size - 10, 2).tolist()
-        r = int(rng.integers(4, 8))
+        cy, cx = rng.integers(margin, size - margin, 2).tolist()
+        r = int(rng.integers(*radius))
         lab = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).astype(np.uint8)
         images.append((rng.normal(60, 15, (size, size)) + 120 * lab).clip(0, 255).astype(np.uint8))
         labels.append(lab)

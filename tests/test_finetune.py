@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from hardening_support import disc_images
 from napari_prosma.checkpoint import ModelCard, file_sha256, load, save
 from napari_prosma.finetune import (
     FinetuneConfig,
@@ -24,32 +25,32 @@ from napari_prosma.versions import ModelStore
 
 
 def _disc_images(n: int, size: int = 48, seed: int = 0):
-    """Bright discs on a noisy background: an easy task a random model gets wrong."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    images, labels = [], []
-    for _ in range(n):
-        cy, cx, r = [*rng.integers(14, size - 14, 2).tolist(), int(rng.integers(6, 11))]
-        lab = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).astype(np.uint8)
-        img = (rng.normal(60, 15, (size, size)) + 120 * lab).clip(0, 255).astype(np.uint8)
-        images.append(img)
-        labels.append(lab)
-    return images, labels
+    """Bright discs on a noisy background, larger than the hardening tests' default."""
+    return disc_images(n, size, seed, margin=14, radius=(6, 11))
+
+
+def _save_disc_model(folder, file_name: str, name: str, all_foreground: bool = False):
+    """Save a seeded random 2D binary ProSMA-UNet for the disc task; returns its weights.
+    ``all_foreground``: zero the head and bias it to sigmoid 0.62 everywhere."""
+    torch.manual_seed(0)
+    net = build_model(spatial_dims=2, in_channels=1, out_channels=1, widths=[8, 16, 16, 32, 32])
+    if all_foreground:
+        with torch.no_grad():
+            net.head.weight.zero_()
+            net.head.bias.fill_(0.5)
+    card = ModelCard(
+        architecture="prosma_unet",
+        arch_kwargs=net.config,
+        name=name,
+        class_names=["background", "disc"],
+        normalization={"mode": "fixed", "scale": 255, "mean": [0.3], "std": [0.2]},
+    )
+    return save(net, folder / file_name, card)
 
 
 @pytest.fixture
 def parent(tmp_path):
-    torch.manual_seed(0)
-    net = build_model(spatial_dims=2, in_channels=1, out_channels=1, widths=[8, 16, 16, 32, 32])
-    card = ModelCard(
-        architecture="prosma_unet",
-        arch_kwargs=net.config,
-        name="discs",
-        class_names=["background", "disc"],
-        normalization={"mode": "fixed", "scale": 255, "mean": [0.3], "std": [0.2]},
-    )
-    path = save(net, tmp_path / "parent", card)
-    return path
+    return _save_disc_model(tmp_path, "parent", "discs")
 
 
 def _cfg(**kw):
@@ -333,19 +334,7 @@ def test_guard_fires_on_a_real_run_that_gets_worse(tmp_path):
     part, and the guard keeps the parent active."""
     from napari_prosma.finetune import split_units
 
-    torch.manual_seed(0)
-    net = build_model(spatial_dims=2, in_channels=1, out_channels=1, widths=[8, 16, 16, 32, 32])
-    with torch.no_grad():
-        net.head.weight.zero_()
-        net.head.bias.fill_(0.5)  # sigmoid 0.62 everywhere: all foreground
-    card = ModelCard(
-        architecture="prosma_unet",
-        arch_kwargs=net.config,
-        name="allfg",
-        class_names=["background", "disc"],
-        normalization={"mode": "fixed", "scale": 255, "mean": [0.3], "std": [0.2]},
-    )
-    path = save(net, tmp_path / "allfg", card)
+    path = _save_disc_model(tmp_path, "allfg", "allfg", all_foreground=True)
     images, labels = _disc_images(16)
     cfg = _cfg(max_steps=30, eval_every=10, seed=0)
     _, sel, rep = split_units(16, cfg.holdout_fraction, np.random.default_rng(cfg.seed))

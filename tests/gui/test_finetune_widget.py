@@ -37,15 +37,9 @@ def store():
 
 def disc_stack(n: int = 8, size: int = 48, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(Z, Y, X)`` bright discs on noise, and their labels."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    imgs, labs = [], []
-    for _ in range(n):
-        cy, cx = rng.integers(14, size - 14, 2).tolist()
-        r = int(rng.integers(6, 11))
-        lab = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).astype(np.uint8)
-        imgs.append((rng.normal(60, 15, (size, size)) + 120 * lab).clip(0, 255).astype(np.uint8))
-        labs.append(lab)
+    from hardening_support import disc_images
+
+    imgs, labs = disc_images(n, size, seed, margin=14, radius=(6, 11))
     return np.stack(imgs), np.stack(labs)
 
 
