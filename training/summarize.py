@@ -36,7 +36,8 @@ PAPER = {  # Table 1 of the paper (IoU, F1), ProSMA-UNet / U-Net / Attention U-N
 }
 
 
-def _row(path: Path) -> dict | None:
+def _row(path: Path) -> tuple[dict, dict[str, float]] | None:
+    """One run's table row, and its per-image Dice (first class) by image id."""
     m = NAME.match(path.stem)
     if not m:
         return None
@@ -67,7 +68,11 @@ def _row(path: Path) -> dict | None:
             for k, v in classes.items()
         },
     }
-    return row
+    cases = {}
+    for c in res["evaluation"]["cases"]:
+        cls = next(v for k, v in c.items() if k != "id")
+        cases[c["id"]] = 100 * cls["dice"]
+    return row, cases
 
 
 def _ms(vals: list[float]) -> str:
@@ -76,24 +81,17 @@ def _ms(vals: list[float]) -> str:
     return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
 
 
-def _cases(run: str) -> dict[str, float]:
-    """Per-image Dice of one run's test images (first class), by image id."""
-    res = json.loads((RUNS / f"{run}.json").read_text())
-    out = {}
-    for c in res["evaluation"]["cases"]:
-        cls = next(v for k, v in c.items() if k != "id")
-        out[c["id"]] = 100 * cls["dice"]
-    return out
-
-
-def paired(a: str, b: str, n_boot: int = 10_000, seed: int = 0) -> dict | None:
+def paired(
+    a: str, b: str, cases: dict[str, dict[str, float]], n_boot: int = 10_000, seed: int = 0
+) -> dict | None:
     """Mean per-image Dice difference ``a - b`` on the test images both runs share (the same
-    split), with a 95 % paired bootstrap interval over images. None where a run is missing."""
+    split), with a 95 % paired bootstrap interval over images. None where a run is missing.
+    ``cases``: per-image Dice by run name (from :func:`_row`)."""
     import numpy as np
 
-    if not (RUNS / f"{a}.json").exists() or not (RUNS / f"{b}.json").exists():
+    if a not in cases or b not in cases:
         return None
-    ca, cb = _cases(a), _cases(b)
+    ca, cb = cases[a], cases[b]
     ids = sorted(set(ca) & set(cb))
     d = np.array([ca[i] - cb[i] for i in ids])
     rng = np.random.default_rng(seed)
@@ -106,7 +104,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", type=Path, default=RUNS / "summary.json")
     args = ap.parse_args()
-    rows = [r for p in sorted(RUNS.glob("*.json")) if (r := _row(p))]
+    loaded = [r for p in sorted(RUNS.glob("*.json")) if (r := _row(p))]
+    rows = [row for row, _ in loaded]
+    cases = {row["run"]: c for row, c in loaded}
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["arch"]), []).append(r)
@@ -154,7 +154,7 @@ def main() -> None:
         for seed in range(3):
             for base in ("unet", "attention_unet"):
                 pairs.append((f"{data}_prosma_s{seed}", f"{data}_{base}_s{seed}"))
-    diffs = [d for a, b in pairs if (d := paired(a, b))]
+    diffs = [d for a, b in pairs if (d := paired(a, b, cases))]
     print("\nPaired per-image Dice differences (same split, same test images; 95 % bootstrap CI):")
     print("\n| A | B | images | Dice A − B | 95 % CI |")
     print("|---|---|---:|---:|---|")
