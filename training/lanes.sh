@@ -31,14 +31,14 @@ CLAIMS=_device/claims.$T0
 mkdir -p "$CLAIMS"
 job() {  # job LANE NAME ARGS...
   local lane=$1 gpu=${1%%.*} name=$2; shift 2; local args="$*"
-    local left=$(( LIMIT - ($(date +%s) - T0) ))
-    if [ "$left" -lt 60 ]; then echo "[$lane] skip $name ($left s left)"; return; fi
-    echo "[$lane] +$(( $(date +%s) - T0 ))s start $name ($left s left)"
-    # shellcheck disable=SC2086
-    CUDA_VISIBLE_DEVICES=$gpu python3 training/run_train.py $args --out "_device/runs/$name" \
-      --set name="$name" --time-limit "$left" </dev/null >>"_device/logs/$name.log" 2>&1
-    local rc=$?
-    echo "[$lane] +$(( $(date +%s) - T0 ))s end $name rc=$rc | $(grep -E 'img/s|patches/s' "_device/logs/$name.log" | tail -n 1 | cut -c1-120) | $(tail -n 1 "_device/logs/$name.log")"
+  local left=$(( LIMIT - ($(date +%s) - T0) ))
+  if [ "$left" -lt 60 ]; then echo "[$lane] skip $name ($left s left)"; return; fi
+  echo "[$lane] +$(( $(date +%s) - T0 ))s start $name ($left s left)"
+  # shellcheck disable=SC2086
+  CUDA_VISIBLE_DEVICES=$gpu python3 training/run_train.py $args --out "_device/runs/$name" \
+    --set name="$name" --time-limit "$left" </dev/null >>"_device/logs/$name.log" 2>&1
+  local rc=$?
+  echo "[$lane] +$(( $(date +%s) - T0 ))s end $name rc=$rc | $(grep -E 'img/s|patches/s' "_device/logs/$name.log" | tail -n 1 | cut -c1-120) | $(tail -n 1 "_device/logs/$name.log")"
 }
 lane() {
   local lane=$1
