@@ -547,3 +547,27 @@ def test_cancel_or_crash_in_any_phase_leaves_the_parent_and_no_files(
     assert sorted(p.name for p in kept.iterdir()) == [
         "index.json", *(f"pair_{k:03d}.npz" for k in range(8))
     ]
+
+
+# ---------------------------------------------------------------------------- issue 12
+
+
+def test_nothing_held_out_saves_the_trained_weights(parent, tmp_path):
+    """Issue 12 #2: with one corrected image nothing is held out; the saved version must
+    hold the trained weights (it held the parent's), and the training loss fell."""
+    from safetensors.torch import load_file
+
+    store = ModelStore(tmp_path / "store")
+    images, labels = _disc_images(1)
+    result, vid = run_finetune(
+        parent, images, labels, store=store, config=_cfg(max_steps=40), replay=None
+    )
+    assert result.n_holdout == 0 and result.dice_before is None
+    losses = [h["loss"] for h in result.history]
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    before = load_file(str(parent))
+    after = load_file(str(store.get(vid).checkpoint))
+    weights = [k for k in before if k.endswith("weight")]
+    changed = [k for k in weights if not torch.equal(before[k], after[k])]
+    assert len(changed) > len(weights) // 2, changed
+    assert file_sha256(store.get(vid).checkpoint) != file_sha256(parent)

@@ -508,7 +508,8 @@ def finetune(
     loss_fn = _loss_fn(card)
     params = trainable_parameters(net, cfg.trainable)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    best_state = copy.deepcopy(net.state_dict())
+    # the state kept: the best on the selection part; with nothing held out, the last one
+    best_state = copy.deepcopy(net.state_dict()) if sel_units else None
     best = sel_before if sel_before is not None else -math.inf
     history: list[dict[str, float]] = []
     stale, stopped, step, replayed = 0, "max_steps", 0, 0
@@ -551,7 +552,8 @@ def finetune(
             stopped = "time_budget"
             break
     check()
-    net.load_state_dict(best_state)
+    if best_state is not None:
+        net.load_state_dict(best_state)
     sel_after = best if sel_units else None
     if independent:
         rep_after = holdout_dice(net, card, rep_units, str(device), cancelled)
