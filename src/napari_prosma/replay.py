@@ -305,18 +305,20 @@ def _read_pairs(
     folder: Path,
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[str], list[Any]]:
     from .io import is_supported, read_image, stem_of
+    from .pairing import pair_by_stem
 
     img_dir = folder / "images"
     lab_dir = next((folder / d for d in ("masks", "labels") if (folder / d).is_dir()), None)
     if not img_dir.is_dir() or lab_dir is None:
         return [], [], [], []
-    labs = {stem_of(p): p for p in lab_dir.iterdir() if p.is_file() and is_supported(p)}
+
+    def files(d: Path) -> list[Path]:
+        return sorted(p for p in d.iterdir() if p.is_file() and is_supported(p))
+
     images, labels, ids, spacings = [], [], [], []
-    for p in sorted(img_dir.iterdir()):
-        if not (p.is_file() and is_supported(p)) or stem_of(p) not in labs:
-            continue
+    for p, lab_path in pair_by_stem(files(img_dir), files(lab_dir), strict=False):
         im = read_image(p)
-        lab = np.asarray(read_image(labs[stem_of(p)]).data)
+        lab = np.asarray(read_image(lab_path).data)
         if lab.ndim == im.data.ndim and im.kind == "rgb":
             lab = lab[..., 0]
         if lab.ndim == 2 and lab.dtype == np.uint8 and lab.max() == 255:
