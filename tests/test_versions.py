@@ -173,6 +173,7 @@ def test_two_processes_finetuning_into_one_store_get_two_versions(tmp_path):
 def test_the_store_lock_is_not_held_while_training(tmp_path):
     """Another process may reserve an id or activate a model while a run trains."""
     import fcntl
+    import os
 
     from hardening_support import disc_images, save_tiny
     from napari_prosma.finetune import FinetuneConfig, run_finetune
@@ -183,14 +184,21 @@ def test_the_store_lock_is_not_held_while_training(tmp_path):
     free = []
 
     def progress(p):
-        with open(store.root / ".lock", "a+b") as f:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-                free.append(True)
-            except BlockingIOError:
-                free.append(False)
+        fd = os.open(store.root, os.O_RDONLY)  # the store locks its folder
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            free.append(True)
+        except BlockingIOError:
+            free.append(False)
+        finally:
+            os.close(fd)
 
     cfg = FinetuneConfig(max_steps=2, time_budget_s=None, batch_size=2, device="cpu")
     run_finetune(parent, images, labels, store=store, config=cfg, progress=progress)
     assert free and all(free)
+    with store.lock():  # and it is held while locked (the probe above can fail)
+        fd = os.open(store.root, os.O_RDONLY)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(fd)

@@ -16,7 +16,7 @@ behind (its saved corrections stay in ``ROOT/.incoming`` and are reported, not d
 
 Two runs into one store at once (two napari windows, a CLI run beside the widget) never
 meet: the store is locked across processes (:meth:`ModelStore.lock`, an ``flock`` on
-``ROOT/.lock``) while a version id is reserved, while a finished run is renamed into place,
+the folder) while a version id is reserved, while a finished run is renamed into place,
 while the active model is switched and while dead runs are tidied up — milliseconds each,
 never during training.
 """
@@ -41,7 +41,7 @@ import numpy as np
 from .checkpoint import CheckpointError, ModelCard, atomic_write_bytes, read_card
 
 _OWNER = "owner.json"  # in a staging folder: the process that is writing it, the id it holds
-_LOCK = ".lock"  # the store's lock file (its content is never read)
+_LOCK = ".lock"  # lock file where the folder itself cannot be locked (see _flock)
 _STAGE = ".stage-"  # prefix of staging folders: short, so long model names still fit
 _BASE_MAX = 80  # characters of a model name kept in a version id
 STALE_TMP_S = 3600  # a temporary file this old in the store folder was left by a killed write
@@ -67,31 +67,55 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path`` that other processes (and threads) wait for."""
-    with open(path, "a+b") as f:
-        if os.name == "nt":  # pragma: no cover - Windows
-            import msvcrt
+def _flock(root: Path) -> Iterator[None]:
+    """An exclusive lock on the folder ``root`` that other processes (and threads) wait for.
 
-            while True:
-                try:
-                    msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)
-                    break
-                except OSError:
-                    continue
-            try:
-                yield
-            finally:
-                f.seek(0)
-                msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+    On POSIX the folder itself is locked (``flock`` on its descriptor), so the store holds
+    no extra file; where a folder cannot be locked (some network file systems, Windows)
+    the lock file ``root/.lock`` is locked instead.
+    """
+    if os.name != "nt":
+        import fcntl
+
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
         else:
-            import fcntl
-
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             try:
                 yield
             finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+            return
+    with open(root / _LOCK, "a+b") as f:
+        _lock_file(f)
+        try:
+            yield
+        finally:
+            _lock_file(f, unlock=True)
+
+
+def _lock_file(f: Any, unlock: bool = False) -> None:
+    """Lock (or unlock) an open file: ``fcntl.flock``, or ``msvcrt.locking`` on Windows."""
+    if os.name != "nt":
+        import fcntl
+
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN if unlock else fcntl.LOCK_EX)
+        return
+    import msvcrt  # pragma: no cover - Windows
+
+    f.seek(0)
+    if unlock:
+        msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+        return
+    while True:  # LK_LOCK gives up after 10 s; a run holds the lock for milliseconds
+        try:
+            msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)
+            return
+        except OSError:
+            continue
 
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}$")
@@ -219,7 +243,7 @@ class ModelStore:
         :meth:`staging` (each takes the lock itself).
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        with _flock(self.root / _LOCK):
+        with _flock(self.root):
             yield
 
     # ------------------------------------------------------------------ new versions
