@@ -159,3 +159,28 @@ def test_unmatched_or_ambiguous_files_are_refused_by_name(tmp_path, capsys):
     assert "no image for case4_mask.png" in err
     assert "more than one label file for case1.png (case1_mask.png, case1_seg.png)" in err
     assert not (tmp_path / "store").exists()
+
+
+def test_cli_takes_0_255_masks_as_binary_and_refuses_fractional_labels(tmp_path, capsys):
+    """Issue 12 #7 through the CLI: 0/255 PNG masks (Kvasir, BUSI) train a binary model and
+    it is said; float labels 0.6 are refused by value (they were truncated to 0)."""
+    import tifffile
+    from PIL import Image
+
+    ckpt = _tiny(tmp_path / "m")
+    images, masks = _png_pairs(tmp_path / "user", 2)
+    for f in masks.iterdir():
+        Image.fromarray((np.asarray(Image.open(f)) * 255).astype(np.uint8)).save(f)
+    assert _run(str(images), str(masks), "--model", str(ckpt), "-o", str(tmp_path / "s"),
+                "--replay", "none") == 0
+    out = capsys.readouterr().out
+    assert "note: the labels are stored as 0 and 255: taken as 0 = background" in out
+    (tmp_path / "flt").mkdir()
+    for f in masks.iterdir():
+        lab = (np.asarray(Image.open(f)) > 0) * np.float32(0.6)
+        tifffile.imwrite(tmp_path / "flt" / f"{f.stem}.tif", lab.astype(np.float32))
+    rc = _run(str(images), str(tmp_path / "flt"), "--model", str(ckpt),
+              "-o", str(tmp_path / "s2"))
+    err = capsys.readouterr().err
+    assert rc == 1 and "fractional values (0.6)" in err and "Traceback" not in err
+    assert not (tmp_path / "s2").exists() or ModelStore(tmp_path / "s2").versions() == []

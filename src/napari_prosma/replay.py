@@ -321,8 +321,6 @@ def _read_pairs(
         lab = np.asarray(read_image(lab_path).data)
         if lab.ndim == im.data.ndim and im.kind == "rgb":
             lab = lab[..., 0]
-        if lab.ndim == 2 and lab.dtype == np.uint8 and lab.max() == 255:
-            lab = (lab > 127).astype(np.uint8)  # 0/255 masks
         images.append(im.data)
         labels.append(lab)
         ids.append(stem_of(p))
@@ -337,15 +335,14 @@ def _fit_classes(
 ) -> list[tuple[np.ndarray, np.ndarray, Any]]:
     """Labels as the model's classes: binary models learn foreground vs background; a
     multi-class model refuses labels beyond its classes."""
-    k = max(card.out_channels, 2)
+    from .finetune import check_labels
+
     out = []
     for img, lab, sp in units:
-        lab = np.asarray(lab).astype(np.int64)
-        if card.out_channels == 1:
+        lab = np.asarray(lab)
+        if card.out_channels == 1 and lab.dtype.kind in "biu":
             lab = (lab > 0).astype(np.int64)
-        elif lab.size and int(lab.max()) >= k:
-            raise InputError(
-                f"the replay labels use class {int(lab.max())} but the model knows {k} classes"
-            )
+        else:
+            lab = check_labels(lab, card, "the replay labels")[0]  # 0/255: 0/1 if binary
         out.append((img, lab, sp))
     return out

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         lab = read_image(lp).data
         if lab.ndim == 3 and lab.shape[-1] in (3, 4) and images[-1].ndim == 2:
             lab = lab[..., 0]
-        labels.append(np.asarray(lab).astype(np.int64))
+        labels.append(np.asarray(lab))  # values checked by finetune.check_labels
     cfg = FinetuneConfig(
         trainable=args.trainable,
         max_steps=args.max_steps,
