@@ -628,7 +628,7 @@ class FinetuneWidget(WorkerHost, QWidget):
         if replay.get("message") and replay.get("message") != "replay is off":
             took += f"; {replay['message']}"
         for note in result.notes:
-            if "interrupted" in note:  # an earlier killed run's corrections were recovered
+            if "interrupted" in note or note.startswith("the labels are stored as"):
                 took += f". Note: {note}"
                 notify_info(note)
         self.refresh_versions()
