@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
+from ..errors import UserError  # noqa: F401  (lives in errors.py; re-exported)
 
 #: Subcommand name -> module (relative to this package), in ``--help`` order.
 COMMANDS = {
@@ -29,8 +30,6 @@ COMMANDS = {
 }
 
 
-class UserError(Exception):
-    """An error whose message is meant for the user as it stands."""
 
 
 def build_parser() -> argparse.ArgumentParser:
