@@ -100,8 +100,8 @@ def resolve_model(spec: Spec, store: ModelStore | str | os.PathLike[str] | None 
         if in_store is not None:
             return in_store
     raise CheckpointError(
-        f"no model {text!r}: it is not a checkpoint file, a bundled model "
-        f"({', '.join(bundled) or 'none installed'}) or a fine-tuned version in {root}"
+        f"no checkpoint at {text} and no bundled model of that name "
+        f"({', '.join(bundled) or 'none installed'}) or fine-tuned version in {root}"
     )
 
 
