@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import threading
+from collections.abc import Callable
 
 #: Errors whose message is written for the user as it stands.
 _USER_FACING = (
@@ -47,3 +49,37 @@ def user_message(exc: BaseException) -> str:
     if "out of memory" in text.lower():
         return "the GPU ran out of memory; try the CPU or smaller tiles"
     return f"{text} ({name})" if text else name
+
+
+# ---------------------------------------------------------------------------- cancel
+
+
+class UserError(Exception):
+    """An error whose message is meant for the user as it stands (CLI usage, a refused run)."""
+
+
+class Cancelled(Exception):
+    """The run was cancelled by the user; nothing was produced or written."""
+
+    def __init__(self, message: str = "the segmentation was cancelled; nothing was changed"):
+        super().__init__(message)
+
+
+#: What a long job accepts as its cancel flag: a callable returning True to stop, a
+#: ``threading.Event`` (or anything with ``is_set``), or None (never cancelled).
+CancelFlag = Callable[[], bool] | threading.Event | None
+
+
+def cancel_check(cancel: CancelFlag) -> Callable[[], bool]:
+    """The one cancel adapter: ``cancel`` as a function that returns True once cancelled.
+
+    Raises:
+        TypeError: ``cancel`` is neither None, an event nor a callable.
+    """
+    if cancel is None:
+        return lambda: False
+    if hasattr(cancel, "is_set"):
+        return cancel.is_set
+    if callable(cancel):
+        return lambda: bool(cancel())
+    raise TypeError("cancel must be a callable or a threading.Event")

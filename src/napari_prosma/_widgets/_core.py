@@ -34,6 +34,13 @@ from ..inference.types import (
     StageGates,
     gate_sparsity_range,  # noqa: F401  (re-exported)
 )
+from ..models import (  # noqa: F401  (moved to models.py; re-exported)
+    _MODEL_CACHE,
+    ModelChoice,
+    get_model,
+    model_choices,
+    read_model_card,
+)
 from ..preprocess import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -429,84 +436,6 @@ def place(
 def class_name(names: Sequence[str], k: int) -> str:
     """Name of class ``k`` (``"class k"`` when the card names none)."""
     return names[k] if k < len(names) and names[k] else f"class {k}"
-
-
-# ---------------------------------------------------------------------------- models
-
-
-@dataclass
-class ModelChoice:
-    """An entry of the model chooser: a bundled name, a store version or a file."""
-
-    label: str
-    spec: str
-    kind: str  # "bundled", "version", "file"
-
-
-def model_choices(extra_files: Iterable[str] = ()) -> tuple[list[ModelChoice], str | None]:
-    """Bundled models, the user's fine-tuned versions and added files; and the spec of the
-    active model (from :class:`~napari_prosma.versions.ModelStore`), if any."""
-    from ..checkpoint import list_bundled
-    from ..versions import ModelStore
-
-    choices = [ModelChoice(f"{n}  (bundled)", n, "bundled") for n in list_bundled()]
-    active_spec = None
-    try:
-        store = ModelStore()
-        versions = store.versions()
-        active = store.active()
-    except OSError:
-        versions, active = [], None
-    for v in versions:
-        choices.append(ModelChoice(f"{v.id}  (fine-tuned)", str(v.checkpoint), "version"))
-        if active == v.id:
-            active_spec = str(v.checkpoint)
-    if active_spec is None and active:
-        if any(c.spec == active for c in choices):
-            active_spec = active
-    for f in extra_files:
-        if not any(c.spec == f for c in choices):
-            try:
-                name = read_model_card(f).name
-            except Exception:  # shown as unusable once selected
-                name = ""
-            base = os.path.basename(f)
-            label = f"{name}  (file {base})" if name and name != base else f"{base}  (file)"
-            choices.append(ModelChoice(label, f, "file"))
-    if active_spec is not None:
-        for c in choices:
-            if c.spec == active_spec:
-                c.label += "  ★ active"
-    return choices, active_spec
-
-
-_MODEL_CACHE: dict[tuple[str, float, str], tuple[Any, Any]] = {}
-
-
-def get_model(spec: str, device: str = "auto") -> tuple[torch.nn.Module, ModelCard]:
-    """Load (and cache, per file and device) a model; safe to call from a worker thread."""
-    from ..checkpoint import checkpoint_paths, resolve
-    from ..inference import load_model, resolve_device
-
-    path = resolve(spec)
-    weights, _ = checkpoint_paths(path)
-    try:
-        mtime = os.path.getmtime(weights)
-    except OSError:
-        mtime = 0.0
-    key = (str(path), mtime, str(resolve_device(device)))
-    if key not in _MODEL_CACHE:
-        if len(_MODEL_CACHE) > 4:
-            _MODEL_CACHE.clear()
-        _MODEL_CACHE[key] = load_model(path, device=device)
-    return _MODEL_CACHE[key]
-
-
-def read_model_card(spec: str) -> ModelCard:
-    """The card of a model spec (bundled name or path), without loading weights."""
-    from ..checkpoint import read_card, resolve
-
-    return read_card(resolve(spec))
 
 
 # ---------------------------------------------------------------------------- fine-tuning

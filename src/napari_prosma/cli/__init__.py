@@ -10,13 +10,18 @@ as a traceback (set ``PROSMA_DEBUG=1`` to see one).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from .. import __version__
+from ..errors import UserError  # noqa: F401  (lives in errors.py; re-exported)
 
 #: Subcommand name -> module (relative to this package), in ``--help`` order.
 COMMANDS = {
@@ -27,10 +32,6 @@ COMMANDS = {
     "info": ".info",
     "demo": ".demo",
 }
-
-
-class UserError(Exception):
-    """An error whose message is meant for the user as it stands."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +48,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: handled like Ctrl-C (the work in progress is undone)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_as_interrupt() -> Iterator[None]:
+    """While the body runs, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread,
+    so a ``kill`` (or a closed terminal, a batch system's time limit) cleans up exactly as
+    Ctrl-C does instead of leaving half a set of outputs and temporary files. Once one has
+    arrived, further ones are ignored until the cleanup is done. The previous handlers are
+    restored afterwards (``main`` is also called in-process, by tests and scripts)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    names = [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    nums = [getattr(signal, n) for n in names]
+
+    def handler(signum: int, frame: Any) -> None:
+        for n in nums:
+            signal.signal(n, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    previous = {n: signal.signal(n, handler) for n in nums}
+    try:
+        yield
+    finally:
+        for n, h in previous.items():
+            signal.signal(n, h)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``prosma`` console script; returns the exit code."""
     parser = build_parser()
@@ -61,7 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        with _signals_as_interrupt():
+            return int(args._run(args) or 0)
+    except Terminated as e:
+        name = signal.Signals(e.signum).name
+        print(f"prosma: stopped by {name}; the file in progress was not kept", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("prosma: interrupted", file=sys.stderr)
         return 130
@@ -69,8 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("PROSMA_DEBUG"):
             raise
         from ..errors import user_message
+        from .text import printable
 
-        print(f"prosma {args.command}: error: {user_message(e)}", file=sys.stderr)
+        print(f"prosma {args.command}: error: {printable(user_message(e))}", file=sys.stderr)
         return 1
 
 

@@ -3,8 +3,10 @@
 Labels are written with the input's geometry (NIfTI affine and header, TIFF resolution);
 probabilities, uncertainty and gate maps optionally beside them (NIfTI for NIfTI input,
 TIFF otherwise). A file that fails is reported in one line on stderr and skipped; the exit
-code is 0 only if every file succeeded. Writes are atomic and never overwrite existing
-files unless ``--overwrite``; the outputs of a file that failed half-way are removed.
+code is 0 only if every file succeeded. Writes are atomic; an output never replaces an
+input of the run, ``--overwrite`` replaces only earlier outputs of ``prosma predict`` (see
+:mod:`.outputs`), and the outputs of a file that failed half-way are removed. Progress goes
+to stderr (``-q`` for none).
 """
 
 from __future__ import annotations
@@ -16,21 +18,30 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .outputs import output_paths
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "predict",
         help="segment images or volumes with a model",
         description="Segment PNG/JPEG/TIFF/NIfTI files (or folders of them, one level deep) "
-        "and write label maps with the input's geometry into OUT.",
+        "and write label maps with the input's geometry into OUT. Files an earlier run "
+        f"wrote (recorded in each output folder's {_manifest()}) are never read as input.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     p.add_argument(
         "--model",
-        metavar="NAME_OR_PATH",
-        help="bundled model name or checkpoint path (default: the bundled model that suits "
-        "each image: colour, greyscale or 3D)",
+        metavar="MODEL",
+        help="bundled model name, checkpoint path, fine-tuned version id or version folder "
+        "(default: the bundled model that suits each image: colour, greyscale or 3D)",
+    )
+    p.add_argument(
+        "--store",
+        metavar="DIR",
+        help="model store holding fine-tuned versions (default: $PROSMA_MODEL_DIR or the "
+        "user data folder; the -o of prosma finetune)",
     )
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument(
@@ -55,58 +66,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--overlap", type=float, default=0.5, help="tile overlap in [0, 1) (default 0.5)"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace outputs of an earlier prosma predict run (never other files)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress and no per-file lines")
     return p
 
 
-def collect_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
-    """Expand files and folders (one level of sub-folders) into ``(file, relative_dir)``.
+def _manifest() -> str:
+    from .outputs import MANIFEST
 
-    Files named explicitly are kept whatever their suffix (a wrong one is reported later);
-    inside folders only supported image files are taken, hidden files skipped.
-    """
-    from ..io import is_supported
-
-    found: list[tuple[Path, Path]] = []
-    for item in inputs:
-        p = Path(item).expanduser()
-        if not p.is_dir():
-            found.append((p, Path()))
-            continue
-        for child in sorted(p.iterdir()):
-            if child.name.startswith("."):
-                continue
-            if child.is_file() and is_supported(child):
-                found.append((child, Path()))
-            elif child.is_dir():
-                found += [
-                    (f, Path(child.name))
-                    for f in sorted(child.iterdir())
-                    if f.is_file() and not f.name.startswith(".") and is_supported(f)
-                ]
-    return found
-
-
-def output_paths(
-    src: Path, kind_fmt: str | None, out_dir: Path, args: argparse.Namespace, n_stages: int = 0
-) -> dict[str, Path]:
-    """Where the outputs of ``src`` go: labels always, the rest when asked for."""
-    from ..io import stem_of
-
-    stem = stem_of(src)
-    nifti = kind_fmt == "nifti"
-    lab_ext = ".nii.gz" if nifti else (".tif" if kind_fmt == "tiff" else ".png")
-    map_ext = ".nii.gz" if nifti else ".tif"
-    paths = {"labels": out_dir / f"{stem}_labels{lab_ext}"}
-    if args.probabilities:
-        paths["probabilities"] = out_dir / f"{stem}_probabilities{map_ext}"
-    if args.tta:
-        paths["uncertainty"] = out_dir / f"{stem}_uncertainty{map_ext}"
-    if args.gates:
-        paths["gates_psi"] = out_dir / f"{stem}_gates_psi{map_ext}"
-        paths["gates_zero"] = out_dir / f"{stem}_gates_zero{map_ext}"
-        paths["gates_json"] = out_dir / f"{stem}_gates.json"
-    return paths
+    return MANIFEST
 
 
 def gates_summary(pred: Any) -> dict[str, Any]:
@@ -141,8 +113,7 @@ def check_fit(src: Path, kind: str, spatial_dims: int) -> None:
 
     if kind == "rgb" and spatial_dims == 3:
         raise UserError(
-            f"{src.name} is a 2D colour image but the model segments 3D volumes; "
-            "choose a 2D model"
+            f"{src.name} is a 2D colour image but the model segments 3D volumes; choose a 2D model"
         )
     if kind == "volume" and spatial_dims == 2:
         raise UserError(
@@ -154,33 +125,33 @@ def check_fit(src: Path, kind: str, spatial_dims: int) -> None:
 class _Models:
     """Loads each model once; picks the bundled default per image kind when none is named."""
 
-    def __init__(self, name: str | None, device: str):
-        self.name, self.device = name, device
+    def __init__(self, name: str | None, store: str | None):
+        self.name, self.store = name, store
         self.cache: dict[str, Any] = {}
 
     def get(self, kind: str) -> tuple[str, Any, Any]:
         from ..inference import load_model
-        from ..inference.bundled import default_model_name
+        from ..models import default_model_name, resolve_model
         from . import UserError
 
         name = self.name or default_model_name(kind)
         if name is None:
-            raise UserError(f"no bundled model suits a {kind} image; pass --model NAME_OR_PATH")
+            raise UserError(f"no bundled model suits a {kind} image; pass --model MODEL")
         if name not in self.cache:
-            self.cache[name] = load_model(name, device="cpu")
+            self.cache[name] = load_model(resolve_model(name, self.store), device="cpu")
         model, card = self.cache[name]
         return name, model, card
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import user_message
-    from ..inference import predict, resolve_device
-    from ..io import atomic_write, read_image, write_image, write_labels
+    from ..inference import resolve_device
+    from ..models import resolve_model
     from . import UserError
+    from .outputs import output_format, refuse_outputs_over_inputs
 
     if not 0 <= args.overlap < 1:
         raise UserError(f"--overlap must be at least 0 and below 1, got {args.overlap}")
-    resolve_device(args.device)  # fail once, early, on a missing GPU
+    device = resolve_device(args.device)  # fail once, early, on a missing GPU
     if args.model is None:
         from ..checkpoint import list_bundled
 
@@ -189,92 +160,22 @@ def run(args: argparse.Namespace) -> int:
                 "no bundled models are installed in this version; pass --model with a "
                 "checkpoint path"
             )
-    files = collect_inputs(args.inputs)
-    if not files:
-        raise UserError("no image files found in the given input(s)")
+    else:
+        resolve_model(args.model, args.store)  # a model that does not exist: one line, early
     out_root = Path(args.output).expanduser()
     if out_root.exists() and not out_root.is_dir():
         raise UserError(f"the output {out_root} exists and is not a folder")
-    models = _Models(args.model, args.device)
+    files = _inputs(args)
+    plans = [
+        (src, output_paths(src, output_format(src), out_root / rel, **_wanted(args)))
+        for src, rel in files
+    ]
+    refuse_outputs_over_inputs(plans)
+    models = _Models(args.model, args.store)
+    unit = "tiles" if device.type == "cpu" else "tile batches"
     failed, planned = 0, set()
-    for src, rel in files:
-        written: list[Path] = []
-        t0 = time.perf_counter()
-        try:
-            img = read_image(src)
-            name, model, card = models.get(img.kind)
-            check_fit(src, img.kind, card.spatial_dims)
-            paths = output_paths(src, img.format, out_root / rel, args)
-            if any(p in planned for p in paths.values()):  # same stem twice in this run
-                raise UserError(f"another input already writes {paths['labels'].name}; rename one")
-            planned.update(paths.values())
-            if not args.overwrite:
-                for p in paths.values():
-                    if p.exists():
-                        raise FileExistsError(
-                            f"{p} exists already; it is never overwritten (use --overwrite)"
-                        )
-            pred = predict(
-                img.data,
-                model,
-                card,
-                spacing=img.spacing if img.kind == "volume" else None,
-                device=args.device,
-                tile_size=args.tile_size,
-                overlap=args.overlap,
-                tta=args.tta,
-                return_probabilities=args.probabilities,
-                return_gates=args.gates,
-            )
-            ow = args.overwrite
-            written.append(write_labels(paths["labels"], pred.labels, img, overwrite=ow))
-            if "probabilities" in paths:
-                written.append(
-                    write_image(paths["probabilities"], pred.probabilities, img, overwrite=ow)
-                )
-            if "uncertainty" in paths:
-                written.append(
-                    write_image(paths["uncertainty"], pred.uncertainty, img, overwrite=ow)
-                )
-            if "gates_json" in paths:
-                import numpy as np
-
-                psi = [g.psi for g in pred.gates if g.psi is not None]
-                zero = [g.zero_map for g in pred.gates if g.zero_map is not None]
-                if psi:
-                    written.append(
-                        write_image(paths["gates_psi"], np.stack(psi), img, overwrite=ow)
-                    )
-                if zero:
-                    written.append(
-                        write_image(paths["gates_zero"], np.stack(zero), img, overwrite=ow)
-                    )
-                text = json.dumps(
-                    {"model": name, "image": str(src), **gates_summary(pred)}, indent=1
-                )
-                written.append(
-                    atomic_write(
-                        paths["gates_json"],
-                        lambda t, text=text: t.write_text(text + "\n"),
-                        overwrite=ow,
-                    )
-                )
-        except KeyboardInterrupt:
-            _remove(written)
-            raise
-        except Exception as e:
-            _remove(written)
-            failed += 1
-            print(f"prosma predict: {src}: {user_message(e)}", file=sys.stderr)
-            continue
-        shape = "×".join(str(s) for s in img.data.shape)
-        secs = time.perf_counter() - t0
-        print(
-            f"{src.name}: {shape} {img.kind}, model {name}, {pred.device}, {secs:.2f} s "
-            f"-> {paths['labels']}"
-        )
-        for note in img.warnings + pred.notes:
-            print(f"  note: {note}")
+    for src, paths in plans:
+        failed += not _segment_file(src, paths, models, args, planned, unit)
     n = len(files)
     if failed:
         if n > 1:  # one file: its own line said it all
@@ -283,8 +184,171 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return 1
-    print(f"done: {n} file(s) segmented into {out_root}")
+    if not args.quiet:
+        print(f"done: {n} file(s) segmented into {_p(out_root)}")
     return 0
+
+
+def _wanted(args: argparse.Namespace) -> dict[str, bool]:
+    return {"probabilities": args.probabilities, "tta": args.tta, "gates": args.gates}
+
+
+def _p(text: Any) -> str:
+    from .text import printable
+
+    return printable(text)
+
+
+def _inputs(args: argparse.Namespace) -> list[tuple[Path, Path]]:
+    """The files to segment; earlier outputs among the inputs are skipped and said."""
+    from . import UserError
+    from .outputs import MANIFEST, collect_inputs
+
+    found = collect_inputs(args.inputs)
+    n_skipped = sum(len(v) for v in found.skipped.values())
+    if not args.quiet:
+        for folder, skipped in found.skipped.items():
+            print(
+                f"note: skipped {len(skipped)} file(s) in {_p(folder)} that an earlier "
+                f"prosma predict wrote (listed in its {MANIFEST})"
+            )
+    if not found.files:
+        if n_skipped:
+            raise UserError(
+                f"no image files to segment: the {n_skipped} file(s) found are outputs of an "
+                "earlier prosma predict run"
+            )
+        raise UserError("no image files found in the given input(s)")
+    return found.files
+
+
+def _refuse_existing(paths: dict[str, Path], overwrite: bool) -> None:
+    """Refuse outputs that exist, unless ``overwrite`` and they are earlier outputs."""
+    from .outputs import is_own_output
+
+    for p in paths.values():
+        if not p.exists():
+            continue
+        if not overwrite:
+            raise FileExistsError(f"{p} exists already; it is never overwritten (use --overwrite)")
+        if not is_own_output(p):
+            raise FileExistsError(
+                f"{p} exists and was not written by prosma predict (or was changed since); "
+                "it is never replaced, even with --overwrite: choose another output folder"
+            )
+
+
+def _segment_file(
+    src: Path,
+    paths: dict[str, Path],
+    models: _Models,
+    args: argparse.Namespace,
+    planned: set[Path],
+    unit: str,
+) -> bool:
+    """Segment one file and write its outputs; on failure, one line on stderr and none
+    of its outputs left behind. Returns whether it succeeded."""
+    from ..errors import user_message
+    from ..inference import predict
+    from ..io import read_image
+    from . import UserError
+    from .outputs import record_outputs
+    from .progress import Progress
+
+    written: list[Path] = []
+    t0 = time.perf_counter()
+    progress = Progress(_p(src.name), unit, quiet=args.quiet)
+    try:
+        img = read_image(src)
+        name, model, card = models.get(img.kind)
+        check_fit(src, img.kind, card.spatial_dims)
+        if any(p in planned for p in paths.values()):  # same stem twice in this run
+            raise UserError(f"another input already writes {paths['labels'].name}; rename one")
+        planned.update(paths.values())
+        _refuse_existing(paths, args.overwrite)
+        pred = predict(
+            img.data,
+            model,
+            card,
+            spacing=img.spacing if img.kind == "volume" else None,
+            device=args.device,
+            tile_size=args.tile_size,
+            overlap=args.overlap,
+            tta=args.tta,
+            return_probabilities=args.probabilities,
+            return_gates=args.gates,
+            progress=progress,
+        )
+        progress.close()
+        _write_outputs(paths, pred, img, name, src, args.overwrite, written)
+        record_outputs(paths["labels"].parent, written, src, str(name))
+    except KeyboardInterrupt:
+        progress.close()
+        _remove(written)
+        raise
+    except Exception as e:
+        progress.close()
+        _remove(written)
+        print(f"prosma predict: {_p(src)}: {_p(user_message(e))}", file=sys.stderr)
+        return False
+    _report(src, img, name, pred, paths, time.perf_counter() - t0, args.quiet)
+    return True
+
+
+def _write_outputs(
+    paths: dict[str, Path],
+    pred: Any,
+    img: Any,
+    name: str,
+    src: Path,
+    ow: bool,
+    written: list[Path],
+) -> None:
+    """Write the labels and the maps asked for, appending each file to ``written`` as
+    soon as it is on disk (so that a failure can remove them)."""
+    import numpy as np
+
+    from ..io import atomic_write, write_image, write_labels
+
+    written.append(write_labels(paths["labels"], pred.labels, img, overwrite=ow))
+    if "probabilities" in paths:
+        written.append(write_image(paths["probabilities"], pred.probabilities, img, overwrite=ow))
+    if "uncertainty" in paths:
+        written.append(write_image(paths["uncertainty"], pred.uncertainty, img, overwrite=ow))
+    if "gates_json" in paths:
+        psi = [g.psi for g in pred.gates if g.psi is not None]
+        zero = [g.zero_map for g in pred.gates if g.zero_map is not None]
+        if psi:
+            written.append(write_image(paths["gates_psi"], np.stack(psi), img, overwrite=ow))
+        if zero:
+            written.append(write_image(paths["gates_zero"], np.stack(zero), img, overwrite=ow))
+        text = json.dumps({"model": name, "image": str(src), **gates_summary(pred)}, indent=1)
+        written.append(
+            atomic_write(paths["gates_json"], lambda t: t.write_text(text + "\n"), overwrite=ow)
+        )
+
+
+def _report(
+    src: Path,
+    img: Any,
+    name: str,
+    pred: Any,
+    paths: dict[str, Path],
+    secs: float,
+    quiet: bool,
+) -> None:
+    """The file's result line and its notes (notes on stderr under ``-q``)."""
+    shape = "×".join(str(s) for s in img.data.shape)
+    if not quiet:
+        print(
+            f"{_p(src.name)}: {shape} {img.kind}, model {_p(name)}, {pred.device}, "
+            f"{secs:.2f} s -> {_p(paths['labels'])}"
+        )
+    for note in img.warnings + pred.notes:
+        if quiet:
+            print(f"{_p(src.name)}: note: {_p(note)}", file=sys.stderr)
+        else:
+            print(f"  note: {_p(note)}")
 
 
 def _remove(paths: list[Path]) -> None:

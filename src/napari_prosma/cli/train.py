@@ -1,4 +1,8 @@
-"""``prosma train RECIPE``: train (or resume) a model from a TOML recipe."""
+"""``prosma train RECIPE``: train (or resume) a model from a TOML recipe.
+
+Log lines (every ``log_every`` epochs) go to stdout; progress (epochs done, time spent and
+left) to stderr, at most every few seconds; ``-q`` keeps only the final lines.
+"""
 
 from __future__ import annotations
 
@@ -32,14 +36,21 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key"
     )
-    p.add_argument("--quiet", action="store_true", help="print only the final lines")
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print only the final lines (no log lines, no progress on stderr)",
+    )
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
     import sys
 
     from ..train import TrainConfig, overrides_from_strings, train
+    from .progress import Progress
 
     over = overrides_from_strings(args.set)
     for key, val in (
@@ -56,12 +67,19 @@ def run(args: argparse.Namespace) -> int:
         over["resume"] = False
     cfg = TrainConfig.from_toml(args.recipe, over)
     log = None if args.quiet else (lambda s: print(s, flush=True))
-    res = train(
-        cfg,
-        log=log,
-        command="prosma " + " ".join(sys.argv[1:]),
-        max_epochs=args.max_epochs,
-        time_limit=args.time_limit,
-    )
+    # under torchrun every rank reports; rank 0 speaks for all
+    rank0 = os.environ.get("RANK", "0") == "0"
+    bar = Progress("training", "epochs", quiet=args.quiet or not rank0)
+    try:
+        res = train(
+            cfg,
+            log=log,
+            progress=lambda p: bar(p.epoch, p.epochs),
+            command="prosma " + " ".join(sys.argv[1:]),
+            max_epochs=args.max_epochs,
+            time_limit=args.time_limit,
+        )
+    finally:
+        bar.close()
     print(f"{res.status}: {res.out_dir} (epoch {res.epoch}/{cfg.epochs})", flush=True)
     return 0 if res.status in ("finished", "already finished", "stopped") else 1

@@ -7,12 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
-class Cancelled(Exception):
-    """The run was cancelled by the user; nothing was produced or written."""
-
-    def __init__(self, message: str = "the segmentation was cancelled; nothing was changed"):
-        super().__init__(message)
+from ..errors import Cancelled  # noqa: F401  (lives in errors.py; re-exported)
 
 
 @dataclass
