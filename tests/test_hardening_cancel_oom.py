@@ -71,9 +71,10 @@ def test_segment_job_cancel_before_and_after_loading_the_model(tmp_path, monkeyp
     """The Segment widget's worker job polls before and after loading the model."""
     from napari_prosma._widgets import _core
     from napari_prosma._widgets.segment import _compute
+    from napari_prosma.inference.plan import plan_input
 
     ckpt = save_tiny(tmp_path)
-    plan = _core.plan_input(smooth_image((32, 32)), rgb=False, spatial_dims=2)
+    plan = plan_input(smooth_image((32, 32)), rgb=False, spatial_dims=2)
     req = {"spec": str(ckpt), "device": "cpu", "plan": plan, "tta": False,
            "probabilities": False, "gates": True}
     before = threading.Event()

@@ -47,7 +47,8 @@ def warnings_since(n: int) -> list[str]:
     from napari.utils.notifications import NotificationSeverity, notification_manager
 
     return [
-        str(r.message) for r in notification_manager.records[n:]
+        str(r.message)
+        for r in notification_manager.records[n:]
         if r.severity == NotificationSeverity.WARNING
     ]
 
@@ -78,12 +79,12 @@ def corrected(make_napari_viewer, tmp_path):
     seg = segment_widget(viewer, ckpt)
     seg.run(sync=True)
     labels = seg.last_labels
-    prediction = labels.metadata["prosma"]["result"].labels.copy()
+    prediction = labels.metadata["prosma"]["prediction"].copy()
     assert not np.array_equal(prediction, truth)  # the random model is wrong
     labels.data[:] = truth  # the user's corrections, painted into the layer
     labels.refresh()
     # the Segment widget keeps its prediction apart from the layer the user paints on
-    np.testing.assert_array_equal(labels.metadata["prosma"]["result"].labels, prediction)
+    np.testing.assert_array_equal(labels.metadata["prosma"]["prediction"], prediction)
     return SimpleNamespace(viewer=viewer, ckpt=ckpt, labels=labels, truth=truth, seg=seg)
 
 
@@ -111,11 +112,16 @@ def test_finetune_end_to_end(corrected, qtbot):
     assert widget.model.current_spec() == spec
     assert seg.model.current_spec() == spec  # every chooser follows
     # the image was segmented again with the new model, into a fresh labels layer ...
-    assert widget.resegment_widget is seg
-    new = seg.last_labels
+    # (by Fine-tune itself: no Segment widget is driven, none is hidden in it)
+    from napari_prosma._widgets.segment import SegmentWidget
+
+    assert not widget.findChildren(SegmentWidget)
+    assert seg.last_labels.unique_id == labels.unique_id  # the Segment widget was not used
+    new = viewer.layers["discs labels"]
     assert new.unique_id != labels.unique_id
     assert new.metadata["prosma"]["model"] == spec
     assert new.name == "discs labels"
+
     def dice(a, b):
         return 2 * np.sum((a > 0) & (b > 0)) / max(np.sum(a > 0) + np.sum(b > 0), 1)
 
@@ -151,9 +157,7 @@ def test_cancel_mid_run_keeps_the_parent(corrected, qtbot):
     names = [layer.name for layer in viewer.layers]
 
     widget.run()
-    qtbot.waitUntil(
-        lambda: sum(p.phase == "train" for p in widget.history) >= 2, timeout=60_000
-    )
+    qtbot.waitUntil(lambda: sum(p.phase == "train" for p in widget.history) >= 2, timeout=60_000)
     widget.cancel()
     qtbot.waitUntil(lambda: not widget.is_running, timeout=60_000)
 
@@ -199,7 +203,7 @@ def test_regression_guard_warns_and_keeps_the_parent(corrected, qtbot, monkeypat
 
     assert store().active() == version.id
     assert seg.model.current_spec() == str(version.checkpoint)
-    assert seg.last_labels.metadata["prosma"]["model"] == str(version.checkpoint)
+    assert viewer.layers["discs labels"].metadata["prosma"]["model"] == str(version.checkpoint)
     np.testing.assert_array_equal(labels.data, truth)
     assert widget.activate_anyway_button.isHidden()
 
@@ -253,7 +257,9 @@ def test_other_corrected_images_join_in(make_napari_viewer, tmp_path):
 
     assert result.n_train + result.n_holdout == 3 and result.n_holdout == 1
     assert len(store().get(vid).card.training["data"]) == 3
-    assert seg.last_labels.name == "img0 labels"  # img0 segmented again
+    assert viewer.layers["img0 labels"].metadata["prosma"]["model"] == str(  # img0 again
+        store().get(vid).checkpoint
+    )
     np.testing.assert_array_equal(viewer.layers["img0 corrected"].data, truth[0])
 
 
@@ -299,8 +305,13 @@ def test_volume_spacing_reaches_the_engine(make_napari_viewer, tmp_path, monkeyp
     spacing on, so training resamples the volume as Segment does."""
     import napari_prosma.finetune as ft
 
-    ckpt = save_tiny(tmp_path, "blobs3d", spatial_dims=3, spacing=[1.0, 1.0, 1.0],
-                     normalization={"mode": "zscore"})
+    ckpt = save_tiny(
+        tmp_path,
+        "blobs3d",
+        spatial_dims=3,
+        spacing=[1.0, 1.0, 1.0],
+        normalization={"mode": "zscore"},
+    )
     viewer = make_napari_viewer()
     rng = np.random.default_rng(0)
     vol = rng.normal(size=(6, 20, 20)).astype(np.float32)
@@ -334,8 +345,12 @@ def test_replay_line_finds_the_bundled_models_data(make_napari_viewer, shared_da
 
 def _fake_version(root, vid: str, parent: str, before: float, after: float):
     save_tiny(root / vid, "model")
-    run = {"parent": parent, "dice_before": before, "dice_after": after,
-           "improved": after >= before}
+    run = {
+        "parent": parent,
+        "dice_before": before,
+        "dice_after": after,
+        "improved": after >= before,
+    }
     (root / vid / "run.json").write_text(json.dumps(run))
 
 
@@ -423,7 +438,7 @@ def test_labels_of_another_shape_are_refused(make_napari_viewer, tmp_path):
 
 def test_uncorrected_prediction_is_refused(corrected):
     labels = corrected.labels
-    labels.data[:] = labels.metadata["prosma"]["result"].labels  # undo every correction
+    labels.data[:] = labels.metadata["prosma"]["prediction"]  # undo every correction
     widget = finetune_widget(corrected.viewer, corrected.ckpt)
     _assert_refused(corrected.viewer, widget, "exactly the model's prediction")
 

@@ -30,7 +30,8 @@ def warnings_since(n: int) -> list[str]:
     from napari.utils.notifications import NotificationSeverity, notification_manager
 
     return [
-        str(r.message) for r in notification_manager.records[n:]
+        str(r.message)
+        for r in notification_manager.records[n:]
         if r.severity == NotificationSeverity.WARNING
     ]
 
@@ -91,7 +92,8 @@ def test_gate_layers_numbers_and_plots_2d(make_napari_viewer, tmp_path):
 
 def test_sparsity_outside_training_range_warns(make_napari_viewer, tmp_path):
     ckpt = save_tiny(
-        tmp_path, "ranged",
+        tmp_path,
+        "ranged",
         gate_sparsity_range={"stage1": [0.0, 0.001], "stage2": [0.0, 1.0]},
     )
     viewer = make_napari_viewer()
@@ -105,8 +107,9 @@ def test_sparsity_outside_training_range_warns(make_napari_viewer, tmp_path):
 
     assert gates.result.gates[0].zero_frac_mean > 0.001  # random weights: many zeros
     warns = warnings_since(n)
-    assert any("stage 1" in w.lower() and "unlike what the model was trained on" in w
-               for w in warns)
+    assert any(
+        "stage 1" in w.lower() and "unlike what the model was trained on" in w for w in warns
+    )
     assert "stage 1" in gates.warning_label.text()
     assert "stage 2" not in gates.warning_label.text()
     assert gates.table.item(0, 3).text() == "0.0–0.1%"

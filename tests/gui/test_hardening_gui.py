@@ -52,8 +52,13 @@ def _plain(errs: list[str], *words: str) -> str:
         (np.zeros((4, 16, 16, 4), np.uint8), True, 3, ("greyscale volume",)),
         (np.full((16, 16), 1e300), False, 2, ("too large",)),
     ],
-    ids=["time-series-3d", "time-series-2d", "rgba-to-3d-model", "rgba-stack-to-3d-model",
-         "beyond-float32"],
+    ids=[
+        "time-series-3d",
+        "time-series-2d",
+        "rgba-to-3d-model",
+        "rgba-stack-to-3d-model",
+        "beyond-float32",
+    ],
 )
 def test_bad_layers_are_refused_in_one_line(make_napari_viewer, tmp_path, data, rgb, dims, words):
     ckpt = save_tiny(tmp_path, f"m{dims}", spatial_dims=dims)
@@ -70,8 +75,13 @@ def test_bad_layers_are_refused_in_one_line(make_napari_viewer, tmp_path, data, 
 
 @pytest.mark.parametrize(
     "data",
-    [np.ones((1, 1), np.float32), np.eye(24, dtype=bool), np.arange(576, dtype=np.int64)
-     .reshape(24, 24), np.full((24, 24), 7, np.uint16), np.zeros((1, 24, 24), np.int16)],
+    [
+        np.ones((1, 1), np.float32),
+        np.eye(24, dtype=bool),
+        np.arange(576, dtype=np.int64).reshape(24, 24),
+        np.full((24, 24), 7, np.uint16),
+        np.zeros((1, 24, 24), np.int16),
+    ],
     ids=["1-pixel", "bool", "int64", "uint16-constant", "1-slice-volume"],
 )
 def test_unusual_but_valid_layers_segment(make_napari_viewer, tmp_path, data):
@@ -114,8 +124,9 @@ def _always_oom(monkeypatch) -> None:
     monkeypatch.setattr(ProSMAUNet, "forward", forward)
 
 
-def test_out_of_memory_everywhere_is_a_notification(make_napari_viewer, qtbot, tmp_path,
-                                                    monkeypatch):
+def test_out_of_memory_everywhere_is_a_notification(
+    make_napari_viewer, qtbot, tmp_path, monkeypatch
+):
     ckpt = save_tiny(tmp_path, "m2")
     viewer = make_napari_viewer()
     viewer.add_image(np.random.default_rng(0).random((32, 32)), name="scan")
@@ -166,6 +177,7 @@ def test_segment_cancel_at_any_time_changes_nothing(make_napari_viewer, qtbot, t
     widget = segment_widget(viewer, ckpt)
     before = _layers(viewer)
     if when != "at once":
+
         def maybe_cancel(done: int, total: int) -> None:
             if done >= (1 if when == "first tile" else max(total // 2, 1)):
                 widget.cancel()
@@ -261,8 +273,9 @@ def test_closing_napari_while_finetuning(make_napari_viewer, qtbot, tmp_path):
     assert outcome == ["Cancelled"]
     assert store().versions() == []
     assert store().active() == "parent-name"
-    leftovers = [p.name for p in store().root.iterdir()
-                 if p.name not in (".incoming", "active.json")]
+    leftovers = [
+        p.name for p in store().root.iterdir() if p.name not in (".incoming", "active.json")
+    ]
     assert leftovers == []
     (kept,) = (store().root / ".incoming").glob("*/index.json")
     _, labels = store().load_corrections(kept.parent)

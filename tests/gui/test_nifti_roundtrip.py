@@ -26,7 +26,10 @@ def test_ct_read_segment_write_keeps_affine(make_napari_viewer, tmp_path):
 
     src = nib.load(str(SAMPLES / "spleen_ct.nii.gz"))
     ckpt = save_tiny(
-        tmp_path, "tiny3d", spatial_dims=3, foreground=True,
+        tmp_path,
+        "tiny3d",
+        spatial_dims=3,
+        foreground=True,
         normalization={"mode": "ct_window", "window": [-160, 240]},
         class_names=["background", "spleen"],
     )

@@ -17,8 +17,14 @@ SAMPLES = Path(__file__).resolve().parents[2] / "src" / "napari_prosma" / "_samp
 
 
 def save_tiny(
-    folder: Path, name: str, *, spatial_dims: int = 2, in_channels: int = 1,
-    out_channels: int = 2, foreground: bool = False, **card_kw,
+    folder: Path,
+    name: str,
+    *,
+    spatial_dims: int = 2,
+    in_channels: int = 1,
+    out_channels: int = 2,
+    foreground: bool = False,
+    **card_kw,
 ) -> Path:
     """A tiny random-init ProSMA-UNet checkpoint (3 levels, widths 4-8-16)."""
     import torch
@@ -27,8 +33,11 @@ def save_tiny(
     from napari_prosma.nets import build_model
 
     net = build_model(
-        "prosma_unet", spatial_dims=spatial_dims, in_channels=in_channels,
-        out_channels=out_channels, widths=[4, 8, 16],
+        "prosma_unet",
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        widths=[4, 8, 16],
     ).eval()
     if foreground:
         with torch.no_grad():
@@ -59,7 +68,8 @@ def errors_since(n: int) -> list[str]:
     from napari.utils.notifications import NotificationSeverity, notification_manager
 
     return [
-        str(r.message) for r in notification_manager.records[n:]
+        str(r.message)
+        for r in notification_manager.records[n:]
         if r.severity == NotificationSeverity.ERROR
     ]
 
@@ -146,7 +156,8 @@ def info_since(n: int) -> list[str]:
     from napari.utils.notifications import NotificationSeverity, notification_manager
 
     return [
-        str(r.message) for r in notification_manager.records[n:]
+        str(r.message)
+        for r in notification_manager.records[n:]
         if r.severity == NotificationSeverity.INFO
     ]
 
@@ -230,8 +241,13 @@ def test_refused_run_replaces_the_done_status(make_napari_viewer, tmp_path, tiny
 
 
 def test_segment_rgb_probabilities_and_uncertainty(make_napari_viewer, tmp_path):
-    ckpt = save_tiny(tmp_path, "tiny_rgb", in_channels=3, out_channels=3,
-                     class_names=["background", "polyp", "rim"])
+    ckpt = save_tiny(
+        tmp_path,
+        "tiny_rgb",
+        in_channels=3,
+        out_channels=3,
+        class_names=["background", "polyp", "rim"],
+    )
     viewer = make_napari_viewer()
     viewer.open_sample("napari-prosma", "kvasir_polyp")
     image = viewer.layers[0]
@@ -486,4 +502,3 @@ def test_worker_error_is_a_notification_and_layers_kept(make_napari_viewer, qtbo
     assert [layer.name for layer in viewer.layers] == ["bad"]
     assert widget.status_label.text().startswith("Failed")
     assert widget.run_button.isEnabled()
-

@@ -1,7 +1,11 @@
-"""Qt helpers shared by the widgets: the model chooser, notifications, the result hub.
+"""Qt helpers shared by the widgets: notifications, the hub, the worker host, the model
+chooser.
 
-Widgets keep their controls as attributes so tests can drive them; the work itself lives
-in :mod:`._core` (Qt-free).
+The three widgets never drive one another: they meet through the viewer's :class:`Hub`
+(``result_ready`` when a result is placed into layers, ``active_model_changed`` when a
+model becomes the active one) and through layer data. Widgets keep their controls as
+attributes so tests can drive them; the work itself lives in the Qt-free core
+(:mod:`napari_prosma.inference.plan`, :mod:`napari_prosma.inference.gates`).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from napari.utils.notifications import show_error, show_info, show_warning
@@ -20,23 +24,19 @@ from qtpy.QtCore import QObject, Qt
 from qtpy.QtCore import Signal as QtSignal
 from qtpy.QtWidgets import (
     QComboBox,
-    QFileDialog,
     QHBoxLayout,
     QLabel,
-    QPlainTextEdit,
+    QProgressBar,
     QPushButton,
-    QSizePolicy,
-    QVBoxLayout,
     QWidget,
 )
 
 from ..errors import user_message
+from ..inference.gates import sparsity_warnings
+from ..inference.plan import SegResult, run_segmentation
 from . import _core
-
-#: Layer metadata key of everything this plugin puts on its output layers.
-META = "prosma"
-IO_KEY = "prosma_io"
-
+from ._layers import uid
+from ._placing import Placed
 
 # ---------------------------------------------------------------------------- notifications
 
@@ -84,68 +84,120 @@ def guarded(what: str) -> Callable[[_F], _F]:
     return deco
 
 
-# ---------------------------------------------------------------------------- results
+# ---------------------------------------------------------------------------- the hub
 
 
-class ResultHub:
-    """Per viewer: tells the Gate inspector that the Segment widget produced a result."""
+@dataclass
+class HeldResult:
+    """A result placed into layers: what the Gate inspector shows."""
 
-    result_ready = Signal(object)  # the labels layer holding the result in its metadata
+    result: SegResult
+    card: Any
+    spec: str
 
 
-_HUBS: weakref.WeakKeyDictionary[Any, ResultHub] = weakref.WeakKeyDictionary()
+class Hub:
+    """Per viewer, where the widgets meet (:func:`hub_for`).
+
+    Signals:
+        result_ready(layer): a result was placed into the labels ``layer`` (new or updated);
+            :meth:`result_of` gives it.
+        active_model_changed(spec): the model ``spec`` became the active one; every model
+            chooser selects it.
+    """
+
+    result_ready = Signal(object)
+    active_model_changed = Signal(str)
+
+    def __init__(self) -> None:
+        self._results: dict[str, HeldResult] = {}
+
+    def publish(self, layer: Any, result: SegResult, card: Any, spec: str) -> None:
+        """Record the result held by the labels ``layer`` and say so."""
+        self._results[uid(layer)] = HeldResult(result, card, spec)
+        self.result_ready.emit(layer)
+
+    def result_of(self, layer: Any) -> HeldResult | None:
+        """The result held by ``layer``, or None."""
+        return None if layer is None else self._results.get(uid(layer))
+
+    def result_layers(self, viewer: Any) -> list[Any]:
+        """Labels layers of ``viewer`` that hold a result, in layer order."""
+        return [layer for layer in viewer.layers if uid(layer) in self._results]
+
+    def _on_removed(self, event: Any) -> None:
+        self._results.pop(uid(event.value), None)
 
 
-def hub_for(viewer: Any) -> ResultHub:
-    hub = _HUBS.get(viewer)
+_HUBS: weakref.WeakKeyDictionary[Any, Hub] = weakref.WeakKeyDictionary()
+
+
+def hub_for(viewer: Any) -> Hub:
+    """The viewer's hub (napari hands each widget its own proxy of the viewer: the hub
+    belongs to the viewer behind them)."""
+    real = getattr(viewer, "__wrapped__", viewer)
+    hub = _HUBS.get(real)
     if hub is None:
-        hub = _HUBS[viewer] = ResultHub()
+        hub = _HUBS[real] = Hub()
+        real.layers.events.removed.connect(hub._on_removed)
     return hub
 
 
-def result_layers(viewer: Any) -> list[Any]:
-    """Labels layers of ``viewer`` that hold a segmentation result of this plugin."""
-    return [
-        layer
-        for layer in viewer.layers
-        if isinstance(layer.metadata.get(META), dict) and "result" in layer.metadata[META]
-    ]
+def fill_combo(combo: QComboBox, names: list[str], keep: str | None) -> None:
+    """Fill ``combo`` with ``names``; keep ``keep`` selected, else the last one."""
+    combo.blockSignals(True)
+    combo.clear()
+    for name in names:
+        combo.addItem(name, name)
+    if keep in names:
+        combo.setCurrentIndex(names.index(keep))
+    elif names:
+        combo.setCurrentIndex(len(names) - 1)
+    combo.blockSignals(False)
 
 
-def layer_spacing_mm(layer: Any) -> tuple[float, ...] | None:
-    """The layer's voxel spacing in mm when known (read by this plugin, or napari units)."""
-    meta = layer.metadata if isinstance(layer.metadata, dict) else {}
-    src = meta.get(IO_KEY)
-    if isinstance(src, dict) and src.get("unit") == "mm":
-        return tuple(float(s) for s in layer.scale)
-    if meta.get("unit") == "mm":
-        return tuple(float(s) for s in layer.scale)
-    try:
-        units = [str(u) for u in layer.units]
-    except AttributeError:
-        return None
-    if units and all(u in ("millimeter", "mm") for u in units):
-        return tuple(float(s) for s in layer.scale)
-    return None
+def segment_job(req: dict[str, Any], cancel: threading.Event, progress: Any) -> tuple[Any, Any]:
+    """A worker's job: load the model ``req["spec"]`` (cached) and segment ``req["plan"]``;
+    returns ``(card, SegResult)``. No viewer access here."""
+    from ..inference import Cancelled
+
+    if cancel.is_set():
+        raise Cancelled()
+    model, card = _core.get_model(req["spec"], req["device"])
+    if cancel.is_set():
+        raise Cancelled()
+    result = run_segmentation(
+        req["plan"],
+        model,
+        card,
+        device=req["device"],
+        tta=req["tta"],
+        probabilities=req["probabilities"],
+        gates=req["gates"],
+        progress=progress,
+        cancel=cancel,
+    )
+    return card, result
 
 
-def geometry_kwargs(image_layer: Any) -> dict[str, Any]:
-    """Layer keyword arguments that put a new layer on ``image_layer``'s grid, with the
-    geometry metadata a writer needs (copied from the image layer)."""
-    meta = image_layer.metadata if isinstance(image_layer.metadata, dict) else {}
-    carried = {k: meta[k] for k in ("affine", "unit", "path", IO_KEY) if k in meta}
-    if IO_KEY in carried and isinstance(carried[IO_KEY], dict) and getattr(
-        image_layer, "rgb", False
-    ):
-        src = dict(carried[IO_KEY])  # the outputs are grey on the colour image's grid
-        src["kind"] = "grey"
-        src["shape"] = tuple(src.get("spatial_shape", ()))
-        carried[IO_KEY] = src
-    return {
-        "scale": tuple(image_layer.scale),
-        "translate": tuple(image_layer.translate),
-        "metadata": carried,
-    }
+def announce(result: SegResult, card: Any, placed: Placed) -> list[str]:
+    """Tell the user what a placed result needs them to know: an edited layer kept (a
+    notification), the engine's notes, the scan outside the training range (a warning).
+    Returns the status lines."""
+    lines = []
+    if placed.kept is not None:
+        note = (
+            f"'{placed.kept.name}' holds your edits, so it was kept as it is; the new result "
+            f"is in '{placed.labels.name}'"
+        )
+        lines.append(f"Note: {note}.")
+        notify_info(note)
+    lines += [f"Note: {note}." for note in result.notes]
+    warnings = sparsity_warnings(card.gate_sparsity_range, result.gates)
+    lines += [f"Warning: {w}." for w in warnings]
+    for w in warnings:
+        notify_warning(w)
+    return lines
 
 
 # ---------------------------------------------------------------------------- worker relay
@@ -189,8 +241,9 @@ class WorkerHost:
         self._cancel_holder[0] = self._cancel
         return self._cancel
 
-    def _launch(self, compute: Callable[..., Any], req: dict[str, Any], desc: str,
-                total: int) -> Any:
+    def _launch(
+        self, compute: Callable[..., Any], req: dict[str, Any], desc: str, total: int
+    ) -> Any:
         """Start ``compute(req, cancel, progress)`` in a worker, with a napari progress bar
         of ``total`` steps (0: busy); returns the worker."""
         from napari.qt.threading import create_worker
@@ -200,8 +253,12 @@ class WorkerHost:
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         worker = create_worker(
-            compute, req, self._cancel, self._relay.progress.emit,
-            _start_thread=False, _ignore_errors=True,
+            compute,
+            req,
+            self._cancel,
+            self._relay.progress.emit,
+            _start_thread=False,
+            _ignore_errors=True,
         )
         self._req = req
         # bound methods: Qt drops these connections if the widget is closed meanwhile
@@ -239,143 +296,6 @@ class WorkerHost:
             self._pbar = None
 
 
-def plot_canvas(figsize: tuple[float, float], min_height: int) -> tuple[Any, Any]:
-    """``(figure, canvas)``: a matplotlib figure in a Qt canvas that grows with the dock
-    (matplotlib is imported here, when a widget is made, not when napari starts)."""
-    from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=figsize, dpi=90)
-    canvas = FigureCanvasQTAgg(figure)
-    canvas.setMinimumHeight(min_height)
-    canvas.setMinimumWidth(220)
-    canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
-    return figure, canvas
-
-
-# ---------------------------------------------------------------------------- model chooser
-
-
-class ModelChooser(QWidget):
-    """Pick a bundled model, a fine-tuned version or a checkpoint file; shows its card.
-
-    Attributes:
-        combo: the models (item data: the spec passed to ``checkpoint.load``).
-        browse_button: adds a checkpoint file.
-        card_text: the selected model's card (data, metrics, intended use).
-    """
-
-    model_changed = Signal(object)  # the spec, or None
-
-    def __init__(self, parent: QWidget | None = None):
-        super().__init__(parent)
-        self._files: list[str] = []
-        self._card: Any = None
-        self.combo = QComboBox()
-        self.combo.setToolTip("A bundled model, one of your fine-tuned versions, or a file")
-        compact_combo(self.combo, 18)
-        self.browse_button = QPushButton("File…")
-        self.browse_button.setToolTip(
-            "Use a checkpoint file (NAME.safetensors with its NAME.json model card)"
-        )
-        self.card_text = QPlainTextEdit()
-        self.card_text.setReadOnly(True)
-        self.card_text.setLineWrapMode(QPlainTextEdit.LineWrapMode.WidgetWidth)
-        self.card_text.setMaximumHeight(130)
-        self.card_text.setPlaceholderText("No model: add a checkpoint file with 'File…'")
-        row = QHBoxLayout()
-        row.setContentsMargins(0, 0, 0, 0)
-        row.addWidget(self.combo, 1)
-        row.addWidget(self.browse_button)
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(0, 0, 0, 0)
-        lay.addLayout(row)
-        lay.addWidget(self.card_text)
-        self.combo.currentIndexChanged.connect(self._on_index)
-        self.browse_button.clicked.connect(self._browse)
-        self.refresh()
-
-    # -- public
-    def refresh(self, select: str | None = None) -> None:
-        """Re-list the models; keep the selection, or select ``select``/the active model."""
-        keep = select or self.current_spec()
-        try:
-            choices, active = _core.model_choices(self._files)
-        except Exception as exc:  # a broken store must not break the widget
-            notify_warning(f"the model list could not be read: {user_message(exc)}")
-            choices, active = [], None
-        self.combo.blockSignals(True)
-        self.combo.clear()
-        for c in choices:
-            self.combo.addItem(c.label, c.spec)
-        target = keep or active
-        idx = self.combo.findData(target) if target is not None else -1
-        self.combo.setCurrentIndex(idx if idx >= 0 else (0 if choices else -1))
-        self.combo.blockSignals(False)
-        self._on_index()
-
-    def current_spec(self) -> str | None:
-        spec = self.combo.currentData()
-        return str(spec) if spec is not None else None
-
-    def current_card(self) -> Any:
-        """The selected model's :class:`~napari_prosma.checkpoint.ModelCard`, or None."""
-        return self._card
-
-    def add_checkpoint(self, path: str | Path) -> None:
-        """Add a checkpoint file and select it (a bad file gives a notification)."""
-        p = str(Path(path).expanduser())
-        try:
-            _core.read_model_card(p)
-        except Exception as exc:
-            notify_error(exc)
-            return
-        if p not in self._files:
-            self._files.append(p)
-        self.refresh(select=p)
-
-    # -- internals
-    def _browse(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(
-            self,
-            "Choose a model checkpoint",
-            "",
-            "Checkpoints (*.safetensors *.json *.pt *.pth);;All files (*)",
-        )
-        if path:
-            self.add_checkpoint(path)
-
-    def _on_index(self, *_: Any) -> None:
-        spec = self.current_spec()
-        self._card = None
-        if spec is None:
-            self.card_text.setPlainText("")
-            self.model_changed.emit(None)
-            return
-        try:
-            self._card = _core.read_model_card(spec)
-        except Exception as exc:
-            self.card_text.setPlainText(f"This model cannot be used: {user_message(exc)}")
-        else:
-            self.card_text.setPlainText(card_text(self._card))
-        self.model_changed.emit(spec)
-
-
-def card_text(card: Any) -> str:
-    """The card summary, plus a plain note for untrained models and the sparsity range."""
-    text = card.summary()
-    extra = []
-    if not card.metrics and not card.training:
-        extra.append("Note       no training record or metrics: results may be meaningless")
-    ranges = _core.parse_sparsity_range(card.gate_sparsity_range)
-    if ranges:
-        spans = ", ".join(
-            f"s{stage} {_core.fmt_range(lo, hi)}" for stage, (lo, hi) in sorted(ranges.items())
-        )
-        extra.append(f"Sparsity   exact-zero range on training data: {spans}")
-    return "\n".join([text, *extra])
-
-
 def compact_combo(combo: QComboBox, chars: int = 16) -> QComboBox:
     """Let a combo box shrink to the dock's width however long its items are."""
     combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
@@ -387,3 +307,46 @@ def heading(text: str) -> QLabel:
     lab = QLabel(f"<b>{text}</b>")
     lab.setTextFormat(Qt.TextFormat.RichText)
     return lab
+
+
+def watch_layers(viewer: Any, callback: Callable[..., Any]) -> None:
+    """Call ``callback`` whenever a layer is added, removed, moved or renamed."""
+    events = viewer.layers.events
+    for event in (events.inserted, events.removed, events.reordered):
+        event.connect(callback)
+    events.inserted.connect(lambda e: e.value.events.name.connect(callback))
+    for layer in viewer.layers:
+        layer.events.name.connect(callback)
+
+
+def device_combo() -> QComboBox:
+    """The device choice: auto / cuda / mps / cpu."""
+    from ..inference.device import DEVICES
+    from ._tooltips import DEVICE
+
+    combo = QComboBox()
+    for d in DEVICES:
+        combo.addItem(d, d)
+    combo.setToolTip(DEVICE)
+    return combo
+
+
+def run_controls(widget: Any, run_text: str) -> None:
+    """Give a :class:`WorkerHost` widget its ``run_button``, ``cancel_button``,
+    ``progress_bar`` and ``status_label``."""
+    widget.run_button = QPushButton(run_text)
+    widget.cancel_button = QPushButton("Cancel")
+    widget.cancel_button.setEnabled(False)
+    widget.progress_bar = QProgressBar()
+    widget.status_label = QLabel("")
+    widget.status_label.setWordWrap(True)
+    widget.run_button.clicked.connect(lambda: widget.run())
+    widget.cancel_button.clicked.connect(widget.cancel)
+
+
+def button_row(*buttons: QWidget) -> QHBoxLayout:
+    """Buttons side by side, the first one stretched."""
+    row = QHBoxLayout()
+    for k, b in enumerate(buttons):
+        row.addWidget(b, 1 if k == 0 else 0)
+    return row

@@ -3,51 +3,46 @@
 The run happens in napari's ``thread_worker`` (napari stays responsive) with a progress bar
 and a Cancel button; the viewer is touched only on the main thread, once the result is
 complete, so an error or a cancel leaves every layer as it was. Running again on the same
-image updates its output layers instead of adding new ones.
+image updates its output layers instead of adding new ones, except a labels layer the user
+edited: that one is kept and the result goes to a new layer (:mod:`._layers`). A placed
+result is announced on the viewer's hub (``result_ready``), where the Gate inspector
+picks it up.
 """
 
 from __future__ import annotations
 
-import functools
-import threading
 import time
 from typing import Any
 
-import numpy as np
 from napari.layers import Image, Labels
-from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QProgressBar,
-    QPushButton,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QVBoxLayout, QWidget
 
-from ..inference.device import DEVICES
-from . import _core, _layers
+from ..inference.plan import InputPlan, SegResult
+from . import _layers, _tooltips
+from ._chooser import ModelChooser, follow_active_model
 from ._common import (
-    META,
-    ModelChooser,
     Relay,
     WorkerHost,
+    announce,
+    button_row,
     compact_combo,
-    geometry_kwargs,
+    device_combo,
+    fill_combo,
     guarded,
     heading,
     hub_for,
-    layer_spacing_mm,
     notify_error,
     notify_info,
     notify_warning,
+    run_controls,
+    segment_job,
+    watch_layers,
 )
+from ._layers import OUTPUT_ROLES  # noqa: F401  (re-exported)
+from ._placing import place_result
 
-SCOPE_LABELS = {"whole": "Whole image / volume", "slice": "Current slice"}
-#: Roles of the layers this plugin adds (never offered as inputs).
-OUTPUT_ROLES = ("labels", "probability", "uncertainty", "psi", "zeros")
+#: The worker's job (kept under this name for scripts and tests).
+_compute = segment_job
 
 
 class SegmentWidget(WorkerHost, QWidget):
@@ -62,117 +57,79 @@ class SegmentWidget(WorkerHost, QWidget):
         prob_check, unc_check, gates_check: which extra outputs to produce.
         run_button, cancel_button, progress_bar, status_label.
         worker: the running worker, or None.
-        last_result: the last :class:`~._core.SegResult` placed into layers.
+        last_result: the last :class:`~napari_prosma.inference.plan.SegResult` this widget
+            placed into layers; last_labels: its labels layer.
     """
+
+    CANCELLED = ("Cancelled; nothing was changed.", "segmentation cancelled; no layer was changed")
 
     def __init__(self, napari_viewer: Any):
         super().__init__()
         self.viewer = napari_viewer
         self._init_worker_host()
-        self.last_result: _core.SegResult | None = None
+        self.last_result: SegResult | None = None
         self.last_labels: Labels | None = None
         self._t0 = 0.0
         self._succeeded = False
         self._relay = Relay()
         self._relay.progress.connect(self._on_progress)
+        self._build()
+        self.unc_check.toggled.connect(self._on_unc)
+        self.tta_check.toggled.connect(self._on_tta)
+        self.image_combo.currentIndexChanged.connect(self._on_image)
+        follow_active_model(self.model, self.viewer)
+        watch_layers(self.viewer, self._refresh_layers)
+        self._refresh_layers()
 
+    def _build(self) -> None:
+        tips = _tooltips.SEGMENT
         self.image_combo = compact_combo(QComboBox())
-        self.image_combo.setToolTip("The image layer to segment (2D grey or colour, or a volume)")
+        self.image_combo.setToolTip(tips["image"])
         self.scope_combo = QComboBox()
-        for key, text in SCOPE_LABELS.items():
+        for key, text in _tooltips.SCOPE_LABELS.items():
             self.scope_combo.addItem(text, key)
-        self.scope_combo.setToolTip(
-            "Whole: the full image, or every slice of a volume. Current slice: only the slice "
-            "shown (2D models); its result goes into the volume's label layer."
-        )
+        self.scope_combo.setToolTip(tips["scope"])
         self.model = ModelChooser()
-        self.device_combo = QComboBox()
-        for d in DEVICES:
-            self.device_combo.addItem(d, d)
-        self.device_combo.setToolTip("auto: CUDA GPU, else Apple MPS, else the CPU")
+        self.device_combo = device_combo()
         self.tta_check = QCheckBox("Test-time augmentation (flips)")
-        self.tta_check.setToolTip("Average over mirrored copies: slower, steadier")
+        self.tta_check.setToolTip(tips["tta"])
         self.prob_check = QCheckBox("Probability layers")
         self.unc_check = QCheckBox("Uncertainty layer (needs TTA)")
-        self.unc_check.setToolTip("Where the mirrored predictions disagree; turns TTA on")
+        self.unc_check.setToolTip(tips["uncertainty"])
         self.gates_check = QCheckBox("Keep gate maps for the Gate inspector")
         self.gates_check.setChecked(True)
-        self.gates_check.setToolTip("ψ and exact-zero maps of every decoder stage (memory)")
-        self.run_button = QPushButton("Run")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.progress_bar = QProgressBar()
+        self.gates_check.setToolTip(tips["gates"])
+        run_controls(self, "Run")
         self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(0)
         self.progress_bar.setTextVisible(True)
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
 
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
         form.addRow("Segment", self.scope_combo)
         form.addRow("Device", self.device_combo)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button, 1)
-        buttons.addWidget(self.cancel_button)
         lay = QVBoxLayout(self)
         lay.addLayout(form)
         lay.addWidget(heading("Model"))
         lay.addWidget(self.model)
         for w in (self.tta_check, self.prob_check, self.unc_check, self.gates_check):
             lay.addWidget(w)
-        lay.addLayout(buttons)
+        lay.addLayout(button_row(self.run_button, self.cancel_button))
         lay.addWidget(self.progress_bar)
         lay.addWidget(self.status_label)
         lay.addStretch(1)
         self.setMinimumWidth(340)
 
-        self.run_button.clicked.connect(lambda: self.run())
-        self.cancel_button.clicked.connect(self.cancel)
-        self.unc_check.toggled.connect(self._on_unc)
-        self.tta_check.toggled.connect(self._on_tta)
-        self.image_combo.currentIndexChanged.connect(self._on_image)
-        events = self.viewer.layers.events
-        events.inserted.connect(self._refresh_layers)
-        events.removed.connect(self._refresh_layers)
-        events.reordered.connect(self._refresh_layers)
-        events.inserted.connect(self._watch_name)
-        for layer in self.viewer.layers:
-            layer.events.name.connect(self._refresh_layers)
-        self._refresh_layers()
-
     # ------------------------------------------------------------------ layers
     def image_layers(self) -> list[Image]:
-        return [
-            layer
-            for layer in self.viewer.layers
-            if isinstance(layer, Image)
-            and (layer.metadata.get(META) or {}).get("role") not in OUTPUT_ROLES
-        ]
+        return _layers.image_layers(self.viewer)
 
     def current_image(self) -> Image | None:
-        name = self.image_combo.currentData()
-        for layer in self.image_layers():
-            if layer.name == name:
-                return layer
-        return None
-
-    def _watch_name(self, event: Any) -> None:
-        event.value.events.name.connect(self._refresh_layers)
+        return _layers.by_name(self.image_layers(), self.image_combo.currentData())
 
     def _refresh_layers(self, *_: Any) -> None:
-        keep = self.image_combo.currentData()
-        layers = self.image_layers()
-        self.image_combo.blockSignals(True)
-        self.image_combo.clear()
-        for layer in layers:
-            self.image_combo.addItem(layer.name, layer.name)
-        names = [layer.name for layer in layers]
-        if keep in names:
-            self.image_combo.setCurrentIndex(names.index(keep))
-        elif layers:  # the newest image layer
-            self.image_combo.setCurrentIndex(len(layers) - 1)
-        self.image_combo.blockSignals(False)
+        names = [layer.name for layer in self.image_layers()]
+        fill_combo(self.image_combo, names, self.image_combo.currentData())
         self._on_image()
 
     def _on_image(self, *_: Any) -> None:
@@ -192,24 +149,8 @@ class SegmentWidget(WorkerHost, QWidget):
             self.unc_check.setChecked(False)
 
     # ------------------------------------------------------------------ running
-    def _plan(self, layer: Image, card: Any) -> _core.InputPlan:
-        point = None
-        axis = 0
-        if layer.ndim >= 3:
-            offset = self.viewer.dims.ndim - layer.ndim
-            hidden = [a - offset for a in self.viewer.dims.not_displayed if a >= offset]
-            axis = hidden[-1] if hidden else 0
-            point = layer.world_to_data(self.viewer.dims.point[offset:])
-        return _core.plan_input(
-            layer.data,
-            rgb=bool(layer.rgb),
-            spatial_dims=card.spatial_dims,
-            scope=self.scope_combo.currentData(),
-            point=point,
-            slice_axis=axis,
-            spacing=layer_spacing_mm(layer),
-            multiscale=bool(layer.multiscale),
-        )
+    def _plan(self, layer: Image, card: Any) -> InputPlan:
+        return _layers.plan_for(self.viewer, layer, card, self.scope_combo.currentData())
 
     def _request(self) -> dict[str, Any] | None:
         """Check the choices on the main thread; None (after a notification) if unusable."""
@@ -274,14 +215,11 @@ class SegmentWidget(WorkerHost, QWidget):
                 return None
             self._apply(req, card, result)
             return result
-        return self._start_worker(req)
-
-    def _start_worker(self, req: dict[str, Any]) -> Any:
         self._succeeded = False
         self.progress_bar.setRange(0, 0)  # busy until the first tile batch reports
         return self._launch(_compute, req, "ProSMA segmentation", total=0)
 
-    def _on_returned(self, out: tuple[Any, _core.SegResult]) -> None:
+    def _on_returned(self, out: tuple[Any, SegResult]) -> None:
         self._succeeded = True
         self._apply(self._req, *out)
 
@@ -295,8 +233,6 @@ class SegmentWidget(WorkerHost, QWidget):
             if step > 0:
                 self._pbar.update(step)
 
-    CANCELLED = ("Cancelled; nothing was changed.", "segmentation cancelled; no layer was changed")
-
     def _on_finished(self) -> None:
         super()._on_finished()
         # a finished run shows a full bar; a cancelled or failed one an empty bar
@@ -305,140 +241,19 @@ class SegmentWidget(WorkerHost, QWidget):
 
     # ------------------------------------------------------------------ results
     @guarded("Placing the result in layers")
-    def _apply(self, req: dict[str, Any], card: Any, result: _core.SegResult) -> None:
-        """Put a finished result into layers (main thread). Builds every array first, then
-        changes the layers, so nothing is half-updated. A labels layer the user edited is
-        kept as it is; the result then goes to a new layer (and the status says so)."""
+    def _apply(self, req: dict[str, Any], card: Any, result: SegResult) -> None:
+        """Put a finished result into layers (main thread) and announce it on the hub."""
         image: Image = req["layer"]
         if _layers.uid(image) not in {_layers.uid(layer) for layer in self.viewer.layers}:
             notify_warning(f"the layer {image.name!r} was removed during the run; result dropped")
             return
-        outputs = _outputs(self.viewer, req, result)
-        geo = geometry_kwargs(image)
-        source = {"source": image.name, "source_id": _layers.uid(image)}
-        produced, kept = set(), None
-        for role, name, arr, extra in outputs:
-            info = {"role": role, **source, **extra}
-            if role == "labels":
-                info.update(result=result, card=card, model=req["spec"])
-            old = _layers.find(self.viewer, image, role, extra.get("class"))
-            layer, was_kept = _layers.update_or_add(
-                self.viewer, image, role, arr, info, geo, _adder(self.viewer, role, arr), name
-            )
-            if role != "labels" and old is not None and _layers.uid(old) == _layers.uid(layer):
-                layer.reset_contrast_limits()
-            produced.add(_layers.uid(layer))
-            if role == "labels":
-                self.last_labels, kept = layer, was_kept
-        _drop_stale_maps(self.viewer, image, produced)
-        labels_layer = self.last_labels
-        top = len(self.viewer.layers) - 1
-        if labels_layer is not None and self.viewer.layers.index(labels_layer) != top:
-            self.viewer.layers.move(self.viewer.layers.index(labels_layer), top + 1)
-        if labels_layer is not None:  # ready for corrections
-            self.viewer.layers.selection.active = labels_layer
-        self.last_result = result
-        self._report(result, card, kept)
-        hub_for(self.viewer).result_ready.emit(labels_layer)
-
-    def _report(self, result: _core.SegResult, card: Any, kept: Any = None) -> None:
-        n = int(np.count_nonzero(result.labels))
+        placed = place_result(self.viewer, req, card, result)
+        self.last_labels, self.last_result = placed.labels, result
+        n = int((result.labels != 0).sum())
         took = time.perf_counter() - self._t0
         lines = [
             f"Done: {result.plan.describe()} in {took:.1f} s on {result.device}; "
             f"{n} foreground pixel(s)."
         ]
-        if kept is not None:
-            note = kept_note(kept, self.last_labels)
-            lines.append(f"Note: {note}.")
-            notify_info(note)
-        lines += [f"Note: {note}." for note in result.notes]
-        warnings = _core.sparsity_warnings(card.gate_sparsity_range, result.gates)
-        lines += [f"Warning: {w}." for w in warnings]
-        self.status_label.setText("\n".join(lines))
-        for w in warnings:
-            notify_warning(w)
-
-
-def kept_note(kept: Any, written: Any) -> str:
-    """What happened to an edited labels layer that a result was not written into."""
-    return (
-        f"'{kept.name}' holds your edits, so it was kept as it is; the new result is in "
-        f"'{written.name}'"
-    )
-
-
-def _outputs(
-    viewer: Any, req: dict[str, Any], result: _core.SegResult
-) -> list[tuple[str, str, np.ndarray, dict[str, Any]]]:
-    """``(role, name, data, extra metadata)`` of every output layer of a result, on the
-    image's grid (a *current slice* result placed into the existing layer's volume)."""
-    image, plan = req["layer"], result.plan
-
-    def existing(role: str, cls: str | None = None) -> np.ndarray | None:
-        layer = _layers.find(viewer, image, role, cls)
-        return None if layer is None else np.asarray(layer.data)
-
-    labels = _core.place(plan, result.labels, existing("labels"))
-    if labels is result.labels:  # the layer gets painted on: keep the prediction intact
-        labels = labels.copy()
-    out = [("labels", f"{image.name} labels", labels, {})]
-    if req["probabilities"] and result.probabilities is not None:
-        for k in range(1, result.probabilities.shape[0]):
-            cls = _core.class_name(result.class_names, k)
-            arr = _core.place(
-                plan, result.probabilities[k].astype(np.float32), existing("probability", cls)
-            )
-            out.append(("probability", f"{image.name} P({cls})", arr, {"class": cls}))
-    if req["uncertainty"] and result.uncertainty is not None:
-        arr = _core.place(plan, result.uncertainty.astype(np.float32), existing("uncertainty"))
-        out.append(("uncertainty", f"{image.name} uncertainty", arr, {}))
-    return out
-
-
-def _adder(viewer: Any, role: str, arr: np.ndarray) -> Any:
-    """How a new output layer of ``role`` is added (labels, or a styled hidden map)."""
-    if role == "labels":
-        return viewer.add_labels
-    if role == "probability":
-        style = {"colormap": "viridis", "contrast_limits": (0.0, 1.0), "opacity": 0.6}
-    else:
-        hi = float(arr.max()) if arr.size and arr.max() > 0 else 1.0
-        style = {"colormap": "inferno", "contrast_limits": (0.0, hi), "opacity": 0.7}
-    return functools.partial(viewer.add_image, blending="additive", visible=False, **style)
-
-
-def _drop_stale_maps(viewer: Any, image: Any, produced: set[str]) -> None:
-    """Maps from an earlier run that were not asked for this time would be stale."""
-    for layer in list(viewer.layers):
-        info = _layers.info_of(layer)
-        if (
-            info is not None
-            and info.get("role") in ("probability", "uncertainty")
-            and _layers.same_source(info, image)
-            and _layers.uid(layer) not in produced
-        ):
-            viewer.layers.remove(layer)
-
-
-def _compute(req: dict[str, Any], cancel: threading.Event, progress: Any) -> tuple[Any, Any]:
-    """The worker's job: load the model (cached), segment. No viewer access here."""
-    from ..inference import Cancelled
-
-    if cancel.is_set():
-        raise Cancelled()
-    model, card = _core.get_model(req["spec"], req["device"])
-    if cancel.is_set():
-        raise Cancelled()
-    result = _core.run_segmentation(
-        req["plan"],
-        model,
-        card,
-        device=req["device"],
-        tta=req["tta"],
-        probabilities=req["probabilities"],
-        gates=req["gates"],
-        progress=progress,
-        cancel=cancel,
-    )
-    return card, result
+        self.status_label.setText("\n".join(lines + announce(result, card, placed)))
+        hub_for(self.viewer).publish(placed.labels, result, card, req["spec"])

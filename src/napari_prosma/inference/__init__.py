@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from .device import DEVICES, resolve_device
 from .engine import load_model, predict, predict_batch
-from .types import Cancelled, Prediction, StageGates, gate_sparsity_range
+from .gates import gate_sparsity_range
+from .types import Cancelled, Prediction, StageGates
 
 __all__ = [
     "DEVICES",

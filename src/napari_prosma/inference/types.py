@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,24 +70,3 @@ class Prediction:
     tile_size: tuple[int, ...] = ()
     n_tiles: int = 0
     class_names: list[str] = field(default_factory=list)
-
-
-def gate_sparsity_range(
-    predictions: Iterable[Prediction], margin: float = 0.0
-) -> dict[str, list[float]]:
-    """The ``gate_sparsity_range`` a model card records, from predictions made with
-    ``return_gates=True`` on the training images: per stage ``[min, max]`` of
-    ``zero_frac_mean``, widened by ``margin`` on both sides and clipped to [0, 1].
-
-    A scan whose sparsity falls outside this range is unlike what the model was trained on
-    (the plugin warns about it).
-    """
-    seen: dict[int, list[float]] = {}
-    for p in predictions:
-        for g in p.gates:
-            if g.zero_frac_mean is not None:
-                seen.setdefault(g.stage, []).append(float(g.zero_frac_mean))
-    return {
-        f"stage{s}": [max(0.0, min(v) - margin), min(1.0, max(v) + margin)]
-        for s, v in sorted(seen.items())
-    }

@@ -1,0 +1,191 @@
+"""Placing results into layers: a segmentation's labels and maps, and the gate maps.
+
+Built on :mod:`._layers` (find, update-or-add, never over the user's edits); no Qt here
+beyond napari's layer classes, no notifications (the widgets say what happened).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..inference.plan import InputPlan, SegResult, class_name, place
+from ._layers import META, find, geometry_kwargs, info_of, same_source, uid, update_or_add
+
+# ---------------------------------------------------------------------------- results
+
+
+@dataclass
+class Placed:
+    """Where a result went: its labels layer, and an edited labels layer that was kept
+    instead of being written into (None when there was none)."""
+
+    labels: Any
+    kept: Any = None
+
+
+def place_result(viewer: Any, req: Mapping[str, Any], card: Any, result: SegResult) -> Placed:
+    """Put a finished result into ``req["layer"]``'s output layers (main thread).
+
+    Builds every array first, then changes the layers, so nothing is half-updated; maps
+    not asked for this time are removed (they would be stale); the labels end on top and
+    selected, ready for corrections. The labels layer's metadata records, as plain data,
+    the model, the prediction (whole-image and every-slice runs) and the options asked for.
+
+    Args:
+        req: ``layer`` (the image), ``spec`` (the model), ``probabilities``,
+            ``uncertainty`` (bools) and the other run options.
+    """
+    image = req["layer"]
+    geo = geometry_kwargs(image)
+    source = {"source": image.name, "source_id": uid(image)}
+    options = {k: bool(req.get(k)) for k in ("tta", "probabilities", "uncertainty", "gates")}
+    placed, produced = Placed(None), set()
+    for role, name, arr, extra in _outputs(viewer, req, result):
+        info = {"role": role, **source, **extra}
+        if role == "labels":
+            whole = result.plan.mode != "slice"
+            info.update(
+                model=req["spec"],
+                mode=result.plan.mode,
+                options=options,
+                prediction=result.labels if whole else None,
+            )
+        old = find(viewer, image, role, extra.get("class"))
+        layer, kept = update_or_add(
+            viewer, image, role, arr, info, geo, _adder(viewer, role, arr), name
+        )
+        if role != "labels" and old is not None and uid(old) == uid(layer):
+            layer.reset_contrast_limits()
+        produced.add(uid(layer))
+        if role == "labels":
+            placed = Placed(layer, kept)
+    _drop_stale_maps(viewer, image, produced)
+    labels = placed.labels
+    top = len(viewer.layers) - 1
+    if viewer.layers.index(labels) != top:
+        viewer.layers.move(viewer.layers.index(labels), top + 1)
+    viewer.layers.selection.active = labels
+    return placed
+
+
+def _outputs(
+    viewer: Any, req: Mapping[str, Any], result: SegResult
+) -> list[tuple[str, str, np.ndarray, dict[str, Any]]]:
+    """``(role, name, data, extra metadata)`` of every output layer of a result, on the
+    image's grid (a *current slice* result placed into the existing layer's volume)."""
+    image, plan = req["layer"], result.plan
+
+    def existing(role: str, cls: str | None = None) -> np.ndarray | None:
+        layer = find(viewer, image, role, cls)
+        return None if layer is None else np.asarray(layer.data)
+
+    labels = place(plan, result.labels, existing("labels"))
+    if labels is result.labels:  # the layer gets painted on: keep the prediction intact
+        labels = labels.copy()
+    out = [("labels", f"{image.name} labels", labels, {})]
+    if req.get("probabilities") and result.probabilities is not None:
+        for k in range(1, result.probabilities.shape[0]):
+            cls = class_name(result.class_names, k)
+            arr = place(
+                plan, result.probabilities[k].astype(np.float32), existing("probability", cls)
+            )
+            out.append(("probability", f"{image.name} P({cls})", arr, {"class": cls}))
+    if req.get("uncertainty") and result.uncertainty is not None:
+        arr = place(plan, result.uncertainty.astype(np.float32), existing("uncertainty"))
+        out.append(("uncertainty", f"{image.name} uncertainty", arr, {}))
+    return out
+
+
+def _adder(viewer: Any, role: str, arr: np.ndarray) -> Callable[..., Any]:
+    """How a new output layer of ``role`` is added (labels, or a styled hidden map)."""
+    if role == "labels":
+        return viewer.add_labels
+    if role == "probability":
+        style = {"colormap": "viridis", "contrast_limits": (0.0, 1.0), "opacity": 0.6}
+    else:
+        hi = float(arr.max()) if arr.size and arr.max() > 0 else 1.0
+        style = {"colormap": "inferno", "contrast_limits": (0.0, hi), "opacity": 0.7}
+    return functools.partial(viewer.add_image, blending="additive", visible=False, **style)
+
+
+def _drop_stale_maps(viewer: Any, image: Any, produced: set[str]) -> None:
+    """Maps from an earlier run that were not asked for this time would be stale."""
+    for layer in list(viewer.layers):
+        info = info_of(layer)
+        if (
+            info is not None
+            and info.get("role") in ("probability", "uncertainty")
+            and same_source(info, image)
+            and uid(layer) not in produced
+        ):
+            viewer.layers.remove(layer)
+
+
+# ---------------------------------------------------------------------------- gate maps
+
+
+def gate_layer(viewer: Any, kind: str, stage: int, source_id: Any) -> Any:
+    """The ``"psi"`` or ``"zeros"`` layer of decoder ``stage`` made from the image
+    ``source_id``, or None."""
+    for layer in viewer.layers:
+        info = info_of(layer)
+        if (
+            info is not None
+            and info.get("role") == kind
+            and info.get("stage") == stage
+            and info.get("source_id") == source_id
+        ):
+            return layer
+    return None
+
+
+def show_gate_layer(
+    viewer: Any, labels: Any, plan: InputPlan, kind: str, stage: int, values: np.ndarray
+) -> Any:
+    """Show a gate map (``(*S)`` ψ or exact-zero fraction, on the segmented grid) of the
+    result held by ``labels`` as a layer on its image's grid: updated when there is one,
+    else added under the labels (which stay on top). Returns the layer."""
+    info = info_of(labels) or {}
+    layer = gate_layer(viewer, kind, stage, info.get("source_id"))
+    arr = place(plan, values.astype(np.float32), None if layer is None else layer.data)
+    geo = geometry_kwargs(labels)
+    meta = {
+        **geo["metadata"],
+        META: {
+            "role": kind,
+            "stage": stage,
+            "source": info.get("source"),
+            "source_id": info.get("source_id"),
+        },
+    }
+    if layer is not None and layer.ndim == arr.ndim:
+        layer.data = arr
+        layer.scale, layer.translate = geo["scale"], geo["translate"]
+        layer.visible = True
+        return layer
+    if layer is not None:
+        viewer.layers.remove(layer)
+    symbol = "ψ" if kind == "psi" else "zeros"
+    layer = viewer.add_image(
+        arr,
+        name=f"{info.get('source')} {symbol} stage {stage}",
+        contrast_limits=(0.0, 1.0),
+        scale=geo["scale"],
+        translate=geo["translate"],
+        metadata=meta,
+        **GATE_STYLE[kind],
+    )
+    viewer.layers.move(viewer.layers.index(labels), len(viewer.layers))  # labels on top
+    return layer
+
+
+#: How gate maps are shown over the scan.
+GATE_STYLE = {
+    "psi": {"colormap": "magma", "opacity": 0.7, "blending": "additive"},
+    "zeros": {"colormap": "cividis", "opacity": 0.7, "blending": "additive"},
+}
