@@ -618,3 +618,30 @@ def test_refused_labels_leave_nothing_in_the_store(parent, tmp_path):
         run_finetune(parent, images, bad, store=store, config=_cfg(max_steps=2))
     assert not (store.root / ".incoming").exists()
     assert store.versions() == []
+
+
+def test_a_finetuned_versions_card_is_hash_checked(parent, tmp_path):
+    """Issue 12 #10: a fine-tuned version's card was covered by no hash, so a hand-edited
+    normalisation loaded silently; its run.json now records the hashes as saved."""
+    import json
+
+    from napari_prosma.checkpoint import CheckpointError, card_digest, seal_card
+
+    store = ModelStore(tmp_path / "store")
+    images, labels = _disc_images(2)
+    _, vid = run_finetune(parent, images, labels, store=store, config=_cfg(max_steps=2),
+                          activate="always")
+    v = store.get(vid)
+    card_file = v.path / "model.json"
+    data = json.loads(card_file.read_text())
+    assert v.run["card_sha256"] == data["card_sha256"] == card_digest(data)
+    assert v.run["weights_sha256"] == file_sha256(v.checkpoint) == data["weights_sha256"]
+    data["normalization"] = {"mode": "zscore"}
+    card_file.write_text(json.dumps(data, indent=2))
+    with pytest.raises(CheckpointError, match="was changed after it was written"):
+        load(v.checkpoint)
+    with pytest.raises(CheckpointError, match="was changed"):  # nor fine-tuned further
+        run_finetune(vid, images, labels, store=store, config=_cfg(max_steps=2))
+    seal_card(v.checkpoint)  # sealed again by hand: loads, but it is no longer that run's
+    load(v.checkpoint)
+    assert vid not in [w.id for w in store.versions()]

@@ -16,7 +16,14 @@ import pytest
 import torch
 
 from hardening_support import save_tiny, tiny_model
-from napari_prosma.checkpoint import REQUIRED_FIELDS, CheckpointError, load, read_card
+from napari_prosma.checkpoint import (
+    REQUIRED_FIELDS,
+    CheckpointError,
+    file_sha256,
+    load,
+    read_card,
+    seal_card,
+)
 from napari_prosma.cli import main
 
 
@@ -135,8 +142,9 @@ def test_nan_weights_are_refused(good, capsys):
     state["head.bias"] = torch.full_like(state["head.bias"], float("nan"))
     save_file(state, good)
     card = json.loads(good.with_suffix(".json").read_text())
-    card["weights_sha256"] = None  # as if the card were written for these weights
+    card["weights_sha256"] = file_sha256(good)  # as if the card were written for these weights
     good.with_suffix(".json").write_text(json.dumps(card))
+    seal_card(good)
     with pytest.raises(CheckpointError, match=r"'head\.bias' holds NaN"):
         load(good)
     _cli_refuses(good, capsys, "NaN")
@@ -206,3 +214,68 @@ def test_predict_with_a_broken_model_writes_nothing(tmp_path, good, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "only partly written" in err[0], err
     assert not out.exists() or not any(out.iterdir())
+
+
+# ---------------------------------------------------------------------------- hashes (issue 12 #10)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("normalization", {"mode": "fixed", "scale": 1.0, "mean": [0.0], "std": [1.0]}),
+        ("class_names", ["background", "tumour"]),
+        ("spacing", [2.0, 1.0, 1.0]),
+    ],
+)
+def test_a_card_edited_by_hand_is_refused_until_sealed(good, capsys, field, value):
+    """A hand-edited normalisation or class list loaded silently; now the card's hash
+    (``card_sha256``) no longer matches and the card is refused, by read_card too."""
+    card = good.with_suffix(".json")
+    data = json.loads(card.read_text())
+    data[field] = value
+    card.write_text(json.dumps(data, indent=4))
+    with pytest.raises(CheckpointError, match="was changed after it was written"):
+        load(good)
+    with pytest.raises(CheckpointError, match="was changed after it was written"):
+        read_card(good)
+    _cli_refuses(good, capsys, "m.json", "was changed", "seal_card")
+    seal_card(good)  # an edit made on purpose
+    assert getattr(load(good)[1], field) == value
+
+
+def test_formatting_does_not_change_the_card_hash(good):
+    card = good.with_suffix(".json")
+    data = json.loads(card.read_text())
+    card.write_text(json.dumps(dict(reversed(list(data.items()))), indent=None))
+    load(good)
+
+
+@pytest.mark.parametrize("field", ["weights_sha256", "card_sha256"])
+def test_a_card_without_its_hashes_is_refused(good, capsys, field):
+    """A card whose weights_sha256 was removed loaded its weights unchecked."""
+    card = good.with_suffix(".json")
+    data = json.loads(card.read_text())
+    del data[field]
+    card.write_text(json.dumps(data))
+    if field == "weights_sha256":
+        seal_card(good)  # even a sealed card must name its weights' hash
+    words = "carries no weights_sha256" if field == "weights_sha256" else "carries no card_sha256"
+    with pytest.raises(CheckpointError, match=words):
+        load(good)
+    _cli_refuses(good, capsys, words)
+
+
+def test_bundled_and_golden_cards_carry_valid_hashes():
+    from napari_prosma.checkpoint import bundled_dir, card_digest, checkpoint_paths, list_bundled
+
+    names = list_bundled()
+    assert set(names) >= {"busi_prosma", "kvasir_prosma", "hippocampus_prosma"}
+    here = Path(__file__).parent / "data"
+    for path in [bundled_dir() / f"{n}.json" for n in names] + [
+        here / "golden_2d.json", here / "golden_3d.json"
+    ]:
+        data = json.loads(path.read_text())
+        assert data["card_sha256"] == card_digest(data), path
+        weights, _ = checkpoint_paths(path)
+        assert data["weights_sha256"] == file_sha256(weights), path
+        read_card(path)

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from napari_prosma.checkpoint import load
+from napari_prosma.checkpoint import load, seal_card
 from napari_prosma.train_support import _json_safe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,5 +37,6 @@ card["metrics"] = {
     "test_at_training": old,
 }
 card_path.write_text(json.dumps(_json_safe(card), indent=2, allow_nan=False) + "\n")
+seal_card(card_path)  # an edit on purpose: the card hash is renewed
 load(ROOT / "models" / name)
 print(f"{card_path}: dice {s['mean_dice']:.4f} iou {s['mean_iou']:.4f}")

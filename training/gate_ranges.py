@@ -23,7 +23,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from napari_prosma.checkpoint import atomic_write_bytes, checkpoint_paths, resolve  # noqa: E402
+from napari_prosma.checkpoint import (  # noqa: E402
+    atomic_write_bytes,
+    checkpoint_paths,
+    resolve,
+    seal_card,
+)
 from napari_prosma.datasets import read_dataset, read_split  # noqa: E402
 from napari_prosma.inference import gate_sparsity_range, load_model, predict  # noqa: E402
 
@@ -65,6 +70,7 @@ def main() -> None:
         "statistic": "per-image mean exact-zero fraction of z* per decoder stage; [min, max]",
     }
     atomic_write_bytes(card_path, (json.dumps(data, indent=2) + "\n").encode())
+    seal_card(card_path)  # an edit on purpose: the card hash is renewed
     print(f"{card_path.name}: {len(idx)} training images in {time.perf_counter() - t0:.0f} s")
     for k, (lo, hi) in rng.items():
         print(f"  {k}: {lo:.3f} .. {hi:.3f}")

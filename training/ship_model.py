@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from napari_prosma.checkpoint import load
+from napari_prosma.checkpoint import load, seal_card
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +37,7 @@ def main() -> None:
     dst = ROOT / "models"
     shutil.copyfile(run / "model.safetensors", dst / f"{args.name}.safetensors")
     (dst / f"{args.name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    seal_card(dst / f"{args.name}.json")  # name and notes changed on purpose
     load(dst / args.name)  # the shipped pair loads and verifies
     size = (dst / f"{args.name}.safetensors").stat().st_size / 1e6
     print(f"models/{args.name}: {n:,} parameters, {size:.1f} MB")

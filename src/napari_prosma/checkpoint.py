@@ -5,6 +5,20 @@ only with ``torch.load(weights_only=True)`` and still needs its JSON card beside
 write goes to a temporary file in the target folder and is then renamed into place, so a
 crash never leaves a half-written checkpoint, and an existing checkpoint is never
 overwritten unless asked.
+
+Two hashes tie a checkpoint together, and both are required:
+
+- ``weights_sha256`` (in the card): the sha256 of the weights file;
+- ``card_sha256`` (in the card): the sha256 of the card's canonical JSON without this
+  field (:func:`card_digest`: keys sorted, no spaces, ASCII). It covers every other field,
+  ``weights_sha256`` included, so one check covers the card and, through it, the weights.
+
+:func:`read_card` and :func:`load` refuse a card whose ``card_sha256`` is missing or does
+not match (normalisation or class names edited by hand would otherwise change every
+answer silently) and a ``.safetensors`` checkpoint whose card lacks ``weights_sha256``.
+A card edited on purpose is sealed again with :func:`seal_card`. Fine-tuned versions in
+the model store also record both hashes in their ``run.json`` (see
+:mod:`napari_prosma.versions`).
 """
 
 from __future__ import annotations
@@ -58,6 +72,8 @@ class ModelCard:
         limitations: what it is not for.
         parent_hash: sha256 of the parent checkpoint's weights (fine-tuning lineage).
         weights_sha256: sha256 of the weights file, filled in by :func:`save`.
+        card_sha256: sha256 of this card's canonical JSON without this field
+            (:func:`card_digest`), filled in by :func:`save` and :func:`seal_card`.
     """
 
     architecture: str
@@ -80,6 +96,7 @@ class ModelCard:
     created: str | None = None
     format_version: int = CARD_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
+    card_sha256: str | None = None
 
     @property
     def spatial_dims(self) -> int:
@@ -176,7 +193,7 @@ def _check_fields(data: dict[str, Any], source: str) -> None:
     for name in ("name", "intended_use", "limitations"):
         if name in data and not isinstance(data[name], str):
             raise bad(name, "text")
-    for name in ("parent_hash", "weights_sha256", "created"):
+    for name in ("parent_hash", "weights_sha256", "card_sha256", "created"):
         if data.get(name) is not None and not isinstance(data[name], str):
             raise bad(name, "text or null")
     for name in ("training", "metrics", "extra"):
@@ -201,6 +218,59 @@ def _check_fields(data: dict[str, Any], source: str) -> None:
             normalize(np.zeros((max(c, 1), 2, 2), np.float32), norm)
         except (InputError, TypeError, ValueError) as e:
             raise CheckpointError(f"{source}: 'normalization' cannot be used: {e}") from None
+
+
+# ---------------------------------------------------------------------------- card hash
+
+
+def card_digest(data: Mapping[str, Any]) -> str:
+    """sha256 of a card's canonical JSON without its ``card_sha256`` field (keys sorted,
+    ``","``/``":"`` separators, ASCII): the same for any formatting of the same card."""
+    body = {k: v for k, v in data.items() if k != "card_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _card_text(data: dict[str, Any]) -> bytes:
+    """A card's file content, sealed: ``card_sha256`` set to :func:`card_digest`."""
+    sealed = {**{k: v for k, v in data.items() if k != "card_sha256"}}
+    sealed["card_sha256"] = card_digest(sealed)
+    return (json.dumps(sealed, indent=2) + "\n").encode()
+
+
+def seal_card(path: str | os.PathLike[str]) -> str:
+    """Seal a card edited on purpose: (re)write its ``card_sha256``; returns it.
+
+    The card must still be valid (:meth:`ModelCard.from_dict`). This is the one way to make
+    a hand-edited card load again; do it only for an edit you meant.
+    """
+    _, card_path = checkpoint_paths(path)
+    data = _parse_card(card_path)
+    ModelCard.from_dict(data, source=f"model card {card_path.name}")
+    text = _card_text(data)
+    atomic_write_bytes(card_path, text)
+    return json.loads(text)["card_sha256"]
+
+
+def _check_card_hash(data: Mapping[str, Any], card_path: Path) -> None:
+    """Refuse a card without ``card_sha256`` or whose content does not match it."""
+    fix = (
+        "restore the file (or the model) as it was written; if you edited it on purpose, "
+        f"seal it again: napari_prosma.checkpoint.seal_card({str(card_path)!r})"
+    )
+    stored = data.get("card_sha256")
+    if not stored:
+        raise CheckpointError(
+            f"model card {card_path.name} carries no card_sha256, so a change to it could not "
+            f"be detected (a card written by hand, or before cards were hashed): {fix}"
+        )
+    digest = card_digest(data)
+    if digest != stored:
+        raise CheckpointError(
+            f"model card {card_path.name} was changed after it was written (sha256 "
+            f"{digest[:12]}… instead of {str(stored)[:12]}…): its normalisation, classes or "
+            f"other fields may no longer be those the model was trained with; {fix}"
+        )
 
 
 # ---------------------------------------------------------------------------- paths
@@ -316,7 +386,7 @@ def save(
     # both files are complete on disk before either is renamed into place: a crash while
     # writing leaves the earlier checkpoint as it was (only the two renames could be cut
     # apart, which load() detects by the card's weights_sha256)
-    text = (json.dumps(card.to_dict(), indent=2) + "\n").encode()
+    text = _card_text(card.to_dict())
     temps: list[tuple[Path, Path]] = []
     try:
         temps.append((_write_temp(weights, blob), weights))
@@ -332,23 +402,38 @@ def save(
 # ---------------------------------------------------------------------------- load
 
 
-def read_card(path: str | os.PathLike[str]) -> ModelCard:
-    """Read and validate the model card of a checkpoint (no weights loaded)."""
+def read_card(path: str | os.PathLike[str], verify_hash: bool = True) -> ModelCard:
+    """Read and validate the model card of a checkpoint (no weights loaded).
+
+    Args:
+        path: any form :func:`checkpoint_paths` takes.
+        verify_hash: refuse a card whose ``card_sha256`` is missing or does not match.
+
+    Raises:
+        CheckpointError: a missing, unreadable, malformed or changed card.
+    """
     _, card_path = checkpoint_paths(path)
-    return _read_card_file(card_path)
+    return _read_card_file(card_path, verify_hash)
 
 
-def _read_card_file(card_path: Path) -> ModelCard:
+def _parse_card(card_path: Path) -> Any:
     if not card_path.exists():
         raise CheckpointError(
             f"model card {card_path.name} is missing next to the weights: without it the "
             "architecture is unknown"
         )
     try:
-        data = json.loads(card_path.read_text(encoding="utf-8"))
+        return json.loads(card_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"model card {card_path.name} is not valid JSON ({e})") from None
-    return ModelCard.from_dict(data, source=f"model card {card_path.name}")
+
+
+def _read_card_file(card_path: Path, verify_hash: bool = True) -> ModelCard:
+    data = _parse_card(card_path)
+    card = ModelCard.from_dict(data, source=f"model card {card_path.name}")
+    if verify_hash:  # after the fields: a broken field is named as such
+        _check_card_hash(data, card_path)
+    return card
 
 
 def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
@@ -379,6 +464,22 @@ def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def _check_weights_hash(weights: Path, card: ModelCard) -> None:
+    """Refuse weights whose card names no hash, or another one."""
+    if not card.weights_sha256:
+        raise CheckpointError(
+            f"the model card of {weights.name} carries no weights_sha256, so the weights "
+            "cannot be checked (they may have been replaced); this checkpoint is refused"
+        )
+    digest = file_sha256(weights)
+    if digest != card.weights_sha256:
+        raise CheckpointError(
+            f"weights file {weights.name} does not match its model card (sha256 "
+            f"{digest[:12]}… instead of {card.weights_sha256[:12]}…): it was changed or "
+            "only partly written"
+        )
+
+
 def load(
     path: str | os.PathLike[str], device: str | torch.device = "cpu", verify_hash: bool = True
 ) -> tuple[torch.nn.Module, ModelCard]:
@@ -389,38 +490,41 @@ def load(
             with ``model.safetensors`` + ``config.json``; a bundled model's name is resolved
             by :func:`resolve`.
         device: where to put the model.
-        verify_hash: check the weights against the card's ``weights_sha256``.
+        verify_hash: check the card against its ``card_sha256`` and ``.safetensors``
+            weights against its ``weights_sha256`` (both required).
 
     Raises:
         CheckpointError: missing/corrupt files, a card without required fields, or weights
             that do not fit the card's architecture (the message names the tensor and shapes).
     """
-    import torch
-
     from .nets import build_model
 
     weights, card_path = checkpoint_paths(resolve(path))
-    card = _read_card_file(card_path)
-    if (
-        verify_hash
-        and card.weights_sha256
-        and weights.suffix == ".safetensors"
-        and weights.exists()
-    ):
-        digest = file_sha256(weights)
-        if digest != card.weights_sha256:
-            raise CheckpointError(
-                f"weights file {weights.name} does not match its model card (sha256 "
-                f"{digest[:12]}… instead of {card.weights_sha256[:12]}…): it was changed or "
-                "only partly written"
-            )
+    data = _parse_card(card_path)
+    card = ModelCard.from_dict(data, source=f"model card {card_path.name}")
+    if verify_hash and weights.suffix == ".safetensors" and weights.exists():
+        _check_weights_hash(weights, card)
     try:
         model = build_model(card.architecture, **card.arch_kwargs)
     except (TypeError, ValueError) as e:
         raise CheckpointError(
             f"model card {card_path.name} describes no valid network: {e}"
         ) from None
-    state = _read_tensors(weights)
+    state = _checked_state(model, _read_tensors(weights), weights.name)
+    if verify_hash:  # after the structure: an unusable field or tensor is named as such
+        _check_card_hash(data, card_path)
+    model.load_state_dict(state)
+    model.eval()
+    return model.to(device), card
+
+
+def _checked_state(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], name: str
+) -> dict[str, torch.Tensor]:
+    """``state`` as the model's dtypes, refusing missing, unexpected, misshapen or
+    non-finite tensors (the message names the tensor)."""
+    import torch
+
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -431,25 +535,23 @@ def load(
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})")
         raise CheckpointError(
-            f"weights file {weights.name} does not fit the card's architecture: tensors "
+            f"weights file {name} does not fit the card's architecture: tensors "
             + " and ".join(parts)
         )
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise CheckpointError(
-                f"weights file {weights.name}: tensor {k!r} has shape {tuple(state[k].shape)} "
+                f"weights file {name}: tensor {k!r} has shape {tuple(state[k].shape)} "
                 f"but the card's architecture needs {tuple(v.shape)}"
             )
         if v.is_floating_point():
             state[k] = state[k].to(v.dtype)
             if not bool(torch.isfinite(state[k]).all()):
                 raise CheckpointError(
-                    f"weights file {weights.name}: tensor {k!r} holds NaN or infinite values "
+                    f"weights file {name}: tensor {k!r} holds NaN or infinite values "
                     "(the training that made it diverged); this model cannot be used"
                 )
-    model.load_state_dict(state)
-    model.eval()
-    return model.to(device), card
+    return state
 
 
 # ---------------------------------------------------------------------------- bundled

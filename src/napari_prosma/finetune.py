@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from .checkpoint import ModelCard, file_sha256, resolve, save
+from .checkpoint import ModelCard, file_sha256, read_card, resolve, save
 from .preprocess import InputError, prepare
 from .versions import ModelStore, array_sha256, atomic_write_json
 
@@ -934,7 +934,10 @@ def run_finetune(
             raise Cancelled(CANCEL_MESSAGE)
         result.card.name = vid
         save(result.model, stage / "model", result.card)
-        atomic_write_json(stage / "run.json", _run_record(parent, card, result))
+        saved = read_card(stage / "model")
+        record = _run_record(parent, card, result)
+        record.update(weights_sha256=saved.weights_sha256, card_sha256=saved.card_sha256)
+        atomic_write_json(stage / "run.json", record)
         if cancelled():  # while saving: the staging folder goes, the parent stays
             raise Cancelled(CANCEL_MESSAGE)
     if activate == "always" or (activate == "if_better" and result.improved is not False):

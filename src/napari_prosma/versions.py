@@ -7,7 +7,8 @@ Layout of the store (default: the user's data folder, or ``$PROSMA_MODEL_DIR``):
       <version id>/                     one fine-tuning run, never written twice
         model.safetensors + model.json  the checkpoint (card: parent hash, data hashes, ...)
         corrections/                    the user's corrected labels, saved BEFORE training
-        run.json                        what was asked, what happened (before/after Dice)
+        run.json                        what was asked, what happened (before/after Dice),
+                                        and the card and weights hashes as saved
 
 A version folder is created under a short temporary name (``ROOT/.stage-<hex>``, whose
 ``owner.json`` records the process and the version id it reserved) and renamed into place
@@ -182,7 +183,9 @@ class ModelStore:
 
     # ------------------------------------------------------------------ listing
     def versions(self) -> list[Version]:
-        """All complete versions, oldest first (folders without a valid card are skipped)."""
+        """All complete versions, oldest first. Folders without a valid card are skipped,
+        and so is a version whose card hash differs from the one its ``run.json`` recorded
+        when the run saved it (a card edited and sealed again is no longer that run's)."""
         out = []
         if not self.root.is_dir():
             return out
@@ -199,6 +202,10 @@ class ModelStore:
                     run = json.loads((d / "run.json").read_text())
                 except json.JSONDecodeError:
                     run = {}
+            if not isinstance(run, dict):
+                run = {}
+            if run.get("card_sha256") not in (None, card.card_sha256):
+                continue  # the card was edited and sealed again: not this run's model
             out.append(Version(d.name, d, card, run))
         out.sort(key=lambda v: (v.created, v.id))
         return out
