@@ -88,6 +88,7 @@ def test_a_second_run_never_reads_the_first_runs_outputs(scans, grey, capsys):
     record = json.loads((out / MANIFEST).read_text())["files"]
     assert sorted(record) == sorted(p.name for p in out.iterdir() if p.name != MANIFEST)
     assert len(record) == 6  # labels + probabilities of scan, scan_labels and other
+    (out / "other_labels.png").rename(out / "renamed.png")  # still known by its sha256
     capsys.readouterr()
 
     rc = _predict(scans, "-o", scans / "out2", model=grey)
