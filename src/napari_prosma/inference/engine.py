@@ -183,27 +183,38 @@ def predict_batch(
     if return_gates and not any(o["gates"] for o in outs):
         notes.append("this model has plain skip connections: it has no gates to show")
     t_end = time.perf_counter()
-    results = []
-    for o in outs:
-        timings = {
-            "prepare": t_prep - t0,
-            "inference": o.pop("_t_infer"),
-            "postprocess": o.pop("_t_post"),
-            "total": t_end - t0,
-        }
-        results.append(
-            Prediction(
-                **o,
-                device=opts.device.type,
-                precision=_precision_name(opts.device, precision),
-                notes=list(notes),
-                timings=timings,
-                tile_size=opts.tile,
-                n_tiles=n_tiles,
-                class_names=list(card.class_names),
-            )
-        )
-    return results
+    return [
+        _prediction(o, opts, n_tiles, notes, card, precision, t_prep - t0, t_end - t0) for o in outs
+    ]
+
+
+def _prediction(
+    out: dict[str, Any],
+    opts: WindowOptions,
+    n_tiles: int,
+    notes: list[str],
+    card: ModelCard,
+    precision: str,
+    t_prepare: float,
+    t_total: float,
+) -> Prediction:
+    """One image's outputs of :func:`run_window` as a :class:`Prediction`."""
+    timings = {
+        "prepare": t_prepare,
+        "inference": out.pop("_t_infer"),
+        "postprocess": out.pop("_t_post"),
+        "total": t_total,
+    }
+    return Prediction(
+        **out,
+        device=opts.device.type,
+        precision=_precision_name(opts.device, precision),
+        notes=list(notes),
+        timings=timings,
+        tile_size=opts.tile,
+        n_tiles=n_tiles,
+        class_names=list(card.class_names),
+    )
 
 
 def _prepare_all(
