@@ -114,3 +114,73 @@ def test_cli_help_names_replay_and_slice_axis(capsys):
     out = capsys.readouterr().out
     assert "--replay PATH|auto|none" in out and "--slice-axis" in out
     assert "optimistic" in out
+
+
+def _touch_pngs(folder: Path, names: list[str]) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / name)
+
+
+def test_files_pair_by_stem_and_suffix_never_by_order(tmp_path):
+    """Issue 12 #4: case1 <-> case10_mask by sorted order was trained on; now by name."""
+    import argparse
+
+    from napari_prosma.cli.finetune import _pair
+
+    _touch_pngs(tmp_path / "im", ["case1.png", "case10.png", "case2.png"])
+    _touch_pngs(tmp_path / "lab", ["case10_mask.png", "case1_Seg.png", "case2_labels.png"])
+    ns = argparse.Namespace(images=tmp_path / "im", labels=tmp_path / "lab")
+    got = {i.name: lab.name for i, lab in _pair(ns)}
+    assert got == {
+        "case1.png": "case1_Seg.png", "case10.png": "case10_mask.png",
+        "case2.png": "case2_labels.png",
+    }
+    # one folder holding both
+    _touch_pngs(tmp_path / "both", ["a.png", "a_mask.png", "b.png", "b_label.png"])
+    ns = argparse.Namespace(images=tmp_path / "both", labels=tmp_path / "both")
+    assert {i.name: lab.name for i, lab in _pair(ns)} == {
+        "a.png": "a_mask.png", "b.png": "b_label.png"
+    }
+
+
+def test_unmatched_or_ambiguous_files_are_refused_by_name(tmp_path, capsys):
+    ckpt = _tiny(tmp_path / "m")
+    _touch_pngs(tmp_path / "im", ["case1.png", "case10.png", "case3.png"])
+    _touch_pngs(tmp_path / "lab", ["case1_mask.png", "case1_seg.png", "case10_mask.png",
+                                   "case4_mask.png"])
+    rc = _run(str(tmp_path / "im"), str(tmp_path / "lab"), "--model", str(ckpt),
+              "-o", str(tmp_path / "store"))
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "no label file for case3.png" in err
+    assert "no image for case4_mask.png" in err
+    assert "more than one label file for case1.png (case1_mask.png, case1_seg.png)" in err
+    assert not (tmp_path / "store").exists()
+
+
+def test_cli_takes_0_255_masks_as_binary_and_refuses_fractional_labels(tmp_path, capsys):
+    """Issue 12 #7 through the CLI: 0/255 PNG masks (Kvasir, BUSI) train a binary model and
+    it is said; float labels 0.6 are refused by value (they were truncated to 0)."""
+    import tifffile
+    from PIL import Image
+
+    ckpt = _tiny(tmp_path / "m")
+    images, masks = _png_pairs(tmp_path / "user", 2)
+    for f in masks.iterdir():
+        Image.fromarray((np.asarray(Image.open(f)) * 255).astype(np.uint8)).save(f)
+    assert _run(str(images), str(masks), "--model", str(ckpt), "-o", str(tmp_path / "s"),
+                "--replay", "none") == 0
+    out = capsys.readouterr().out
+    assert "note: the labels are stored as 0 and 255: taken as 0 = background" in out
+    (tmp_path / "flt").mkdir()
+    for f in masks.iterdir():
+        lab = (np.asarray(Image.open(f)) > 0) * np.float32(0.6)
+        tifffile.imwrite(tmp_path / "flt" / f"{f.stem}.tif", lab.astype(np.float32))
+    rc = _run(str(images), str(tmp_path / "flt"), "--model", str(ckpt),
+              "-o", str(tmp_path / "s2"))
+    err = capsys.readouterr().err
+    assert rc == 1 and "fractional values (0.6)" in err and "Traceback" not in err
+    assert not (tmp_path / "s2").exists() or ModelStore(tmp_path / "s2").versions() == []

@@ -547,3 +547,74 @@ def test_cancel_or_crash_in_any_phase_leaves_the_parent_and_no_files(
     assert sorted(p.name for p in kept.iterdir()) == [
         "index.json", *(f"pair_{k:03d}.npz" for k in range(8))
     ]
+
+
+# ---------------------------------------------------------------------------- issue 12
+
+
+def test_nothing_held_out_saves_the_trained_weights(parent, tmp_path):
+    """Issue 12 #2: with one corrected image nothing is held out; the saved version must
+    hold the trained weights (it held the parent's), and the training loss fell."""
+    from safetensors.torch import load_file
+
+    store = ModelStore(tmp_path / "store")
+    images, labels = _disc_images(1)
+    result, vid = run_finetune(
+        parent, images, labels, store=store, config=_cfg(max_steps=40), replay=None
+    )
+    assert result.n_holdout == 0 and result.dice_before is None
+    losses = [h["loss"] for h in result.history]
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    before = load_file(str(parent))
+    after = load_file(str(store.get(vid).checkpoint))
+    weights = [k for k in before if k.endswith("weight")]
+    changed = [k for k in weights if not torch.equal(before[k], after[k])]
+    assert len(changed) > len(weights) // 2, changed
+    assert file_sha256(store.get(vid).checkpoint) != file_sha256(parent)
+
+
+def test_label_values_binary_masks_mapped_negative_and_fractional_refused():
+    """Issue 12 #7: 0/255 was refused for a 2-class model; -1 was trained on as a class;
+    0.6 was truncated to 0 and then called "not labelled"."""
+    from napari_prosma.finetune import check_labels
+
+    net = build_model(spatial_dims=2, widths="tiny")  # out_channels 2
+    card = ModelCard(architecture="prosma_unet", arch_kwargs=net.config,
+                     class_names=["background", "polyp"])
+    img = np.zeros((8, 8), np.float32)
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:5, 2:5] = 255
+    lab, note = check_labels(mask, card)
+    assert lab.dtype == np.int64 and set(np.unique(lab).tolist()) == {0, 1}
+    assert lab.sum() == 9 and "stored as 0 and 255" in note and "255 = polyp" in note
+    notes: list[str] = []
+    (u,) = corrected_units([img], [mask], card, notes=notes)
+    assert u.labels.max() == 1 and notes == [note]
+    assert check_labels(np.where(mask > 0, 7, 0), card)[0].max() == 1  # {0, max}
+    assert check_labels(mask.astype(np.float32) / 255, card)[1] is None  # whole floats
+    neg = mask.astype(np.int16) // 255
+    neg[0, :3] = -1
+    with pytest.raises(InputError, match=r"negative values \(-1\)"):
+        corrected_units([img], [neg], card)
+    frac = (mask > 0) * 0.6
+    with pytest.raises(InputError, match=r"fractional values \(0\.6\)"):
+        corrected_units([img], [frac], card)
+    with pytest.raises(InputError, match="NaN"):
+        check_labels(np.full((4, 4), np.nan), card)
+    three = dataclasses.replace(card, arch_kwargs={**net.config, "out_channels": 3},
+                                class_names=["bg", "a", "b"])
+    with pytest.raises(InputError, match="use class 255 but the model knows 3"):
+        check_labels(mask, three)  # not binary: 255 is no class it knows
+    with pytest.raises(InputError, match="values found: 0, 1, 255"):
+        check_labels(np.where(mask > 0, 255, 0) + np.eye(8, dtype=np.int64), card)
+
+
+def test_refused_labels_leave_nothing_in_the_store(parent, tmp_path):
+    """Issue 12 #7/#15: bad label values are refused before the corrections are saved."""
+    store = ModelStore(tmp_path / "store")
+    images, labels = _disc_images(2)
+    bad = [labels[0].astype(np.int16) - 1, labels[1]]
+    with pytest.raises(InputError, match="negative values"):
+        run_finetune(parent, images, bad, store=store, config=_cfg(max_steps=2))
+    assert not (store.root / ".incoming").exists()
+    assert store.versions() == []

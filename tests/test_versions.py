@@ -109,3 +109,96 @@ def test_recover_removes_stale_temp_files_of_killed_writes_only(tmp_path):
     assert store.recover() == []
     assert not old.exists()
     assert fresh.exists() and keep.exists()
+
+
+_CHILD = r"""
+import datetime, sys, time
+from pathlib import Path
+import numpy as np
+import napari_prosma.versions as versions
+from napari_prosma.finetune import FinetuneConfig, run_finetune
+
+class Frozen(datetime.datetime):  # both runs start in the same second
+    @classmethod
+    def now(cls, tz=None):
+        return cls(2024, 1, 2, 3, 4, 5)
+
+versions._dt = type("dt", (), {"datetime": Frozen, "timezone": datetime.timezone})
+parent, store, go = sys.argv[1:4]
+rng = np.random.default_rng(0)
+images = [rng.integers(0, 255, (32, 32)).astype(np.uint8) for _ in range(2)]
+labels = [(im > 128).astype(np.uint8) for im in images]
+while not Path(go).exists():
+    time.sleep(0.01)
+cfg = FinetuneConfig(max_steps=3, time_budget_s=None, batch_size=2, device="cpu",
+                     holdout_fraction=0.0, trainable="all")
+_, vid = run_finetune(parent, images, labels, store=versions.ModelStore(store), config=cfg,
+                      activate="always")
+print(vid)
+"""
+
+
+def test_two_processes_finetuning_into_one_store_get_two_versions(tmp_path):
+    """Issue 12 #5: two runs at once got the same id; the second failed after training
+    ("Directory not empty") and its model was left in a hidden folder."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hardening_support import save_tiny
+
+    parent = save_tiny(tmp_path, out_channels=2)
+    store, go = tmp_path / "store", tmp_path / "go"
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(parent), str(store), str(go)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for _ in range(2)
+    ]
+    go.touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+    ids = [o.strip().splitlines()[-1] for o, _ in outs]
+    assert len(set(ids)) == 2, ids
+    assert sorted(v.id for v in ModelStore(store).versions()) == sorted(ids)
+    hidden = [p.name for p in store.iterdir() if p.name.startswith(".") and p.is_dir()]
+    assert hidden == [], hidden
+    assert ModelStore(store).active() in ids
+
+
+def test_the_store_lock_is_not_held_while_training(tmp_path):
+    """Another process may reserve an id or activate a model while a run trains."""
+    import fcntl
+    import os
+
+    from hardening_support import disc_images, save_tiny
+    from napari_prosma.finetune import FinetuneConfig, run_finetune
+
+    parent = save_tiny(tmp_path, out_channels=2)
+    store = ModelStore(tmp_path / "store")
+    images, labels = disc_images(1)
+    free = []
+
+    def progress(p):
+        fd = os.open(store.root, os.O_RDONLY)  # the store locks its folder
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            free.append(True)
+        except BlockingIOError:
+            free.append(False)
+        finally:
+            os.close(fd)
+
+    cfg = FinetuneConfig(max_steps=2, time_budget_s=None, batch_size=2, device="cpu")
+    run_finetune(parent, images, labels, store=store, config=cfg, progress=progress)
+    assert free and all(free)
+    with store.lock():  # and it is held while locked (the probe above can fail)
+        fd = os.open(store.root, os.O_RDONLY)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(fd)

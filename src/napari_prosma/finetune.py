@@ -190,6 +190,7 @@ def corrected_units(
     *,
     spacing: Sequence[Sequence[float] | None] | None = None,
     slice_axis: int = 0,
+    notes: list[str] | None = None,
 ) -> list[Unit]:
     """Split the user's data into training units.
 
@@ -205,12 +206,15 @@ def corrected_units(
         previous: the last prediction per image (same grid), or None.
         spacing: per image, its voxel spacing in mm (napari order) or None when unknown.
         slice_axis: the volume axis slices are taken along (0, 1 or 2).
+        notes: where to add what was done to the labels (0/255 masks taken as 0/1).
 
     Returns:
-        Units ``(image, labels, spacing)``; a slice's spacing is its in-plane spacing.
+        Units ``(image, labels, spacing)``; a slice's spacing is its in-plane spacing;
+        labels as int64 class numbers (:func:`check_labels`).
 
     Raises:
-        InputError: shapes that don't match, or nothing labelled.
+        InputError: shapes that don't match, label values that cannot be classes (see
+            :func:`check_labels`), or nothing labelled.
     """
     if len(images) != len(labels):
         raise InputError(f"{len(images)} image(s) but {len(labels)} label image(s)")
@@ -221,7 +225,9 @@ def corrected_units(
     units: list[Unit] = []
     for k, (img, lab) in enumerate(zip(images, labels)):
         img, lab = np.asarray(img), np.asarray(lab)
-        _check_pair(img, lab, card)
+        lab, note = _check_pair(img, lab, card)
+        if note and notes is not None and note not in notes:
+            notes.append(note)
         prev = previous[k] if k < len(previous) else None
         sp = spacing[k] if k < len(spacing) else None
         sp = tuple(float(s) for s in sp) if sp is not None else None
@@ -236,19 +242,82 @@ def corrected_units(
     return units
 
 
-def _check_pair(img: np.ndarray, lab: np.ndarray, card: ModelCard) -> None:
+def _check_pair(
+    img: np.ndarray, lab: np.ndarray, card: ModelCard
+) -> tuple[np.ndarray, str | None]:
+    """Refuse labels not on the image's grid; returns :func:`check_labels` of them."""
     spatial = img.shape[:-1] if img.ndim == lab.ndim + 1 else img.shape
     if tuple(spatial) != tuple(lab.shape):
         raise InputError(
             f"the labels (shape {lab.shape}) do not match the image (shape {img.shape})"
         )
-    if lab.dtype.kind not in "biu":
-        raise InputError(f"labels must be integers, not {lab.dtype}")
-    if lab.size and int(lab.max()) >= max(card.out_channels, 2):
+    return check_labels(lab, card)
+
+
+def _values(v: np.ndarray, n: int = 5) -> str:
+    shown = ", ".join(f"{x:g}" for x in v[:n].tolist())
+    return shown + (f" and {v.size - n} more" if v.size > n else "")
+
+
+def check_labels(
+    lab: np.ndarray, card: ModelCard, what: str = "the labels"
+) -> tuple[np.ndarray, str | None]:
+    """The one check of label values, used by the CLI, the widget and replay alike.
+
+    Labels are class numbers ``0 .. K-1`` (``K = max(out_channels, 2)``, 0 = background).
+    A binary mask stored as ``{0, m}`` with ``m > 1`` (0/255, as Kvasir-SEG, BUSI and most
+    tools store masks) is taken as ``{0, 1}`` for a binary model, and said. Whole-number
+    floats are taken as integers.
+
+    Args:
+        lab: a label array ``(*S)`` of any numeric dtype.
+        card: the model's card (number and names of its classes).
+        what: how messages name the labels.
+
+    Returns:
+        ``(labels, note)``: int64 labels ``(*S)`` and a sentence for the user when the
+        values were mapped (else None).
+
+    Raises:
+        InputError: non-numbers, NaN, fractional or negative values, or classes the model
+            does not know; the message names the values.
+    """
+    lab = np.asarray(lab)
+    k = max(card.out_channels, 2)
+    names = ", ".join(card.class_names) or "?"
+    if lab.dtype.kind == "b":
+        return lab.astype(np.int64), None
+    if lab.dtype.kind not in "iuf":
+        raise InputError(f"{what} must be integers, not {lab.dtype}")
+    if lab.dtype.kind == "f":
+        if not np.isfinite(lab).all():
+            raise InputError(f"{what} contain NaN or infinite values; labels are class numbers")
+        frac = np.unique(lab[lab != np.round(lab)])
+        if frac.size:
+            raise InputError(
+                f"{what} hold fractional values ({_values(frac)}); labels are whole class "
+                f"numbers (0 = background, 1 … {k - 1} = {names}): round or threshold them first"
+            )
+    if lab.size and lab.min() < 0:
+        neg = np.unique(lab[lab < 0])
         raise InputError(
-            f"the labels use class {int(lab.max())} but the model knows "
-            f"{max(card.out_channels, 2)} classes ({', '.join(card.class_names) or '?'})"
+            f"{what} hold negative values ({_values(neg)}); labels are class numbers "
+            f"0 … {k - 1} ({names}); mark what is not labelled as 0 (background)"
         )
+    out = lab.astype(np.int64)
+    if not out.size or int(out.max()) < k:
+        return out, None
+    top = int(out.max())
+    values = np.unique(out)
+    if k == 2 and (values.tolist() == [0, top] or values.tolist() == [255]):
+        fg = card.class_names[1] if len(card.class_names) > 1 else "foreground"
+        return (out > 0).astype(np.int64), (
+            f"{what} are stored as 0 and {top}: taken as 0 = background, {top} = {fg}"
+        )
+    raise InputError(
+        f"{what} use class {top} but the model knows {k} classes ({names})"
+        + (f"; values found: {_values(values.astype(float))}" if values.size > 1 else "")
+    )
 
 
 def _volume_units(
@@ -472,8 +541,10 @@ def finetune(
     t0 = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    label_notes: list[str] = []
     units = corrected_units(
-        images, labels, card, previous, spacing=spacing, slice_axis=cfg.slice_axis
+        images, labels, card, previous, spacing=spacing, slice_axis=cfg.slice_axis,
+        notes=label_notes,
     )
     train_idx, sel_idx, rep_idx = split_units(len(units), cfg.holdout_fraction, rng)
     train_units = [units[i] for i in train_idx]
@@ -508,7 +579,8 @@ def finetune(
     loss_fn = _loss_fn(card)
     params = trainable_parameters(net, cfg.trainable)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    best_state = copy.deepcopy(net.state_dict())
+    # the state kept: the best on the selection part; with nothing held out, the last one
+    best_state = copy.deepcopy(net.state_dict()) if sel_units else None
     best = sel_before if sel_before is not None else -math.inf
     history: list[dict[str, float]] = []
     stale, stopped, step, replayed = 0, "max_steps", 0, 0
@@ -551,7 +623,8 @@ def finetune(
             stopped = "time_budget"
             break
     check()
-    net.load_state_dict(best_state)
+    if best_state is not None:
+        net.load_state_dict(best_state)
     sel_after = best if sel_units else None
     if independent:
         rep_after = holdout_dice(net, card, rep_units, str(device), cancelled)
@@ -566,7 +639,7 @@ def finetune(
     seconds = time.perf_counter() - t0
     report(step, None, sel_after, "done")
     replay_record = {**replay_record, "fraction": cfg.replay_fraction, "patches": replayed}
-    notes = _notes(replay_record, cfg.holdout_fraction, len(rep_units), independent)
+    notes = label_notes + _notes(replay_record, cfg.holdout_fraction, len(rep_units), independent)
     new_card = _child_card(
         card, cfg, images, labels, spacing,
         holdout={
@@ -664,7 +737,7 @@ def _replay_units(
     for it in items:
         img, lab = np.asarray(it[0]), np.asarray(it[1])
         sp = it[2] if len(it) > 2 else None
-        _check_pair(img, lab, card)
+        lab, _ = _check_pair(img, lab, card)
         units.append(Unit(img, lab, tuple(float(s) for s in sp) if sp is not None else None))
     return units, record
 
@@ -832,6 +905,8 @@ def run_finetune(
         from .replay import load_replay
 
         replay = load_replay(card, replay, n=cfg.replay_samples, seed=cfg.seed)
+    # bad input is refused before anything is saved (no copy of it left in .incoming)
+    corrected_units(images, labels, card, previous, spacing=spacing, slice_axis=cfg.slice_axis)
     recovered = store.recover()  # runs killed earlier: their corrections go to .incoming
     with store.staging(card.name) as (vid, stage):
         store.save_corrections(

@@ -305,22 +305,22 @@ def _read_pairs(
     folder: Path,
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[str], list[Any]]:
     from .io import is_supported, read_image, stem_of
+    from .pairing import pair_by_stem
 
     img_dir = folder / "images"
     lab_dir = next((folder / d for d in ("masks", "labels") if (folder / d).is_dir()), None)
     if not img_dir.is_dir() or lab_dir is None:
         return [], [], [], []
-    labs = {stem_of(p): p for p in lab_dir.iterdir() if p.is_file() and is_supported(p)}
+
+    def files(d: Path) -> list[Path]:
+        return sorted(p for p in d.iterdir() if p.is_file() and is_supported(p))
+
     images, labels, ids, spacings = [], [], [], []
-    for p in sorted(img_dir.iterdir()):
-        if not (p.is_file() and is_supported(p)) or stem_of(p) not in labs:
-            continue
+    for p, lab_path in pair_by_stem(files(img_dir), files(lab_dir), strict=False):
         im = read_image(p)
-        lab = np.asarray(read_image(labs[stem_of(p)]).data)
+        lab = np.asarray(read_image(lab_path).data)
         if lab.ndim == im.data.ndim and im.kind == "rgb":
             lab = lab[..., 0]
-        if lab.ndim == 2 and lab.dtype == np.uint8 and lab.max() == 255:
-            lab = (lab > 127).astype(np.uint8)  # 0/255 masks
         images.append(im.data)
         labels.append(lab)
         ids.append(stem_of(p))
@@ -335,15 +335,14 @@ def _fit_classes(
 ) -> list[tuple[np.ndarray, np.ndarray, Any]]:
     """Labels as the model's classes: binary models learn foreground vs background; a
     multi-class model refuses labels beyond its classes."""
-    k = max(card.out_channels, 2)
+    from .finetune import check_labels
+
     out = []
     for img, lab, sp in units:
-        lab = np.asarray(lab).astype(np.int64)
-        if card.out_channels == 1:
+        lab = np.asarray(lab)
+        if card.out_channels == 1 and lab.dtype.kind in "biu":
             lab = (lab > 0).astype(np.int64)
-        elif lab.size and int(lab.max()) >= k:
-            raise InputError(
-                f"the replay labels use class {int(lab.max())} but the model knows {k} classes"
-            )
+        else:
+            lab = check_labels(lab, card, "the replay labels")[0]  # 0/255: 0/1 if binary
         out.append((img, lab, sp))
     return out

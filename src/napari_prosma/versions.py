@@ -9,9 +9,16 @@ Layout of the store (default: the user's data folder, or ``$PROSMA_MODEL_DIR``):
         corrections/                    the user's corrected labels, saved BEFORE training
         run.json                        what was asked, what happened (before/after Dice)
 
-A version folder is created under a temporary name and renamed into place only when the
-checkpoint is complete, so a cancelled or crashed run leaves no version behind (its
-saved corrections stay in ``ROOT/.incoming`` and are reported, not deleted).
+A version folder is created under a short temporary name (``ROOT/.stage-<hex>``, whose
+``owner.json`` records the process and the version id it reserved) and renamed into place
+only when the checkpoint is complete, so a cancelled or crashed run leaves no version
+behind (its saved corrections stay in ``ROOT/.incoming`` and are reported, not deleted).
+
+Two runs into one store at once (two napari windows, a CLI run beside the widget) never
+meet: the store is locked across processes (:meth:`ModelStore.lock`, an ``flock`` on
+the folder) while a version id is reserved, while a finished run is renamed into place,
+while the active model is switched and while dead runs are tidied up — milliseconds each,
+never during training.
 """
 
 from __future__ import annotations
@@ -33,7 +40,10 @@ import numpy as np
 
 from .checkpoint import CheckpointError, ModelCard, atomic_write_bytes, read_card
 
-_OWNER = "owner.json"  # in a staging folder: the process that is writing it
+_OWNER = "owner.json"  # in a staging folder: the process that is writing it, the id it holds
+_LOCK = ".lock"  # lock file where the folder itself cannot be locked (see _flock)
+_STAGE = ".stage-"  # prefix of staging folders: short, so long model names still fit
+_BASE_MAX = 80  # characters of a model name kept in a version id
 STALE_TMP_S = 3600  # a temporary file this old in the store folder was left by a killed write
 
 
@@ -54,6 +64,58 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OSError):
         return True
     return True
+
+
+@contextmanager
+def _flock(root: Path) -> Iterator[None]:
+    """An exclusive lock on the folder ``root`` that other processes (and threads) wait for.
+
+    On POSIX the folder itself is locked (``flock`` on its descriptor), so the store holds
+    no extra file; where a folder cannot be locked (some network file systems, Windows)
+    the lock file ``root/.lock`` is locked instead.
+    """
+    if os.name != "nt":
+        import fcntl
+
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
+        else:
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+            return
+    with open(root / _LOCK, "a+b") as f:
+        _lock_file(f)
+        try:
+            yield
+        finally:
+            _lock_file(f, unlock=True)
+
+
+def _lock_file(f: Any, unlock: bool = False) -> None:
+    """Lock (or unlock) an open file: ``fcntl.flock``, or ``msvcrt.locking`` on Windows."""
+    if os.name != "nt":
+        import fcntl
+
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN if unlock else fcntl.LOCK_EX)
+        return
+    import msvcrt  # pragma: no cover - Windows
+
+    f.seek(0)
+    if unlock:
+        msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+        return
+    while True:  # LK_LOCK gives up after 10 s; a run holds the lock for milliseconds
+        try:
+            msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)
+            return
+        except OSError:
+            continue
 
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}$")
@@ -169,16 +231,48 @@ class ModelStore:
 
     def activate(self, model: str) -> None:
         """Make a version id (or a bundled name / checkpoint path) the active model."""
+        with self.lock():
+            atomic_write_json(self.root / "active.json", {"model": model})
+
+    # ------------------------------------------------------------------ locking
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the store's cross-process lock (keep the body short: milliseconds).
+
+        Not re-entrant: a body must not call :meth:`activate`, :meth:`recover` or enter
+        :meth:`staging` (each takes the lock itself).
+        """
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.root / "active.json", {"model": model})
+        with _flock(self.root):
+            yield
 
     # ------------------------------------------------------------------ new versions
+    def _stages(self) -> list[tuple[Path, dict[str, Any] | None]]:
+        """Staging folders (``ROOT/.<...>.<...>`` or ``ROOT/.stage-<hex>``) and their owner
+        records (None when missing or unreadable)."""
+        out: list[tuple[Path, dict[str, Any] | None]] = []
+        if not self.root.is_dir():
+            return out
+        for stage in sorted(self.root.glob(".*")):
+            if not stage.is_dir() or stage.name == ".incoming":
+                continue
+            if not (stage.name.startswith(_STAGE) or "." in stage.name[1:]):
+                continue
+            try:
+                info = json.loads((stage / _OWNER).read_text())
+                out.append((stage, info if isinstance(info, dict) else None))
+            except (OSError, ValueError):
+                out.append((stage, None))
+        return out
+
     def new_id(self, base: str) -> str:
+        """A version id not used by a version or reserved by a run in progress."""
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-.") or "model"
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-.")[:_BASE_MAX] or "model"
+        taken = {str((info or {}).get("id")) for _, info in self._stages()}
         vid = f"{base}-ft-{stamp}"
         n = 1
-        while (self.root / vid).exists():
+        while (self.root / vid).exists() or vid in taken:
             n += 1
             vid = f"{base}-ft-{stamp}-{n}"
         return vid
@@ -187,14 +281,17 @@ class ModelStore:
     def staging(self, base: str) -> Iterator[tuple[str, Path]]:
         """A private folder for a run in progress; renamed to ``ROOT/<id>`` on success.
 
-        Yields ``(version_id, staging_dir)``. If the body raises (cancel, crash), the
-        staging folder's corrections are kept under ``ROOT/.incoming/<id>`` and everything
-        else is removed; no version appears in :meth:`versions`.
+        Yields ``(version_id, staging_dir)``. The id is reserved (under :meth:`lock`) when
+        the folder is made, so runs at the same time get different ids. If the body raises
+        (cancel, crash), the staging folder's corrections are kept under
+        ``ROOT/.incoming/<id>`` (:attr:`kept` says where) and everything else is removed;
+        no version appears in :meth:`versions`.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        vid = self.new_id(base)
-        stage = Path(tempfile.mkdtemp(prefix=f".{vid}.", dir=self.root))
-        (stage / _OWNER).write_text(json.dumps({"pid": os.getpid(), "host": _host()}))
+        with self.lock():
+            vid = self.new_id(base)
+            stage = Path(tempfile.mkdtemp(prefix=_STAGE, dir=self.root))
+            owner = {"pid": os.getpid(), "host": _host(), "id": vid}
+            (stage / _OWNER).write_text(json.dumps(owner))
         try:
             yield vid, stage
         except BaseException:
@@ -203,18 +300,19 @@ class ModelStore:
         if not (stage / "model.safetensors").exists():
             shutil.rmtree(stage, ignore_errors=True)
             raise RuntimeError("the run finished without writing a checkpoint")
-        os.replace(stage, self.root / vid)
+        with self.lock():
+            os.replace(stage, self.root / vid)
 
     def recover(self) -> list[str]:
         """Clean up after runs whose process died (killed, power cut) while training.
 
-        A staging folder (``ROOT/.<id>.<random>``) whose owning process, on this computer,
-        is no longer running is handled as a cancelled run would have been: its saved
-        corrections move to ``ROOT/.incoming/<id>`` and the rest (a half-written checkpoint)
-        is removed. Staging folders of live runs, of other computers sharing the folder, or
-        without an owner record are left alone. Temporary files of an interrupted atomic
-        write in the store folder itself (``ROOT/.active.json.<random>.tmp``) are removed
-        once they are an hour old (a live write takes milliseconds).
+        A staging folder whose owning process, on this computer, is no longer running is
+        handled as a cancelled run would have been: its saved corrections move to
+        ``ROOT/.incoming/<id>`` and the rest (a half-written checkpoint) is removed.
+        Staging folders of live runs, of other computers sharing the folder, or without an
+        owner record are left alone. Temporary files of an interrupted atomic write in the
+        store folder itself (``ROOT/.<hash>.<random>.tmp``) are removed once they are an
+        hour old (a live write takes milliseconds).
 
         Returns:
             The version ids whose corrections were recovered into ``.incoming``.
@@ -222,26 +320,23 @@ class ModelStore:
         recovered: list[str] = []
         if not self.root.is_dir():
             return recovered
-        for tmp in self.root.glob(".*.tmp"):
-            try:
-                if tmp.is_file() and time.time() - tmp.stat().st_mtime > STALE_TMP_S:
-                    tmp.unlink()
-            except OSError:
-                pass
-        for stage in sorted(self.root.glob(".*.*")):
-            owner = stage / _OWNER
-            if not stage.is_dir() or stage.name == ".incoming" or not owner.is_file():
-                continue
-            try:
-                info = json.loads(owner.read_text())
-                pid, host = int(info["pid"]), str(info["host"])
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-            if host != _host() or _alive(pid):
-                continue
-            vid = stage.name[1:].rsplit(".", 1)[0]
-            if self._abandon(stage, vid):
-                recovered.append(vid)
+        with self.lock():
+            for tmp in self.root.glob(".*.tmp"):
+                try:
+                    if tmp.is_file() and time.time() - tmp.stat().st_mtime > STALE_TMP_S:
+                        tmp.unlink()
+                except OSError:
+                    pass
+            for stage, info in self._stages():
+                try:
+                    pid, host = int(info["pid"]), str(info["host"])  # type: ignore[index]
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if host != _host() or _alive(pid):
+                    continue
+                vid = str(info.get("id") or stage.name[1:].rsplit(".", 1)[0])  # type: ignore[union-attr]
+                if self._abandon(stage, vid):
+                    recovered.append(vid)
         return recovered
 
     def _abandon(self, stage: Path, vid: str) -> bool:

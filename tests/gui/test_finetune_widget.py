@@ -204,6 +204,31 @@ def test_regression_guard_warns_and_keeps_the_parent(corrected, qtbot, monkeypat
     assert widget.activate_anyway_button.isHidden()
 
 
+def test_resegmenting_never_writes_into_an_edited_layer(corrected, monkeypatch):
+    """Issue 12.1, Fine-tune side: fine-tuning on a hand-drawn layer, then segmenting again
+    with the new model, leaves the edited Segment labels layer as the user left it."""
+    import napari_prosma.finetune as ft
+
+    c = corrected
+    scores = iter([0.1] + [0.9] * 20)  # it improves: the new model is activated
+    monkeypatch.setattr(ft, "holdout_dice", lambda *a, **k: next(scores))
+    c.viewer.add_labels(c.truth.copy(), name="mine")
+    widget = finetune_widget(c.viewer, c.ckpt, steps=3)
+    widget.labels_combo.setCurrentIndex(widget.labels_combo.findData("mine"))
+    n = n_records()
+
+    _, vid = widget.run(sync=True)
+
+    assert store().active() == vid
+    np.testing.assert_array_equal(c.labels.data, c.truth)  # the edits are kept
+    assert c.labels.metadata["prosma"]["role"] == "corrected"
+    new = c.viewer.layers["discs labels [1]"]
+    assert new.metadata["prosma"]["model"] == str(store().get(vid).checkpoint)
+    from napari.utils.notifications import notification_manager
+
+    assert any("holds your edits" in str(r.message) for r in notification_manager.records[n:])
+
+
 def test_other_corrected_images_join_in(make_napari_viewer, tmp_path):
     """Four 2D images segmented, three of them corrected: those three are learnt from."""
     import torch

@@ -132,15 +132,101 @@ def test_segment_sync_2d_geometry_and_rerun_updates(make_napari_viewer, tiny2d_f
     np.testing.assert_allclose(labels.translate, image.translate)
     assert viewer.layers.selection.active.name == labels.name  # ready for corrections
     n_layers = len(viewer.layers)
-    labels.data[:] = 0  # a user's edit, replaced by the next run
 
-    widget.run(sync=True)
+    widget.run(sync=True)  # the layer was not edited: it is updated
 
     assert len(viewer.layers) == n_layers  # updated, not piled up
     # (napari hands plugin widgets proxies of its objects: compare by id, not identity)
     assert widget.last_labels.unique_id == labels.unique_id
     assert labels.data.min() == 1
     assert viewer.layers[-1].unique_id == labels.unique_id  # labels on top
+
+
+def info_since(n: int) -> list[str]:
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    return [
+        str(r.message) for r in notification_manager.records[n:]
+        if r.severity == NotificationSeverity.INFO
+    ]
+
+
+def paint_stroke(layer, n: int = 1000, value: int = 2) -> tuple[np.ndarray, ...]:
+    """Paint ``n`` pixels of a 2D labels layer as napari's brush does (one undo step)."""
+    ys, xs = np.divmod(np.arange(n), 40)
+    where = (ys + 10, xs + 10)
+    with layer.block_history():
+        layer.data_setitem(where, value)
+    return where
+
+
+@pytest.mark.parametrize("tta", [False, True], ids=["plain", "tta"])
+def test_run_again_keeps_the_users_edits(make_napari_viewer, tiny2d_fg, tta):
+    """Issue 12.1: a labels layer the user painted on is never overwritten; the new result
+    goes to a new layer, and the status and a notification say so."""
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-prosma", "busi_benign")
+    image = viewer.layers[0]
+    widget = segment_widget(viewer, tiny2d_fg)
+    widget.run(sync=True)
+    mine = widget.last_labels
+    where = paint_stroke(mine)
+    edited = np.array(mine.data, copy=True)
+    assert np.all(edited[where] == 2)
+    n_layers = len(viewer.layers)
+    widget.tta_check.setChecked(tta)
+    n = n_records()
+
+    widget.run(sync=True)
+
+    np.testing.assert_array_equal(mine.data, edited)  # the stroke is kept
+    new = widget.last_labels
+    assert new.unique_id != mine.unique_id and len(viewer.layers) == n_layers + 1
+    assert new.name == f"{image.name} labels [1]" and new.data.min() == 1
+    assert mine.metadata["prosma"]["role"] == "corrected"  # Fine-tune finds it
+    notes = info_since(n)
+    assert any("holds your edits" in t and new.name in t for t in notes), notes
+    assert "holds your edits" in widget.status_label.text()
+    assert not errors_since(n)
+    mine.undo()  # the user's own undo history is intact
+    assert not np.any(mine.data[where] == 2)
+
+    widget.run(sync=True)  # the new layer is unedited: updated in place
+
+    assert widget.last_labels.unique_id == new.unique_id
+    assert len(viewer.layers) == n_layers + 1
+
+
+def test_updating_an_unedited_layer_can_be_undone(make_napari_viewer, tiny2d, tiny2d_fg):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((64, 64)).astype(np.float32), name="x")
+    widget = segment_widget(viewer, tiny2d)
+    widget.run(sync=True)
+    labels = widget.last_labels
+    first = np.array(labels.data, copy=True)
+    assert first.min() == 0  # random weights: not all foreground
+    widget.model.add_checkpoint(tiny2d_fg)
+
+    widget.run(sync=True)
+
+    assert widget.last_labels.unique_id == labels.unique_id
+    assert labels.data.min() == 1
+    labels.undo()
+    np.testing.assert_array_equal(labels.data, first)
+
+
+def test_refused_run_replaces_the_done_status(make_napari_viewer, tmp_path, tiny2d):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32), np.float32), name="grey")
+    widget = segment_widget(viewer, tiny2d)
+    widget.run(sync=True)
+    assert widget.status_label.text().startswith("Done")
+    widget.model.add_checkpoint(save_tiny(tmp_path, "vol", spatial_dims=3))
+
+    assert widget.run(sync=True) is None
+
+    assert widget.status_label.text().startswith("Failed")
+    assert "3d" in widget.status_label.text().lower()
 
 
 def test_segment_rgb_probabilities_and_uncertainty(make_napari_viewer, tmp_path):

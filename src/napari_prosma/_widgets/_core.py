@@ -441,26 +441,6 @@ def class_name(names: Sequence[str], k: int) -> str:
 # ---------------------------------------------------------------------------- fine-tuning
 
 
-def layer_prediction(info: Any, shape: Sequence[int]) -> np.ndarray | None:
-    """The model prediction a labels layer started from, on the layer's grid, or None.
-
-    ``info`` is the layer's plugin metadata: a Segment result (``result``; whole image or
-    every slice of a volume; a *current slice* run does not say what the rest of the volume
-    was) or a layer kept for its corrections (``prediction``).
-    """
-    if not isinstance(info, Mapping):
-        return None
-    pred = info.get("prediction")
-    if pred is None:
-        result = info.get("result")
-        plan = getattr(result, "plan", None)
-        if plan is None or plan.mode == "slice":
-            return None
-        pred = result.labels
-    pred = np.asarray(pred)
-    return pred if tuple(pred.shape) == tuple(int(s) for s in shape) else None
-
-
 def nothing_corrected(labels: np.ndarray, prediction: np.ndarray | None) -> bool:
     """True when the labels are exactly the model's own prediction (nothing to learn)."""
     return prediction is not None and np.array_equal(np.asarray(labels), prediction)

@@ -52,7 +52,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..inference.device import DEVICES
-from . import _core
+from . import _core, _layers
 from ._common import (
     META,
     ModelChooser,
@@ -66,6 +66,7 @@ from ._common import (
     notify_warning,
     plot_canvas,
 )
+from ._layers import CORRECTED_ROLE
 from .segment import OUTPUT_ROLES, SegmentWidget
 
 #: What to train: engine key -> label (see ``napari_prosma.finetune.TRAINABLE``).
@@ -82,8 +83,6 @@ TRAINABLE_TIPS = {
     "the smallest change",
 }
 VERSION_COLUMNS = ("Version", "Held-out Dice", "Date", "Parent")
-#: Metadata role of a labels layer kept for its corrections after a re-segmentation.
-CORRECTED_ROLE = "corrected"
 
 
 class _Relay(QObject):
@@ -175,8 +174,9 @@ class FinetuneWidget(WorkerHost, QWidget):
         self.steps_spin = QSpinBox()
         self.steps_spin.setRange(1, 100_000)
         self.steps_spin.setValue(300)
-        self.steps_spin.setToolTip("Optimiser steps at most (training stops early when the "
-                                   "held-out Dice stops improving)")
+        self.steps_spin.setToolTip(
+            "Optimiser steps at most (training stops early when the held-out Dice stops improving)"
+        )
         self.time_spin = QSpinBox()
         self.time_spin.setRange(0, 24 * 3600)
         self.time_spin.setValue(120)
@@ -191,8 +191,7 @@ class FinetuneWidget(WorkerHost, QWidget):
         # -- running
         self.run_button = QPushButton("Fine-tune")
         self.run_button.setToolTip(
-            "Train a new version of the model on your corrections; the model you start from "
-            "is kept"
+            "Train a new version of the model on your corrections; the model you start from is kept"
         )
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
@@ -329,15 +328,16 @@ class FinetuneWidget(WorkerHost, QWidget):
             found, text = False, f"could not look for them ({exc})"
         self.replay_label.setText(
             ("Replay: " if found else "No replay: ") + text[:1].lower() + text[1:] + "."
-            if text else ""
+            if text
+            else ""
         )
 
     # ------------------------------------------------------------------ layers
     def image_layers(self) -> list[Image]:
         return [
-            layer for layer in self.viewer.layers
-            if isinstance(layer, Image)
-            and (_info(layer) or {}).get("role") not in OUTPUT_ROLES
+            layer
+            for layer in self.viewer.layers
+            if isinstance(layer, Image) and (_info(layer) or {}).get("role") not in OUTPUT_ROLES
         ]
 
     def labels_layers(self) -> list[Labels]:
@@ -394,11 +394,12 @@ class FinetuneWidget(WorkerHost, QWidget):
             for layer in self.labels_layers():
                 info = _info(layer) or {}
                 if info.get("source_id") != _uid(other) or info.get("role") not in (
-                    "labels", CORRECTED_ROLE
+                    "labels",
+                    CORRECTED_ROLE,
                 ):
                     continue
                 data = np.asarray(layer.data)
-                pred = _core.layer_prediction(info, data.shape)
+                pred = _layers.layer_prediction(info, data.shape)
                 if pred is not None and not _core.nothing_corrected(data, pred):
                     out.append((other, layer, pred))
                     break
@@ -407,18 +408,19 @@ class FinetuneWidget(WorkerHost, QWidget):
     def _prediction(self, labels: Labels, image: Image) -> np.ndarray | None:
         """The last prediction of ``image`` on the labels' grid, if the plugin knows it."""
         shape = tuple(labels.data.shape)
-        own = _core.layer_prediction(_info(labels), shape)
+        own = _layers.layer_prediction(_info(labels), shape)
         if own is not None:
             return own
         seg = next(
             (
-                layer for layer in self.labels_layers()
+                layer
+                for layer in self.labels_layers()
                 if (_info(layer) or {}).get("role") == "labels"
                 and (_info(layer) or {}).get("source_id") == _uid(image)
             ),
             None,
         )
-        return None if seg is None else _core.layer_prediction(_info(seg), shape)
+        return None if seg is None else _layers.layer_prediction(_info(seg), shape)
 
     # ------------------------------------------------------------------ running
     @property
@@ -435,43 +437,44 @@ class FinetuneWidget(WorkerHost, QWidget):
 
         image = self.current_image()
         if image is None:
-            notify_error("there is no image layer: open the image whose labels you corrected")
-            return None
+            return self._refuse(
+                "there is no image layer: open the image whose labels you corrected"
+            )
         labels_layer = self.current_labels()
         if labels_layer is None:
-            notify_error(
+            return self._refuse(
                 "there is no labels layer with corrections: segment the image with the Segment "
                 "widget, correct its labels layer (paint, erase), then fine-tune"
             )
-            return None
         spec, card = self.model.current_spec(), self.model.current_card()
         if spec is None:
-            notify_error("no model is chosen: pick one, or add a checkpoint file with 'File…'")
-            return None
+            return self._refuse(
+                "no model is chosen: pick one, or add a checkpoint file with 'File…'"
+            )
         if card is None:
-            notify_error(f"the chosen model cannot be used: {self.model.card_text.toPlainText()}")
-            return None
+            return self._refuse(
+                f"the chosen model cannot be used: {self.model.card_text.toPlainText()}"
+            )
         if image.multiscale:
-            notify_error("this image is a multi-resolution pyramid; open the full-resolution "
-                         "image to fine-tune on it")
-            return None
+            return self._refuse(
+                "this image is a multi-resolution pyramid; open the full-resolution "
+                "image to fine-tune on it"
+            )
         img = np.array(image.data, copy=True)
         lab = np.array(labels_layer.data, copy=True)
         if lab.shape != _grid(image):
-            notify_error(
+            return self._refuse(
                 f"the labels layer '{labels_layer.name}' (shape {lab.shape}) does not match "
                 f"the image '{image.name}' (shape {_grid(image)}): choose the labels drawn on "
                 "this image"
             )
-            return None
         pred = self._prediction(labels_layer, image)
         if _core.nothing_corrected(lab, pred):
-            notify_error(
+            return self._refuse(
                 f"the labels in '{labels_layer.name}' are exactly the model's prediction: "
                 "correct its mistakes first (paint what it missed, erase what it got wrong), "
                 "then fine-tune"
             )
-            return None
         images, labels, previous = [img], [lab], [pred]
         spacing = [_spacing(image)]
         if self.others_check.isChecked():
@@ -494,8 +497,7 @@ class FinetuneWidget(WorkerHost, QWidget):
             )
             config.validate()
         except (InputError, TypeError, ValueError) as exc:
-            notify_error(exc)
-            return None
+            return self._refuse(exc)
         return {
             "image": image,
             "labels_layer": labels_layer,
@@ -510,6 +512,12 @@ class FinetuneWidget(WorkerHost, QWidget):
             "config": config,
             "store_dir": self.store_dir,
         }
+
+    def _refuse(self, why: BaseException | str) -> None:
+        """A run that cannot start: one plain notification, and a status line that says so
+        (not the last run's "Done")."""
+        text = notify_error(why)
+        self.status_label.setText(f"Failed: {text}")
 
     def slice_axis(self, image: Image) -> int:
         """The volume axis of the corrected slices: the chosen one, else (``auto``) the
@@ -605,7 +613,10 @@ class FinetuneWidget(WorkerHost, QWidget):
         self._last_req = req
         activated = store.active() == vid
         level, text = _core.finetune_outcome(
-            result.dice_before, result.dice_after, vid, activated,
+            result.dice_before,
+            result.dice_after,
+            vid,
+            activated,
             independent=result.independent_report,
         )
         took = (
@@ -617,7 +628,7 @@ class FinetuneWidget(WorkerHost, QWidget):
         if replay.get("message") and replay.get("message") != "replay is off":
             took += f"; {replay['message']}"
         for note in result.notes:
-            if "interrupted" in note:  # an earlier killed run's corrections were recovered
+            if "interrupted" in note or note.startswith("the labels are stored as"):
                 took += f". Note: {note}"
                 notify_info(note)
         self.refresh_versions()
@@ -646,7 +657,8 @@ class FinetuneWidget(WorkerHost, QWidget):
         labels_layer = req["labels_layer"]
         info = _info(labels_layer)
         if (
-            isinstance(info, dict) and info.get("role") == "labels"
+            isinstance(info, dict)
+            and info.get("role") == "labels"
             and info.get("source_id") == _uid(image)
             and _uid(labels_layer) in {_uid(layer) for layer in self.viewer.layers}
         ):
@@ -668,22 +680,21 @@ class FinetuneWidget(WorkerHost, QWidget):
             done = seg is not None and seg.status_label.text().startswith("Done")
             self.status_label.setText(
                 text.removesuffix("Segmenting again with it…")
-                + ("The image was segmented again with it." if done
-                   else "Segmenting again did not finish; see the Segment widget.")
+                + (
+                    "The image was segmented again with it."
+                    if done
+                    else "Segmenting again did not finish; see the Segment widget."
+                )
             )
 
     def _keep_corrections(self, layer: Labels, image: Image, prediction: Any) -> None:
         """Take the corrected labels layer out of the Segment widget's hands (it would write
         the new result into it): its data stay as they are; it is renamed."""
         info = dict(_info(layer) or {})
-        kept = {
-            "role": CORRECTED_ROLE,
-            "source": info.get("source", image.name),
-            "source_id": info.get("source_id", _uid(image)),
-            "model": info.get("model"),
-            "prediction": prediction,
-        }
-        layer.metadata = {**layer.metadata, META: kept}
+        info.setdefault("source", image.name)
+        info.setdefault("source_id", _uid(image))
+        layer.metadata = {**layer.metadata, META: info}
+        _layers.keep_as_corrected(layer, prediction)
         layer.name = f"{image.name} corrected"
 
     def _segmenter(self) -> SegmentWidget:
@@ -826,8 +837,7 @@ class FinetuneWidget(WorkerHost, QWidget):
         self.ax_dice = fig.add_subplot(2, 1, 2, sharex=self.ax_loss)
         (self.loss_line,) = self.ax_loss.plot([], [], color="#4c9be8", lw=1.2)
         (self.dice_line,) = self.ax_dice.plot([], [], "o-", color="#58c48b", ms=4, lw=1.2)
-        (self.best_marker,) = self.ax_dice.plot([], [], "*", color="#f2a541", ms=11,
-                                                label="kept")
+        (self.best_marker,) = self.ax_dice.plot([], [], "*", color="#f2a541", ms=11, label="kept")
         self.ax_loss.set_ylabel("loss", fontsize=8)
         self.ax_dice.set_ylabel("held-out Dice", fontsize=8)
         self.ax_dice.set_xlabel("step", fontsize=8)
@@ -870,9 +880,17 @@ def _compute(req: dict[str, Any], cancel: threading.Event, progress: Any) -> tup
     if cancel.is_set():
         raise Cancelled()
     return run_finetune(
-        req["parent"], req["images"], req["labels"], store=ModelStore(req["store_dir"]),
-        config=req["config"], previous=req["previous"], spacing=req.get("spacing"),
-        replay=req.get("replay"), activate="if_better", progress=progress, cancel=cancel,
+        req["parent"],
+        req["images"],
+        req["labels"],
+        store=ModelStore(req["store_dir"]),
+        config=req["config"],
+        previous=req["previous"],
+        spacing=req.get("spacing"),
+        replay=req.get("replay"),
+        activate="if_better",
+        progress=progress,
+        cancel=cancel,
     )
 
 

@@ -8,6 +8,7 @@ image updates its output layers instead of adding new ones.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from typing import Any
@@ -27,7 +28,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..inference.device import DEVICES
-from . import _core
+from . import _core, _layers
 from ._common import (
     META,
     ModelChooser,
@@ -143,7 +144,8 @@ class SegmentWidget(WorkerHost, QWidget):
     # ------------------------------------------------------------------ layers
     def image_layers(self) -> list[Image]:
         return [
-            layer for layer in self.viewer.layers
+            layer
+            for layer in self.viewer.layers
             if isinstance(layer, Image)
             and (layer.metadata.get(META) or {}).get("role") not in OUTPUT_ROLES
         ]
@@ -199,33 +201,38 @@ class SegmentWidget(WorkerHost, QWidget):
             axis = hidden[-1] if hidden else 0
             point = layer.world_to_data(self.viewer.dims.point[offset:])
         return _core.plan_input(
-            layer.data, rgb=bool(layer.rgb), spatial_dims=card.spatial_dims,
-            scope=self.scope_combo.currentData(), point=point, slice_axis=axis,
-            spacing=layer_spacing_mm(layer), multiscale=bool(layer.multiscale),
+            layer.data,
+            rgb=bool(layer.rgb),
+            spatial_dims=card.spatial_dims,
+            scope=self.scope_combo.currentData(),
+            point=point,
+            slice_axis=axis,
+            spacing=layer_spacing_mm(layer),
+            multiscale=bool(layer.multiscale),
         )
 
     def _request(self) -> dict[str, Any] | None:
         """Check the choices on the main thread; None (after a notification) if unusable."""
         layer = self.current_image()
         if layer is None:
-            notify_error(
+            return self._refuse(
                 "there is no image layer to segment: open an image first (File > Open, or "
                 "File > Open Sample > ProSMA-UNet)"
             )
-            return None
         spec = self.model.current_spec()
         card = self.model.current_card()
         if spec is None:
-            notify_error("no model is chosen: pick one, or add a checkpoint file with 'File…'")
-            return None
+            return self._refuse(
+                "no model is chosen: pick one, or add a checkpoint file with 'File…'"
+            )
         if card is None:
-            notify_error(f"the chosen model cannot be used: {self.model.card_text.toPlainText()}")
-            return None
+            return self._refuse(
+                f"the chosen model cannot be used: {self.model.card_text.toPlainText()}"
+            )
         try:
             plan = self._plan(layer, card)
         except Exception as exc:
-            notify_error(exc)
-            return None
+            return self._refuse(exc)
         return {
             "layer": layer,
             "spec": spec,
@@ -236,6 +243,14 @@ class SegmentWidget(WorkerHost, QWidget):
             "uncertainty": self.unc_check.isChecked(),
             "gates": self.gates_check.isChecked(),
         }
+
+    def _refuse(self, why: BaseException | str) -> None:
+        """A run that cannot start: one plain notification, and a status line that says so
+        (not the last run's "Done")."""
+        text = notify_error(why)
+        self.status_label.setText(f"Failed: {text}")
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
 
     def run(self, sync: bool = False) -> Any:
         """Segment the chosen image: in a worker (default) or on this thread (``sync``).
@@ -292,75 +307,30 @@ class SegmentWidget(WorkerHost, QWidget):
     @guarded("Placing the result in layers")
     def _apply(self, req: dict[str, Any], card: Any, result: _core.SegResult) -> None:
         """Put a finished result into layers (main thread). Builds every array first, then
-        changes the layers, so nothing is half-updated."""
+        changes the layers, so nothing is half-updated. A labels layer the user edited is
+        kept as it is; the result then goes to a new layer (and the status says so)."""
         image: Image = req["layer"]
-        if _uid(image) not in {_uid(layer) for layer in self.viewer.layers}:
+        if _layers.uid(image) not in {_layers.uid(layer) for layer in self.viewer.layers}:
             notify_warning(f"the layer {image.name!r} was removed during the run; result dropped")
             return
-        plan = result.plan
+        outputs = _outputs(self.viewer, req, result)
         geo = geometry_kwargs(image)
-        source = {"source": image.name, "source_id": _uid(image)}
-        outputs: list[tuple[str, str, np.ndarray, dict[str, Any]]] = []
-
-        labels_layer = self._find(image, "labels")
-        labels = _core.place(plan, result.labels, _data_or_none(labels_layer))
-        if labels is result.labels:  # the layer gets painted on: keep the prediction intact
-            labels = labels.copy()
-        outputs.append(("labels", f"{image.name} labels", labels, {}))
-        if req["probabilities"] and result.probabilities is not None:
-            for k in range(1, result.probabilities.shape[0]):
-                cls = _core.class_name(result.class_names, k)
-                old = self._find(image, "probability", cls)
-                arr = _core.place(plan, result.probabilities[k].astype(np.float32),
-                                  _data_or_none(old))
-                outputs.append(("probability", f"{image.name} P({cls})", arr, {"class": cls}))
-        if req["uncertainty"] and result.uncertainty is not None:
-            old = self._find(image, "uncertainty")
-            arr = _core.place(plan, result.uncertainty.astype(np.float32), _data_or_none(old))
-            outputs.append(("uncertainty", f"{image.name} uncertainty", arr, {}))
-
-        produced = set()
+        source = {"source": image.name, "source_id": _layers.uid(image)}
+        produced, kept = set(), None
         for role, name, arr, extra in outputs:
             info = {"role": role, **source, **extra}
             if role == "labels":
                 info.update(result=result, card=card, model=req["spec"])
-            layer = self._find(image, role, extra.get("class"))
-            meta = {**geo["metadata"], META: info}
-            if layer is not None and layer.ndim == arr.ndim:
-                layer.data = arr
-                layer.scale, layer.translate = geo["scale"], geo["translate"]
-                layer.metadata = {**layer.metadata, **meta}
-                if role != "labels":
-                    layer.reset_contrast_limits()
-            else:
-                if layer is not None:
-                    self.viewer.layers.remove(layer)
-                kw = {"name": name, "scale": geo["scale"], "translate": geo["translate"],
-                      "metadata": meta}
-                if role == "labels":
-                    layer = self.viewer.add_labels(arr, **kw)
-                elif role == "probability":
-                    layer = self.viewer.add_image(
-                        arr, colormap="viridis", contrast_limits=(0.0, 1.0), opacity=0.6,
-                        blending="additive", visible=False, **kw,
-                    )
-                else:
-                    hi = float(arr.max()) if arr.size and arr.max() > 0 else 1.0
-                    layer = self.viewer.add_image(
-                        arr, colormap="inferno", contrast_limits=(0.0, hi), opacity=0.7,
-                        blending="additive", visible=False, **kw,
-                    )
-            produced.add(_uid(layer))
+            old = _layers.find(self.viewer, image, role, extra.get("class"))
+            layer, was_kept = _layers.update_or_add(
+                self.viewer, image, role, arr, info, geo, _adder(self.viewer, role, arr), name
+            )
+            if role != "labels" and old is not None and _layers.uid(old) == _layers.uid(layer):
+                layer.reset_contrast_limits()
+            produced.add(_layers.uid(layer))
             if role == "labels":
-                self.last_labels = layer
-        # maps from an earlier run that were not asked for this time would be stale
-        for layer in list(self.viewer.layers):
-            info = layer.metadata.get(META) if isinstance(layer.metadata, dict) else None
-            if (
-                isinstance(info, dict) and info.get("role") in ("probability", "uncertainty")
-                and self._same_source(info, image) and _uid(layer) not in produced
-            ):
-                self.viewer.layers.remove(layer)
+                self.last_labels, kept = layer, was_kept
+        _drop_stale_maps(self.viewer, image, produced)
         labels_layer = self.last_labels
         top = len(self.viewer.layers) - 1
         if labels_layer is not None and self.viewer.layers.index(labels_layer) != top:
@@ -368,16 +338,20 @@ class SegmentWidget(WorkerHost, QWidget):
         if labels_layer is not None:  # ready for corrections
             self.viewer.layers.selection.active = labels_layer
         self.last_result = result
-        self._report(result, card)
+        self._report(result, card, kept)
         hub_for(self.viewer).result_ready.emit(labels_layer)
 
-    def _report(self, result: _core.SegResult, card: Any) -> None:
+    def _report(self, result: _core.SegResult, card: Any, kept: Any = None) -> None:
         n = int(np.count_nonzero(result.labels))
         took = time.perf_counter() - self._t0
         lines = [
             f"Done: {result.plan.describe()} in {took:.1f} s on {result.device}; "
             f"{n} foreground pixel(s)."
         ]
+        if kept is not None:
+            note = kept_note(kept, self.last_labels)
+            lines.append(f"Note: {note}.")
+            notify_info(note)
         lines += [f"Note: {note}." for note in result.notes]
         warnings = _core.sparsity_warnings(card.gate_sparsity_range, result.gates)
         lines += [f"Warning: {w}." for w in warnings]
@@ -385,30 +359,66 @@ class SegmentWidget(WorkerHost, QWidget):
         for w in warnings:
             notify_warning(w)
 
-    def _same_source(self, info: dict[str, Any], image: Image) -> bool:
-        return info.get("source_id") == _uid(image) or (
-            info.get("source") == image.name and "source_id" not in info
-        )
 
-    def _find(self, image: Image, role: str, cls: str | None = None) -> Any:
-        for layer in self.viewer.layers:
-            info = layer.metadata.get(META) if isinstance(layer.metadata, dict) else None
-            if (
-                isinstance(info, dict) and info.get("role") == role
-                and self._same_source(info, image)
-                and (cls is None or info.get("class") == cls)
-            ):
-                return layer
-        return None
+def kept_note(kept: Any, written: Any) -> str:
+    """What happened to an edited labels layer that a result was not written into."""
+    return (
+        f"'{kept.name}' holds your edits, so it was kept as it is; the new result is in "
+        f"'{written.name}'"
+    )
 
 
-def _uid(layer: Any) -> str:
-    """A layer's lasting identity (napari hands plugins proxies: ``id()`` changes)."""
-    return str(layer.unique_id)
+def _outputs(
+    viewer: Any, req: dict[str, Any], result: _core.SegResult
+) -> list[tuple[str, str, np.ndarray, dict[str, Any]]]:
+    """``(role, name, data, extra metadata)`` of every output layer of a result, on the
+    image's grid (a *current slice* result placed into the existing layer's volume)."""
+    image, plan = req["layer"], result.plan
+
+    def existing(role: str, cls: str | None = None) -> np.ndarray | None:
+        layer = _layers.find(viewer, image, role, cls)
+        return None if layer is None else np.asarray(layer.data)
+
+    labels = _core.place(plan, result.labels, existing("labels"))
+    if labels is result.labels:  # the layer gets painted on: keep the prediction intact
+        labels = labels.copy()
+    out = [("labels", f"{image.name} labels", labels, {})]
+    if req["probabilities"] and result.probabilities is not None:
+        for k in range(1, result.probabilities.shape[0]):
+            cls = _core.class_name(result.class_names, k)
+            arr = _core.place(
+                plan, result.probabilities[k].astype(np.float32), existing("probability", cls)
+            )
+            out.append(("probability", f"{image.name} P({cls})", arr, {"class": cls}))
+    if req["uncertainty"] and result.uncertainty is not None:
+        arr = _core.place(plan, result.uncertainty.astype(np.float32), existing("uncertainty"))
+        out.append(("uncertainty", f"{image.name} uncertainty", arr, {}))
+    return out
 
 
-def _data_or_none(layer: Any) -> np.ndarray | None:
-    return None if layer is None else np.asarray(layer.data)
+def _adder(viewer: Any, role: str, arr: np.ndarray) -> Any:
+    """How a new output layer of ``role`` is added (labels, or a styled hidden map)."""
+    if role == "labels":
+        return viewer.add_labels
+    if role == "probability":
+        style = {"colormap": "viridis", "contrast_limits": (0.0, 1.0), "opacity": 0.6}
+    else:
+        hi = float(arr.max()) if arr.size and arr.max() > 0 else 1.0
+        style = {"colormap": "inferno", "contrast_limits": (0.0, hi), "opacity": 0.7}
+    return functools.partial(viewer.add_image, blending="additive", visible=False, **style)
+
+
+def _drop_stale_maps(viewer: Any, image: Any, produced: set[str]) -> None:
+    """Maps from an earlier run that were not asked for this time would be stale."""
+    for layer in list(viewer.layers):
+        info = _layers.info_of(layer)
+        if (
+            info is not None
+            and info.get("role") in ("probability", "uncertainty")
+            and _layers.same_source(info, image)
+            and _layers.uid(layer) not in produced
+        ):
+            viewer.layers.remove(layer)
 
 
 def _compute(req: dict[str, Any], cancel: threading.Event, progress: Any) -> tuple[Any, Any]:
@@ -421,8 +431,14 @@ def _compute(req: dict[str, Any], cancel: threading.Event, progress: Any) -> tup
     if cancel.is_set():
         raise Cancelled()
     result = _core.run_segmentation(
-        req["plan"], model, card, device=req["device"], tta=req["tta"],
-        probabilities=req["probabilities"], gates=req["gates"], progress=progress,
+        req["plan"],
+        model,
+        card,
+        device=req["device"],
+        tta=req["tta"],
+        probabilities=req["probabilities"],
+        gates=req["gates"],
+        progress=progress,
         cancel=cancel,
     )
     return card, result

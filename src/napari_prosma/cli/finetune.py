@@ -11,7 +11,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "finetune",
         help="fine-tune a model on corrected labels",
         description="Fine-tune a model on corrected labels. IMAGES and LABELS are files or "
-        "folders (paired by file name stem, else by sorted order). The new model is saved "
+        "folders (paired by file name: case1.png with case1.png, case1_mask.png, "
+        "case1_label(s).png or case1_seg.png; unmatched or ambiguous files are refused, "
+        "never paired by order). The new model is saved "
         "as a new version in DIR (never over its parent); the corrections are saved next "
         "to it before training starts. A quarter of the corrected images (or slices) is held "
         "out: with 4 or more held out, half of them choose the state kept (early stopping) "
@@ -78,16 +80,17 @@ def _files(path: Path) -> list[Path]:
     return [path]
 
 
-def _pair(images: list[Path], labels: list[Path]) -> list[tuple[Path, Path]]:
-    from ..io import stem_of
-    from . import UserError
+def _pair(args: argparse.Namespace) -> list[tuple[Path, Path]]:
+    """Images and label files paired by name; two files named on the command line pair
+    as they are; one folder for both holds ``case1.png`` beside ``case1_mask.png``."""
+    from ..pairing import pair_by_stem, split_folder
 
-    by_stem = {stem_of(p): p for p in labels}
-    if all(stem_of(p) in by_stem for p in images):
-        return [(p, by_stem[stem_of(p)]) for p in images]
-    if len(images) != len(labels):
-        raise UserError(f"{len(images)} image(s) but {len(labels)} label file(s)")
-    return list(zip(images, labels))
+    if args.images.is_file() and args.labels.is_file():
+        return [(args.images, args.labels)]
+    images, labels = _files(args.images), _files(args.labels)
+    if args.images.is_dir() and args.images.resolve() == args.labels.resolve():
+        images, labels = split_folder(images)
+    return pair_by_stem(images, labels)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from ..versions import ModelStore
     from . import UserError
 
-    pairs = _pair(_files(args.images), _files(args.labels))
+    pairs = _pair(args)
     if not pairs:
         raise UserError("no images found")
     images, labels, spacing = [], [], []
@@ -111,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         lab = read_image(lp).data
         if lab.ndim == 3 and lab.shape[-1] in (3, 4) and images[-1].ndim == 2:
             lab = lab[..., 0]
-        labels.append(np.asarray(lab).astype(np.int64))
+        labels.append(np.asarray(lab))  # values checked by finetune.check_labels
     cfg = FinetuneConfig(
         trainable=args.trainable,
         max_steps=args.max_steps,
