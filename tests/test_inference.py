@@ -332,3 +332,21 @@ def test_windows_stay_inside_an_image_larger_than_the_tile():
     assert padded_tiles == []
     # 2 windows per axis (0 and size - 32) at overlap 0.5: tiles stay within the volume
     assert pred.n_tiles == 8
+
+
+def test_gate_stats_without_maps_match_the_full_gates():
+    """``return_gates="stats"``: the same per-stage numbers as ``True`` (what a gate-drift
+    check reads), no map stitched."""
+    model, card = make()
+    img = smooth_image((64, 80))
+    full = predict(img, model, card, device="cpu", return_gates=True, tile_size=32)
+    stats = predict(img, model, card, device="cpu", return_gates="stats", tile_size=32)
+    assert len(stats.gates) == len(full.gates) == 3
+    for a, b in zip(full.gates, stats.gates):
+        assert b.psi is None and b.zero_map is None and a.psi is not None
+        assert b.zero_frac_mean == pytest.approx(a.zero_frac_mean)
+        np.testing.assert_allclose(b.c, a.c)
+        np.testing.assert_allclose(b.lam, a.lam)
+    np.testing.assert_array_equal(stats.labels, full.labels)
+    with pytest.raises(ValueError, match="return_gates"):
+        predict(img, model, card, device="cpu", return_gates="maps")

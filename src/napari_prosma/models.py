@@ -113,7 +113,7 @@ def version_id_of(
     root = _store(store).root
     try:
         path = resolve_model(spec, root)
-        folder = path.parent if path.name == VERSION_WEIGHTS else path
+        folder = path if path.is_dir() else path.parent
         if folder.parent.resolve() == root.resolve() and _version_folder(folder) is not None:
             return folder.name
     except (OSError, ValueError):

@@ -9,9 +9,10 @@ Three rules protect the user's files:
 2. **Outputs are recognised by a record, not by their names.** Each output folder holds
    :data:`MANIFEST`, a JSON list of the files ``prosma predict`` wrote there with their
    size and sha256. A later run that lists that folder as input skips those files (and
-   says so); a user's own ``scan_labels.png`` is not in the record and is read like any
-   image. A name alone (``*_labels.png``) would both miss renamed outputs and hide the
-   user's own masks.
+   says so), also when one was renamed inside the folder (its sha256 is in the record); a
+   user's own ``scan_labels.png`` is not in the record and is read like any image. A name
+   pattern (``*_labels.png``) would both hide the user's own masks and miss renamed outputs.
+   An output moved to a folder without the record is not recognised.
 3. **``--overwrite`` replaces only earlier outputs.** An existing file is replaced only if
    the record says ``prosma predict`` wrote it and its bytes are unchanged since; a file the
    user made or edited (a corrected label map) is never replaced.
@@ -151,14 +152,18 @@ def read_manifest(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def is_own_output(path: Path, manifest: dict[str, dict[str, Any]] | None = None) -> bool:
-    """Whether ``path`` is a file ``prosma predict`` wrote and nobody changed since."""
-    entry = (read_manifest(path.parent) if manifest is None else manifest).get(path.name)
-    if not entry:
+    """Whether ``path`` is a file ``prosma predict`` wrote into its folder and nobody
+    changed since (under its own name, or renamed: its size and sha256 are recorded)."""
+    record = read_manifest(path.parent) if manifest is None else manifest
+    if not record:
         return False
     try:
-        if path.stat().st_size != entry.get("size"):
-            return False
-        return file_sha256(path) == entry.get("sha256")
+        size = path.stat().st_size
+        entry = record.get(path.name)
+        if entry is not None and entry.get("size") == size:
+            return file_sha256(path) == entry.get("sha256")
+        same_size = {e.get("sha256") for e in record.values() if e.get("size") == size}
+        return bool(same_size) and file_sha256(path) in same_size
     except OSError:
         return False
 
@@ -227,7 +232,7 @@ class _Lister:
         folder = f.parent
         if folder not in self._records:
             self._records[folder] = read_manifest(folder)
-        if f.name in self._records[folder] and is_own_output(f, self._records[folder]):
+        if is_own_output(f, self._records[folder]):
             self.found.skipped.setdefault(folder, []).append(f)
         else:
             self.found.files.append((f, rel))

@@ -58,7 +58,7 @@ def predict(
     overlap: float = 0.5,
     tta: bool = False,
     return_probabilities: bool = False,
-    return_gates: bool = False,
+    return_gates: bool | str = False,
     progress: Callable[[int, int], Any] | None = None,
     cancel: CancelFlag = None,
     batch_size: int | None = None,
@@ -81,7 +81,10 @@ def predict(
         overlap: fraction of tile overlap, in [0, 1); tiles are blended with Gaussian weights.
         tta: also average over all axis flips (4 in 2D, 8 in 3D) and return an uncertainty.
         return_probabilities: also return per-class probabilities.
-        return_gates: also return the gate maps of every decoder stage on the input grid.
+        return_gates: also return the gates of every decoder stage: True for their maps on
+            the input grid and their numbers, ``"stats"`` for the numbers only (per-channel
+            ``c``, ``zero_frac``, ``zero_frac_mean``, ``lam``; no map is stitched, so it costs
+            almost nothing: what a gate-drift check needs).
         progress: called as ``progress(done, total)`` after each batch of tiles.
         cancel: callable or ``threading.Event``; checked between tile batches.
         batch_size: tiles per forward pass (default: many on CUDA, 1 on CPU).
@@ -126,7 +129,7 @@ def predict_batch(
     overlap: float = 0.5,
     tta: bool = False,
     return_probabilities: bool = False,
-    return_gates: bool = False,
+    return_gates: bool | str = False,
     progress: Callable[[int, int], Any] | None = None,
     cancel: CancelFlag = None,
     batch_size: int | None = None,
@@ -143,6 +146,8 @@ def predict_batch(
         raise Cancelled()
     if not 0 <= overlap < 1:
         raise InputError(f"the tile overlap must be at least 0 and below 1, got {overlap}")
+    if return_gates not in (False, True, "stats"):
+        raise ValueError(f"return_gates must be False, True or 'stats', not {return_gates!r}")
     if len(images) == 0:
         return []
     prepared, notes = _prepare_all(images, card, channel_axis)
@@ -171,7 +176,8 @@ def predict_batch(
         overlap=overlap,
         tta=tta,
         want_probs=return_probabilities,
-        want_gates=return_gates,
+        want_gates=bool(return_gates),
+        want_gate_maps=return_gates is True,
         progress=progress,
         cancelled=cancelled,
         precision=precision,
@@ -183,27 +189,38 @@ def predict_batch(
     if return_gates and not any(o["gates"] for o in outs):
         notes.append("this model has plain skip connections: it has no gates to show")
     t_end = time.perf_counter()
-    results = []
-    for o in outs:
-        timings = {
-            "prepare": t_prep - t0,
-            "inference": o.pop("_t_infer"),
-            "postprocess": o.pop("_t_post"),
-            "total": t_end - t0,
-        }
-        results.append(
-            Prediction(
-                **o,
-                device=opts.device.type,
-                precision=_precision_name(opts.device, precision),
-                notes=list(notes),
-                timings=timings,
-                tile_size=opts.tile,
-                n_tiles=n_tiles,
-                class_names=list(card.class_names),
-            )
-        )
-    return results
+    return [
+        _prediction(o, opts, n_tiles, notes, card, precision, t_prep - t0, t_end - t0) for o in outs
+    ]
+
+
+def _prediction(
+    out: dict[str, Any],
+    opts: WindowOptions,
+    n_tiles: int,
+    notes: list[str],
+    card: ModelCard,
+    precision: str,
+    t_prepare: float,
+    t_total: float,
+) -> Prediction:
+    """One image's outputs of :func:`run_window` as a :class:`Prediction`."""
+    timings = {
+        "prepare": t_prepare,
+        "inference": out.pop("_t_infer"),
+        "postprocess": out.pop("_t_post"),
+        "total": t_total,
+    }
+    return Prediction(
+        **out,
+        device=opts.device.type,
+        precision=_precision_name(opts.device, precision),
+        notes=list(notes),
+        timings=timings,
+        tile_size=opts.tile,
+        n_tiles=n_tiles,
+        class_names=list(card.class_names),
+    )
 
 
 def _prepare_all(

@@ -114,7 +114,8 @@ class TilePredictor:
         device: where tiles run.
         binary: single-output model (sigmoid) rather than softmax.
         tta: average over all axis flips.
-        gates: also return gate maps.
+        gates: also run the gates' outputs and pool their per-channel values.
+        gate_maps: also return the gate maps for MONAI to stitch (with ``gates``).
         n_images: images in the whole batch (for the per-image statistics).
         memory_format: layout for the tiles (channels-last on CUDA).
         autocast: context manager factory for mixed precision.
@@ -131,6 +132,7 @@ class TilePredictor:
         binary: bool,
         tta: bool,
         gates: bool,
+        gate_maps: bool = True,
         n_images: int,
         memory_format: torch.memory_format,
         autocast: Callable[[], Any],
@@ -143,6 +145,7 @@ class TilePredictor:
         self.binary = binary
         self.flips = flip_sets(model.spatial_dims) if tta else [()]
         self.gates = gates
+        self.gate_maps = gate_maps
         self.n_images = n_images
         self.memory_format = memory_format
         self.autocast = autocast
@@ -197,9 +200,9 @@ class TilePredictor:
             self.counts = torch.zeros(self.n_images, device=self.device)
         self.counts.index_add_(0, idx, torch.ones(len(idx), device=self.device))
         for s, m in enumerate(maps, start=1):
-            if m.psi is not None:
+            if self.gate_maps and m.psi is not None:
                 out[f"{s}_psi"] = m.psi.float()
-            if m.zero_map is not None:
+            if self.gate_maps and m.zero_map is not None:
                 out[f"{s}_zero"] = m.zero_map.float()
             for name, acc in (("c", self.c_sum), ("zero_frac", self.zf_sum)):
                 v = getattr(m, name)

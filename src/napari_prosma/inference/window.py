@@ -46,7 +46,8 @@ class WindowOptions:
         overlap: fraction of tile overlap in [0, 1) (aligned to the gate grids here).
         tta: average over all axis flips and return the spread as uncertainty.
         want_probs: return the class probabilities.
-        want_gates: return the gate maps and per-channel gate values.
+        want_gates: return the per-channel gate values (``c``, ``zero_frac``, ``lam``).
+        want_gate_maps: also the gate maps (psi, zero fraction) on the input grid.
         progress: ``progress(done, total)`` after each tile batch, or None.
         cancelled: returns True once the user asked to stop.
         precision: ``"auto"``, ``"fp32"`` or ``"bf16"``.
@@ -62,6 +63,7 @@ class WindowOptions:
     tta: bool = False
     want_probs: bool = False
     want_gates: bool = False
+    want_gate_maps: bool = False
     progress: Callable[[int, int], Any] | None = None
     cancelled: Callable[[], bool] = lambda: False
     precision: str = "auto"
@@ -146,6 +148,7 @@ def _stitch(
         binary=binary,
         tta=opts.tta,
         gates=want_gates,
+        gate_maps=want_gates and opts.want_gate_maps,
         n_images=n_img,
         memory_format=fmt,
         autocast=lambda: dev.autocast(device, opts.precision),
@@ -154,7 +157,7 @@ def _stitch(
         cancelled=opts.cancelled,
     )
     k = 1 if binary else card.out_channels
-    n_maps = k * (2 if opts.tta else 1) + (2 if want_gates else 0)
+    n_maps = k * (2 if opts.tta else 1) + (2 if want_gates and opts.want_gate_maps else 0)
     out = sliding_window_inference(
         x,
         opts.tile,
