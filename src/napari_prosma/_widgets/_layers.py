@@ -143,9 +143,12 @@ def geometry_kwargs(image_layer: Any) -> dict[str, Any]:
         src["kind"] = "grey"
         src["shape"] = tuple(src.get("spatial_shape", ()))
         carried[IO_KEY] = src
+    affine = getattr(getattr(image_layer, "affine", None), "affine_matrix", None)
     return {
         "scale": tuple(image_layer.scale),
         "translate": tuple(image_layer.translate),
+        # an oblique scan is placed by its affine (issue 17): its outputs must be too
+        "affine": None if affine is None else [list(map(float, r)) for r in affine],
         "metadata": carried,
     }
 
@@ -283,11 +286,20 @@ def update_or_add(
     if layer is not None and layer.ndim == data.ndim:
         write_data(layer, data)
         layer.scale, layer.translate = geo["scale"], geo["translate"]
+        if geo.get("affine") is not None:
+            layer.affine = geo["affine"]
         layer.metadata = {**layer.metadata, **meta}
     else:
         if layer is not None:  # unedited, on another grid: replaced
             viewer.layers.remove(layer)
-        layer = add(data, name=name, scale=geo["scale"], translate=geo["translate"], metadata=meta)
+        layer = add(
+            data,
+            name=name,
+            scale=geo["scale"],
+            translate=geo["translate"],
+            affine=geo.get("affine"),
+            metadata=meta,
+        )
     layer.metadata[META]["written"] = fingerprint(layer.data)
     return layer, kept
 

@@ -166,6 +166,8 @@ def show_gate_layer(
     if layer is not None and layer.ndim == arr.ndim:
         layer.data = arr
         layer.scale, layer.translate = geo["scale"], geo["translate"]
+        if geo.get("affine") is not None:
+            layer.affine = geo["affine"]
         layer.visible = True
         return layer
     if layer is not None:
@@ -177,6 +179,7 @@ def show_gate_layer(
         contrast_limits=(0.0, 1.0),
         scale=geo["scale"],
         translate=geo["translate"],
+        affine=geo.get("affine"),
         metadata=meta,
         **GATE_STYLE[kind],
     )
