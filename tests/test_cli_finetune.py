@@ -99,7 +99,7 @@ def test_cli_finetune_slices_along_the_chosen_axis(tmp_path, capsys):
     for axis in ("0", "2"):
         assert _run(str(tmp_path / "vol"), str(tmp_path / "lab"), "--model", str(ckpt),
                     "-o", str(tmp_path / f"s{axis}"), "--slice-axis", axis,
-                    "--replay", "none") == 0
+                    "--replay", "none", "--holdout-fraction", "0") == 0
         (v,) = ModelStore(tmp_path / f"s{axis}").versions()
         counts[axis] = v.card.training["n_train_units"] + v.card.training["n_holdout_units"]
         assert v.card.training["data"][0]["spacing"] == [2.0, 1.0, 1.0]
@@ -184,3 +184,28 @@ def test_cli_takes_0_255_masks_as_binary_and_refuses_fractional_labels(tmp_path,
     err = capsys.readouterr().err
     assert rc == 1 and "fractional values (0.6)" in err and "Traceback" not in err
     assert not (tmp_path / "s2").exists() or ModelStore(tmp_path / "s2").versions() == []
+
+
+def test_cli_finetune_shows_progress_on_stderr_unless_quiet(tmp_path, capsys):
+    """Issue 12 #14: long CLI work was silent; now steps done and time left go to stderr."""
+    ckpt = _tiny(tmp_path / "m")
+    images, masks = _png_pairs(tmp_path / "user", 2)
+    args = [str(images), str(masks), "--model", str(ckpt), "--replay", "none",
+            "--holdout-fraction", "0"]
+    assert _run(*args, "-o", str(tmp_path / "s1")) == 0
+    err = capsys.readouterr().err
+    assert "[train ] step 1/2, loss " in err and "s left" in err, err
+    assert "[done  ] done: step 2" in err
+    assert _run(*args, "-o", str(tmp_path / "s2"), "-q") == 0
+    cap = capsys.readouterr()
+    assert cap.err == "" and "New version tiny-ft-" in cap.out
+
+
+def test_progress_time_left_follows_the_pace_and_the_budget():
+    from types import SimpleNamespace
+
+    from napari_prosma.cli.finetune import _Progress
+
+    p = SimpleNamespace(step=10, max_steps=100, elapsed_s=20.0)
+    assert _Progress(None).left(p) == pytest.approx(180.0)  # 90 steps at 2 s
+    assert _Progress(60.0).left(p) == pytest.approx(40.0)  # the budget ends first

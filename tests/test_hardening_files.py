@@ -332,7 +332,7 @@ def test_killed_while_saving_a_finetuned_model(tmp_path):
         "from napari_prosma.versions import ModelStore\n"
         "images, labels = disc_images(3)\n"
         "cfg = FinetuneConfig(max_steps=2, time_budget_s=None, batch_size=2, trainable='all',"
-        " device='cpu')\n"
+        " device='cpu', holdout_fraction=0.0)\n"  # nothing held out: always saved
         f"run_finetune({str(parent)!r}, images, labels, store=ModelStore({str(store.root)!r}),"
         " config=cfg)\n"
     )
@@ -376,7 +376,8 @@ def test_next_finetune_run_says_it_recovered_a_killed_run(tmp_path):
     (stage / "owner.json").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
 
     images, labels = disc_images(3)
-    cfg = FinetuneConfig(max_steps=1, time_budget_s=None, batch_size=2, device="cpu")
+    cfg = FinetuneConfig(max_steps=1, time_budget_s=None, batch_size=2, device="cpu",
+                         holdout_fraction=0.0)  # nothing held out: the run always saves
     result, _ = run_finetune(str(parent), images, labels, store=store, config=cfg)
 
     assert not stage.exists()

@@ -43,6 +43,8 @@ CARD_FORMAT = 1
 #: Card fields without which a checkpoint cannot be rebuilt.
 REQUIRED_FIELDS = ("format_version", "architecture", "arch_kwargs")
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
+#: Longest file name (bytes) kept readable in a temporary name (see ``_temp_prefix``).
+TEMP_NAME_MAX = 120
 
 
 class CheckpointError(ValueError):
@@ -304,11 +306,19 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def _temp_prefix(name: str) -> str:
+    """``.NAME.`` for a temporary file beside ``NAME``, or ``.<hash>.`` when ``NAME`` is
+    long: file names are limited to 255 bytes, and the temporary name adds 14."""
+    if len(name.encode()) <= TEMP_NAME_MAX:
+        return f".{name}."
+    return f".{hashlib.sha256(name.encode()).hexdigest()[:16]}."
+
+
 def _write_temp(path: Path, data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path`` and flush it to the disk; returns
     the temporary file (removed again if the write fails)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             umask = os.umask(0)

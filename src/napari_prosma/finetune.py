@@ -53,6 +53,7 @@ TRAINABLE = ("all", "decoder_gates", "gates")
 #: Held-out units needed to split them into a selection part and a report part.
 REPORT_SPLIT_MIN = 4
 CANCEL_MESSAGE = "fine-tuning was cancelled; the previous model stays active"
+NOT_IMPROVED = "the corrections did not improve the model; nothing was saved"
 
 
 @dataclass
@@ -143,6 +144,8 @@ class FinetuneResult:
             held-out units.
         replay: what was replayed (:meth:`ReplaySet.record` plus patches used).
         notes: plain sentences for the user (replay, how trustworthy the report is).
+        kept_parent: no held-out evaluation beat the parent, so the model returned is the
+            parent's state (:func:`run_finetune` then saves nothing).
     """
 
     model: Any
@@ -162,6 +165,7 @@ class FinetuneResult:
     independent_report: bool = False
     replay: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    kept_parent: bool = False
 
     @property
     def improved(self) -> bool | None:
@@ -584,6 +588,7 @@ def finetune(
     best = sel_before if sel_before is not None else -math.inf
     history: list[dict[str, float]] = []
     stale, stopped, step, replayed = 0, "max_steps", 0, 0
+    beaten = False  # whether an evaluation beat the parent on the selection part
     net.train()
     _freeze_norm_stats(net)
     for step in range(1, cfg.max_steps + 1):
@@ -612,7 +617,7 @@ def finetune(
             history[-1]["holdout_dice"] = d
             report(step, lv, d, "eval")
             if d is not None and d > best:
-                best, stale = d, 0
+                best, stale, beaten = d, 0, True
                 best_state = copy.deepcopy(net.state_dict())
             else:
                 stale += 1
@@ -681,6 +686,7 @@ def finetune(
         independent_report=independent,
         replay=replay_record,
         notes=notes,
+        kept_parent=bool(sel_units) and not beaten,
     )
 
 
@@ -908,41 +914,79 @@ def run_finetune(
     # bad input is refused before anything is saved (no copy of it left in .incoming)
     corrected_units(images, labels, card, previous, spacing=spacing, slice_axis=cfg.slice_axis)
     recovered = store.recover()  # runs killed earlier: their corrections go to .incoming
-    with store.staging(card.name) as (vid, stage):
-        store.save_corrections(
-            stage / "corrections", list(images), list(labels), {"parent": str(parent)}
-        )
-        result = finetune(
-            model,
-            card,
-            images,
-            labels,
-            config=cfg,
-            previous=previous,
-            spacing=spacing,
-            replay=replay,
-            progress=progress,
-            cancel=cancel,
-        )
-        if recovered:
-            result.notes.append(
-                f"an earlier fine-tuning run in {store.root} was interrupted; the corrections "
-                f"it had saved are kept in {store.root / '.incoming'} "
-                f"({', '.join(recovered)})"
+    try:
+        with store.staging(card.name) as (vid, stage):
+            store.save_corrections(
+                stage / "corrections", list(images), list(labels), {"parent": str(parent)}
             )
-        if cancelled():
-            raise Cancelled(CANCEL_MESSAGE)
-        result.card.name = vid
-        save(result.model, stage / "model", result.card)
-        saved = read_card(stage / "model")
-        record = _run_record(parent, card, result)
-        record.update(weights_sha256=saved.weights_sha256, card_sha256=saved.card_sha256)
-        atomic_write_json(stage / "run.json", record)
-        if cancelled():  # while saving: the staging folder goes, the parent stays
-            raise Cancelled(CANCEL_MESSAGE)
+            result = finetune(
+                model, card, images, labels, config=cfg, previous=previous,
+                spacing=spacing, replay=replay, progress=progress, cancel=cancel,
+            )
+            if cancelled():  # a cancel comes first, whatever the outcome
+                raise Cancelled(CANCEL_MESSAGE)
+            if result.kept_parent:  # no empty versions
+                raise _not_improved(result)
+            if recovered:
+                result.notes.append(
+                    f"an earlier fine-tuning run in {store.root} was interrupted; the "
+                    f"corrections it had saved are kept in {store.root / '.incoming'} "
+                    f"({', '.join(recovered)})"
+                )
+            _save_version(stage, vid, parent, card, result, cancelled)
+    except (InputError, Cancelled) as e:
+        raise _say_where_kept(e) from None
     if activate == "always" or (activate == "if_better" and result.improved is not False):
         store.activate(vid)
     return result, vid
+
+
+def _save_version(
+    stage: Path,
+    vid: str,
+    parent: str | Path,
+    card: ModelCard,
+    result: FinetuneResult,
+    cancelled: Callable[[], bool],
+) -> None:
+    """Write the checkpoint and ``run.json`` into the staging folder (a cancel before or
+    while they are written raises :class:`Cancelled`; the folder then goes)."""
+    from .inference import Cancelled
+
+    if cancelled():
+        raise Cancelled(CANCEL_MESSAGE)
+    result.card.name = vid
+    save(result.model, stage / "model", result.card)
+    saved = read_card(stage / "model")
+    record = _run_record(parent, card, result)
+    record.update(weights_sha256=saved.weights_sha256, card_sha256=saved.card_sha256)
+    atomic_write_json(stage / "run.json", record)
+    if cancelled():  # while saving: the staging folder goes, the parent stays
+        raise Cancelled(CANCEL_MESSAGE)
+
+
+def _not_improved(result: FinetuneResult) -> InputError:
+    """The refusal when no held-out evaluation beat the parent (nothing is saved)."""
+    evals = [h["holdout_dice"] for h in result.history if "holdout_dice" in h]
+    best = f"{max(evals):.3f}" if evals else "?"
+    before = result.selection_before
+    exc = InputError(
+        f"{NOT_IMPROVED} (held-out Dice {before:.3f} before training, at best {best} in "
+        f"{len(evals)} evaluation(s) over {result.steps} steps); the previous model stays "
+        "active"
+    )
+    exc.result = result  # type: ignore[attr-defined]
+    return exc
+
+
+def _say_where_kept(e: Exception) -> Exception:
+    """``e``, its message ending with where the staging folder kept the corrections."""
+    kept = getattr(e, "kept_corrections", None)
+    if kept is None:
+        return e
+    again = type(e)(f"{e}; your corrections are kept in {kept}")
+    again.__dict__.update(e.__dict__)
+    return again
 
 
 def _run_record(parent: str | Path, card: ModelCard, result: FinetuneResult) -> dict[str, Any]:

@@ -291,7 +291,8 @@ class ModelStore:
         Yields ``(version_id, staging_dir)``. The id is reserved (under :meth:`lock`) when
         the folder is made, so runs at the same time get different ids. If the body raises
         (cancel, crash), the staging folder's corrections are kept under
-        ``ROOT/.incoming/<id>`` (:attr:`kept` says where) and everything else is removed;
+        ``ROOT/.incoming/<id>`` (the exception's ``kept_corrections`` attribute says
+        where) and everything else is removed;
         no version appears in :meth:`versions`.
         """
         with self.lock():
@@ -301,8 +302,10 @@ class ModelStore:
             (stage / _OWNER).write_text(json.dumps(owner))
         try:
             yield vid, stage
-        except BaseException:
-            self._abandon(stage, vid)
+        except BaseException as exc:
+            kept = self._abandon(stage, vid)
+            if kept is not None:  # the caller says where (e.g. in its message)
+                exc.kept_corrections = kept  # type: ignore[attr-defined]
             raise
         if not (stage / "model.safetensors").exists():
             shutil.rmtree(stage, ignore_errors=True)
@@ -342,16 +345,17 @@ class ModelStore:
                 if host != _host() or _alive(pid):
                     continue
                 vid = str(info.get("id") or stage.name[1:].rsplit(".", 1)[0])  # type: ignore[union-attr]
-                if self._abandon(stage, vid):
+                if self._abandon(stage, vid) is not None:
                     recovered.append(vid)
         return recovered
 
-    def _abandon(self, stage: Path, vid: str) -> bool:
+    def _abandon(self, stage: Path, vid: str) -> Path | None:
         """Move a failed run's saved corrections to ``ROOT/.incoming/<id>`` (a free name),
-        then remove its staging folder. Returns whether there were corrections to keep."""
+        then remove its staging folder. Returns where they were kept (None: there were
+        none)."""
         corr = stage / "corrections"
-        kept = corr.is_dir() and any(corr.iterdir())
-        if kept:
+        keep = None
+        if corr.is_dir() and any(corr.iterdir()):
             keep = self.root / ".incoming" / vid
             n = 1
             while keep.exists():
@@ -360,7 +364,7 @@ class ModelStore:
             keep.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(corr), str(keep))
         shutil.rmtree(stage, ignore_errors=True)
-        return kept
+        return keep
 
     @staticmethod
     def save_corrections(

@@ -88,7 +88,8 @@ class FinetuneWidget(FinetuneForm, WorkerHost, QWidget):
     """
 
     CANCELLED = (
-        "Cancelled: the previous model stays active and no new version was saved.",
+        "Cancelled: the previous model stays active and no new version was saved; your "
+        "corrections are kept in the model store's .incoming folder.",
         "fine-tuning cancelled; the previous model stays active",
     )
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 from pathlib import Path
+from typing import Any
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -39,6 +42,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument(
+        "--holdout-fraction",
+        type=float,
+        default=0.25,
+        help="share of the corrected images (or slices) held out to choose and judge the "
+        "result (default 0.25; 0: train on all, keep the last state, nothing measured)",
+    )
+    p.add_argument(
         "--activate",
         choices=["if_better", "always", "never"],
         default="if_better",
@@ -69,6 +79,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "the first array axis; NIfTI volumes are read in (k, j, i) order)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress on stderr (only the result)"
+    )
     return p
 
 
@@ -93,19 +106,65 @@ def _pair(args: argparse.Namespace) -> list[tuple[Path, Path]]:
     return pair_by_stem(images, labels)
 
 
-def run(args: argparse.Namespace) -> int:
-    import sys
+class _Progress:
+    """Fine-tuning progress on stderr: the held-out Dice at every evaluation, and steps
+    done with the time left at most every ``every_s`` seconds between them."""
 
-    import numpy as np
+    def __init__(self, budget_s: float | None, every_s: float = 5.0):
+        self.budget_s, self.every_s, self.last = budget_s, every_s, -math.inf
 
-    from ..finetune import FinetuneConfig, run_finetune
+    def left(self, p: Any) -> float:
+        """Seconds left: the steps to go at the pace so far, capped by the time budget."""
+        rate = p.elapsed_s / max(p.step, 1)
+        left = (p.max_steps - p.step) * rate
+        if self.budget_s:
+            left = min(left, max(self.budget_s - p.elapsed_s, 0.0))
+        return left
+
+    def __call__(self, p: Any) -> None:
+        if p.phase == "before":
+            text = "measuring the model before training"
+            if p.holdout_dice is not None:
+                text += f": held-out Dice {p.holdout_dice:.3f}"
+        elif p.phase == "done":
+            text = f"done: step {p.step}, {p.elapsed_s:.0f} s"
+            if p.holdout_dice is not None:
+                text += f", held-out Dice of the state kept {p.holdout_dice:.3f}"
+        elif p.phase == "eval" or p.elapsed_s - self.last >= self.every_s:
+            text = f"step {p.step}/{p.max_steps}"
+            if p.loss is not None:
+                text += f", loss {p.loss:.3f}"
+            if p.holdout_dice is not None:
+                text += f", held-out Dice {p.holdout_dice:.3f}"
+            text += f", {p.elapsed_s:.0f} s, about {self.left(p):.0f} s left"
+            self.last = p.elapsed_s
+        else:
+            return
+        print(f"  [{p.phase:6s}] {text}", file=sys.stderr, flush=True)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from ..finetune import FinetuneConfig
+
+    return FinetuneConfig(
+        trainable=args.trainable,
+        max_steps=args.max_steps,
+        time_budget_s=args.time_budget or None,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        replay_fraction=args.replay_fraction,
+        holdout_fraction=args.holdout_fraction,
+        slice_axis=args.slice_axis,
+        device=args.device,
+        seed=args.seed,
+    )
+
+
+def _read(pairs: list[tuple[Path, Path]]) -> tuple[list[Any], list[Any], list[Any]]:
+    """Images, labels (values as stored: checked by ``finetune.check_labels``) and
+    spacings (mm, volumes only) of the pairs."""
     from ..io import read_image
-    from ..versions import ModelStore
-    from . import UserError
 
-    pairs = _pair(args)
-    if not pairs:
-        raise UserError("no images found")
     images, labels, spacing = [], [], []
     for ip, lp in pairs:
         img = read_image(ip)
@@ -114,39 +173,46 @@ def run(args: argparse.Namespace) -> int:
         lab = read_image(lp).data
         if lab.ndim == 3 and lab.shape[-1] in (3, 4) and images[-1].ndim == 2:
             lab = lab[..., 0]
-        labels.append(np.asarray(lab))  # values checked by finetune.check_labels
-    cfg = FinetuneConfig(
-        trainable=args.trainable,
-        max_steps=args.max_steps,
-        time_budget_s=args.time_budget or None,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        replay_fraction=args.replay_fraction,
-        slice_axis=args.slice_axis,
-        device=args.device,
-        seed=args.seed,
-    )
+        labels.append(lab)
+    return images, labels, spacing
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..finetune import run_finetune
+    from ..versions import ModelStore
+    from . import UserError
+
+    pairs = _pair(args)
+    if not pairs:
+        raise UserError("no images found")
+    images, labels, spacing = _read(pairs)
+    cfg = _config(args)
     store = ModelStore(args.out)
+    if not args.quiet:
+        print(f"Fine-tuning {args.model} on {len(pairs)} image(s) ...", file=sys.stderr)
+    try:
+        result, vid = run_finetune(
+            args.model,
+            images,
+            labels,
+            store=store,
+            config=cfg,
+            spacing=spacing,
+            replay=None if args.replay == "none" else args.replay,
+            activate=args.activate,
+            progress=None if args.quiet else _Progress(cfg.time_budget_s),
+        )
+    except KeyboardInterrupt as e:  # Ctrl-C: the corrections were moved to .incoming
+        kept = getattr(e, "kept_corrections", None)
+        if kept is not None:
+            print(f"prosma finetune: your corrections are kept in {kept}", file=sys.stderr)
+        raise
+    _report(result, vid, store, args.activate)
+    return 0
 
-    def progress(p) -> None:  # type: ignore[no-untyped-def]
-        if p.phase in ("before", "eval", "done") and p.holdout_dice is not None:
-            print(
-                f"  [{p.phase:6s}] step {p.step:4d}  held-out Dice {p.holdout_dice:.3f}",
-                file=sys.stderr,
-            )
 
-    print(f"Fine-tuning {args.model} on {len(pairs)} image(s) ...", file=sys.stderr)
-    result, vid = run_finetune(
-        args.model,
-        images,
-        labels,
-        store=store,
-        config=cfg,
-        spacing=spacing,
-        replay=None if args.replay == "none" else args.replay,
-        activate=args.activate,
-        progress=progress,
-    )
+def _report(result: Any, vid: str, store: Any, activate: str) -> None:
+    """What the run did, on stdout."""
     b, a = result.dice_before, result.dice_after
     print(f"New version {vid} in {store.root}")
     print(
@@ -165,7 +231,6 @@ def run(args: argparse.Namespace) -> int:
         if a < b:
             print(
                 "  held-out Dice got worse: the parent model stays active"
-                + (" (overridden: --activate always)" if args.activate == "always" else "")
+                + (" (overridden: --activate always)" if activate == "always" else "")
             )
     print(f"  active model: {store.active()}")
-    return 0
