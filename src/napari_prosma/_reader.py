@@ -7,8 +7,11 @@ layer the same geometry back. A scan stored rotated or sheared relative to the s
 cannot be shown rotated in napari without breaking the label layers' alignment: it is shown
 with its voxel spacing and origin only, and a warning says so.
 
-TIFF files keep their resolution (XResolution/YResolution, ImageJ spacing) as the scale.
-PNG/JPEG are left to napari's built-in reader.
+TIFF files keep their resolution (XResolution/YResolution, ImageJ spacing, OME
+PhysicalSizeX/Y/Z) as the scale; a TIFF holding several image series opens as one layer per
+series. JPEG files are read here too, so that an EXIF orientation tag is applied (napari's
+built-in reader shows the raw pixel order, unlike every photo viewer) and labels drawn on
+the layer match the photo as viewers show it. PNG is left to napari's built-in reader.
 
 Qt-free and torch-free: the heavy lifting is :func:`napari_prosma.io.read_image`.
 """
@@ -23,9 +26,20 @@ from typing import Any
 
 import numpy as np
 
-from .io import NIFTI_SUFFIXES, TIFF_SUFFIXES, ImageData, read_image, stem_of, suffix_of
+from .io import (
+    JPEG_SUFFIXES,
+    NIFTI_SUFFIXES,
+    TIFF_SUFFIXES,
+    ImageData,
+    read_image,
+    read_series,
+    stem_of,
+    suffix_of,
+)
 
-READ_SUFFIXES = NIFTI_SUFFIXES + TIFF_SUFFIXES
+READ_SUFFIXES = NIFTI_SUFFIXES + TIFF_SUFFIXES + JPEG_SUFFIXES
+#: Formats whose files carry a geometry worth reading back for a layer that lost it.
+_GEOMETRY_SUFFIXES = NIFTI_SUFFIXES + TIFF_SUFFIXES
 #: File stems that name a label map rather than an image (opened as a Labels layer when the
 #: data are whole numbers).
 _LABEL_STEM = re.compile(
@@ -38,7 +52,7 @@ LayerData = tuple[Any, dict[str, Any], str]
 
 
 def napari_get_reader(path: str | Sequence[str]) -> Callable[..., list[LayerData]] | None:
-    """Return :func:`read_layers` when every path is a NIfTI or TIFF file, else None."""
+    """Return :func:`read_layers` when every path is a NIfTI, TIFF or JPEG file, else None."""
     paths = [path] if isinstance(path, str | os.PathLike) else list(path)
     if not paths or not all(suffix_of(p) in READ_SUFFIXES for p in paths):
         return None
@@ -46,18 +60,24 @@ def napari_get_reader(path: str | Sequence[str]) -> Callable[..., list[LayerData
 
 
 def read_layers(path: str | Sequence[str]) -> list[LayerData]:
-    """Read one or more files into napari layer data tuples (one layer per file).
+    """Read one or more files into napari layer data tuples (one layer per file, or per
+    image series of a multi-series TIFF, named ``"<stem> [series k]"``).
 
-    Plain-words warnings (rotation/shear not shown, unknown slice spacing, alpha dropped)
-    are shown as napari notifications; errors propagate (napari reports them).
+    Plain-words warnings (rotation/shear not shown, unknown slice spacing, alpha dropped,
+    EXIF orientation applied, several series) are shown as napari notifications; errors
+    propagate (napari reports them).
     """
     paths = [path] if isinstance(path, str | os.PathLike) else list(path)
     out = []
     for p in paths:
-        img = read_image(p)
-        for w in img.warnings:
-            _warn(f"{Path(p).name}: {w}")
-        out.append(layer_data(img))
+        images = read_series(p)
+        if len(images) > 1:
+            _warn(f"{Path(p).name} holds {len(images)} image series: one layer each")
+        for k, img in enumerate(images):
+            for w in img.warnings:
+                _warn(f"{Path(p).name}: {w}")
+            name = f"{stem_of(p)} [series {k}]" if len(images) > 1 else None
+            out.append(layer_data(img, name))
     return out
 
 
@@ -179,7 +199,7 @@ def _from_source_file(
 ) -> ImageData | None:
     """The geometry of the file a layer came from (layers opened by other loaders, e.g. the
     sample menu, keep only its path), when that file is still there and fits the grid."""
-    if not path or suffix_of(path) not in READ_SUFFIXES or not Path(path).is_file():
+    if not path or suffix_of(path) not in _GEOMETRY_SUFFIXES or not Path(path).is_file():
         return None
     try:
         src = read_image(path)

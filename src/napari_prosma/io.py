@@ -16,9 +16,13 @@ Every write goes to a temporary file in the target folder that is then moved int
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import tempfile
-from collections.abc import Callable
+import warnings as pywarnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,34 @@ JPEG_SUFFIXES = (".jpg", ".jpeg")
 SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + TIFF_SUFFIXES + PNG_SUFFIXES + JPEG_SUFFIXES
 _MM_PER_UNIT = {2: 25.4, 3: 10.0}  # TIFF ResolutionUnit INCH, CENTIMETER -> mm
 _NIFTI_UNIT_MM = {"mm": 1.0, "meter": 1000.0, "micron": 1e-3}
+#: OME length units (``PhysicalSizeXUnit``; the OME default is µm) in mm.
+_OME_UNIT_MM = {
+    "m": 1e3,
+    "cm": 10.0,
+    "mm": 1.0,
+    "µm": 1e-3,
+    "\u03bcm": 1e-3,
+    "um": 1e-3,
+    "nm": 1e-6,
+    "pm": 1e-9,
+    "Å": 1e-7,
+    "in": 25.4,
+}
+#: Voxel sizes a NIfTI scan can plausibly have (mm): from micro-CT to the thickest slices.
+NIFTI_SPACING_MM = (1e-3, 20.0)
+#: How much larger than its file a decoded image can be, by compression (deflate is bounded
+#: by 1032:1, LZW with 12-bit codes by about 2600:1, PackBits by 64:1); None: no bound known.
+_MAX_RATIO = {"none": 1.0, "deflate": 1032.0, "lzw": 2600.0, "packbits": 64.0}
+#: EXIF orientation -> the numpy equivalent of what PIL.ImageOps.exif_transpose applies.
+_EXIF_TRANSPOSE: dict[int, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
+    2: ("mirrored left-right", lambda a: a[:, ::-1]),
+    3: ("rotated 180°", lambda a: a[::-1, ::-1]),
+    4: ("mirrored top-bottom", lambda a: a[::-1]),
+    5: ("flipped across its diagonal", lambda a: np.swapaxes(a, 0, 1)),
+    6: ("rotated 90° clockwise", lambda a: np.rot90(a, -1)),
+    7: ("flipped across its anti-diagonal", lambda a: np.swapaxes(a[::-1, ::-1], 0, 1)),
+    8: ("rotated 90° counter-clockwise", lambda a: np.rot90(a, 1)),
+}
 
 
 @dataclass
@@ -138,8 +170,13 @@ def is_supported(path: str | os.PathLike[str]) -> bool:
 # ---------------------------------------------------------------------------- reading
 
 
-def read_image(path: str | os.PathLike[str]) -> ImageData:
+def read_image(path: str | os.PathLike[str], series: int | None = None) -> ImageData:
     """Read a PNG, JPEG, TIFF or NIfTI file with its geometry.
+
+    Args:
+        path: the file.
+        series: TIFF only: which image series to read. A TIFF holding several series is
+            refused unless one is named (:func:`read_series` reads them all).
 
     Raises:
         FileNotFoundError: no such file.
@@ -155,7 +192,7 @@ def read_image(path: str | os.PathLike[str]) -> ImageData:
     if suf in NIFTI_SUFFIXES:
         img = _read_nifti(p)
     elif suf in TIFF_SUFFIXES:
-        img = _read_tiff(p)
+        img = _read_tiff(p, series)
     elif suf in PNG_SUFFIXES + JPEG_SUFFIXES:
         img = _read_plain(p, "png" if suf in PNG_SUFFIXES else "jpeg")
     else:
@@ -169,13 +206,93 @@ def read_image(path: str | os.PathLike[str]) -> ImageData:
     return img
 
 
+def read_series(path: str | os.PathLike[str]) -> list[ImageData]:
+    """Every image series of a file, in order: several for a multi-series TIFF (each
+    with ``meta["tiff_series"] = (index, count)``), else the one image."""
+    p = Path(path).expanduser()
+    n = _tiff_series_count(p) if suffix_of(p) in TIFF_SUFFIXES and p.is_file() else 1
+    if n <= 1:
+        return [read_image(p)]
+    out = []
+    for k in range(n):
+        img = read_image(p, series=k)
+        img.meta["tiff_series"] = (k, n)
+        out.append(img)
+    return out
+
+
 def _corrupt(p: Path, what: str, e: BaseException) -> InputError:
     detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if detail.startswith("Could not find a backend"):  # imageio: no decoder took it
+        detail = f"not a {what} file"
     return InputError(f"{p.name} could not be read as {what}: corrupt or truncated ({detail})")
 
 
-def _classify(p: Path, a: np.ndarray, rgb_last: bool) -> tuple[np.ndarray, str, list[str]]:
-    """Squeeze singleton axes and decide grey / rgb / volume."""
+def _nbytes_text(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def _memory_bytes() -> int | None:
+    """Physical memory of this computer, or None where the system does not say."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - e.g. Windows
+        return None
+
+
+def check_decoded_size(
+    p: Path,
+    shape: tuple[int, ...],
+    itemsize: int,
+    compression: str | None,
+    out_itemsize: int = 0,
+) -> None:
+    """Refuse a header that promises more data than its file can hold, or more memory
+    than this computer has, before anything is allocated.
+
+    Args:
+        p: the file (its size on disk bounds what it can hold).
+        shape: the array shape its header states.
+        itemsize: bytes per value as stored.
+        compression: a key of ``_MAX_RATIO`` (``"none"``, ``"deflate"``, ...), or None for
+            a compression whose expansion has no known bound (only memory is checked).
+        out_itemsize: bytes per value once decoded, when larger (scaled NIfTI: float64).
+
+    Raises:
+        InputError: corrupt/truncated header, or an image too large for memory.
+    """
+    n = math.prod(int(s) for s in shape)
+    stored = n * int(itemsize)
+    ratio = _MAX_RATIO.get(compression) if compression else None
+    size = p.stat().st_size
+    if ratio is not None and stored > size * ratio + (65536 if ratio > 1 else 0):
+        raise InputError(
+            f"{p.name} could not be read: its header describes {'×'.join(map(str, shape))} "
+            f"values ({_nbytes_text(stored)}), more than a file of {_nbytes_text(size)} can "
+            "hold: corrupt or truncated"
+        )
+    need = n * max(int(itemsize), int(out_itemsize))
+    mem = _memory_bytes()
+    if mem and need > mem // 2:
+        raise InputError(
+            f"{p.name} ({'×'.join(map(str, shape))} values) would need {_nbytes_text(need)} "
+            f"of memory, more than half of this computer's {_nbytes_text(mem)}; crop or "
+            "downsample it first"
+        )
+
+
+def _classify(
+    p: Path, a: np.ndarray, rgb_last: bool, axes: str = ""
+) -> tuple[np.ndarray, str, list[str], str]:
+    """Squeeze singleton axes and decide grey / rgb / volume.
+
+    Returns ``(array, kind, warnings, axes)``: ``axes`` is ``axes`` (one letter per input
+    axis, e.g. tifffile's ``"ZYX"``) with the squeezed axes dropped, or ``""``.
+    """
     warnings: list[str] = []
     if a.ndim > 2:
         # keep the two image axes (and the colour axis): a 1-pixel or 1-row RGB image
@@ -183,79 +300,206 @@ def _classify(p: Path, a: np.ndarray, rgb_last: bool) -> tuple[np.ndarray, str, 
         colour = rgb_last and a.shape[-1] in (3, 4)
         last = a.ndim - (3 if colour else 2)
         keep = [i for i, s in enumerate(a.shape) if s != 1 or i >= last]
+        if len(axes) == a.ndim:
+            axes = "".join(axes[i] for i in keep)
         a = a.reshape([a.shape[i] for i in keep])
+    if len(axes) != a.ndim:
+        axes = ""
     if a.dtype == bool:
         a = a.astype(np.uint8)
     if a.ndim == 2:
-        return a, "grey", warnings
+        return a, "grey", warnings, axes
     if a.ndim == 3 and rgb_last and a.shape[-1] in (3, 4):
         if a.shape[-1] == 4:
             warnings.append("the alpha (transparency) channel was dropped")
             a = a[..., :3]
-        return a, "rgb", warnings
+        return a, "rgb", warnings, axes
     if a.ndim == 3:
-        return a, "volume", warnings
+        return a, "volume", warnings, axes
     raise InputError(
         f"{p.name} has {a.ndim} dimensions (shape {a.shape}); only 2D images and 3D volumes "
         "are supported (split time series or channels first)"
     )
 
 
-def _read_plain(p: Path, fmt: str) -> ImageData:
-    import imageio.v3 as iio
+def exif_orientation(path: str | os.PathLike[str]) -> int:
+    """The EXIF orientation tag of a JPEG or PNG (1, the default, when it has none)."""
+    from PIL import Image
 
     try:
-        a = np.asarray(iio.imread(p))
+        with Image.open(path) as im:
+            raw = im.info.get("exif")  # a PNG's eXIf chunk after the pixels is not sought
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+            return int(exif.get(0x0112, 1) or 1)
+    except Exception:  # unreadable EXIF: the pixels are read (or refused) on their own
+        return 1
+
+
+def _read_plain(p: Path, fmt: str) -> ImageData:
+    import imageio.v3 as iio
+    from PIL import Image
+
+    try:
+        a = np.asarray(iio.imread(p))  # imageio ignores the EXIF orientation (rotate=False)
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{p.name} is too large to read safely ({e})") from None
     except Exception as e:
         raise _corrupt(p, fmt.upper(), e) from None
     if a.ndim == 3 and a.shape[-1] == 2:  # grey + alpha
         a = a[..., 0]
-    a, kind, warnings = _classify(p, a, rgb_last=True)
+    notes: list[str] = []
+    orientation = exif_orientation(p) if a.ndim in (2, 3) else 1
+    if orientation in _EXIF_TRANSPOSE:
+        what, transpose = _EXIF_TRANSPOSE[orientation]
+        a = np.ascontiguousarray(transpose(a))
+        notes.append(
+            f"the image was {what}, as its EXIF orientation tag ({orientation}) asks, so that "
+            "it and its labels look as image viewers show the file"
+        )
+    a, kind, warnings, _ = _classify(p, a, rgb_last=True)
     if kind == "volume":  # animated PNG / multi-frame: refuse rather than guess
         raise InputError(f"{p.name} holds several frames; save one frame per file")
     img = from_array(a)
-    img.kind, img.format, img.warnings = kind, fmt, warnings
+    img.kind, img.format, img.warnings = kind, fmt, notes + warnings
+    if orientation != 1:
+        img.meta["exif_orientation"] = orientation
     return img
 
 
-def _read_tiff(p: Path) -> ImageData:
+def _tiff_series_count(p: Path) -> int:
     import tifffile
 
     try:
-        with tifffile.TiffFile(p) as tf:
-            series = tf.series[0]
-            a = np.asarray(series.asarray())
-            axes = series.axes
-            tags = tf.pages[0].tags
+        with _quiet("tifffile"), tifffile.TiffFile(p) as tf:
+            return len(tf.series)
+    except Exception:  # read_image names the problem
+        return 1
+
+
+def _series_list(p: Path, series: list[Any]) -> str:
+    rows = []
+    for k, s in enumerate(series[:8]):
+        name = f" {s.name!r}" if getattr(s, "name", "") else ""
+        rows.append(f"{k}: {'×'.join(map(str, s.shape))} {s.dtype} ({s.axes}){name}")
+    more = f"; and {len(series) - 8} more" if len(series) > 8 else ""
+    return (
+        f"{p.name} holds {len(series)} image series ({'; '.join(rows)}{more}); only one can be "
+        "segmented at a time: open the file in napari (one layer per series) or save each "
+        "series as its own file"
+    )
+
+
+def _check_series_kind(tf: Any, s: Any) -> None:
+    """Refuse a TIFF whose ImageJ/OME/shaped metadata tifffile could not follow: it then
+    falls back to reading the pages it finds (a truncated ImageJ stack became one slice)."""
+    declared = [k for k in ("shaped", "ome", "imagej") if getattr(tf, f"is_{k}", False)]
+    if declared and str(s.kind).lower() not in declared:
+        raise ValueError(f"its {declared[0]} metadata describe pages that are not all there")
+
+
+def _tiff_compression(page: Any) -> str | None:
+    """The key of ``_MAX_RATIO`` for a TIFF page's compression (None: unbounded)."""
+    code = int(getattr(page, "compression", 1))
+    return {1: "none", 5: "lzw", 8: "deflate", 32946: "deflate", 32773: "packbits"}.get(code)
+
+
+def _positive(v: Any) -> float | None:
+    """``v`` as a finite positive float, else None."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) and f > 0 else None
+
+
+def _ome_sizes(xml: str | None, index: int, warnings: list[str]) -> dict[str, float]:
+    """PhysicalSizeX/Y/Z (in mm) of the ``index``-th OME image, by axis letter."""
+    import xml.etree.ElementTree as ET
+
+    if not xml:
+        return {}
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        warnings.append("its OME metadata could not be parsed; physical sizes were ignored")
+        return {}
+    pixels = [e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"]
+    if index >= len(pixels):
+        return {}
+    out: dict[str, float] = {}
+    for ax in "XYZ":
+        raw = pixels[index].get(f"PhysicalSize{ax}")
+        if raw is None:
+            continue
+        unit = pixels[index].get(f"PhysicalSize{ax}Unit", "µm")
+        v = _positive(raw)
+        if v is None or unit not in _OME_UNIT_MM:
+            what = f"{raw!r}" if v is None else f"{raw} {unit} (unit not understood)"
+            warnings.append(f"its OME PhysicalSize{ax} {what} was ignored")
+            continue
+        out[ax] = v * _OME_UNIT_MM[unit]
+    return out
+
+
+@contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Silence a library's logger (its complaints about a bad file would reach stderr
+    beside the one plain message the user gets)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _read_tiff(p: Path, series: int | None = None) -> ImageData:
+    import tifffile
+
+    warnings: list[str] = []
+    try:
+        with _quiet("tifffile"), tifffile.TiffFile(p) as tf:
+            if not tf.series:
+                raise ValueError("no image in the file")
+            _check_series_kind(tf, tf.series[0])
+            if series is None and len(tf.series) > 1:
+                raise InputError(_series_list(p, tf.series))
+            k = series or 0
+            if not 0 <= k < len(tf.series):
+                raise InputError(f"{p.name} has no image series {k} (it has {len(tf.series)})")
+            s = tf.series[k]
+            page = s.keyframe
+            check_decoded_size(p, tuple(s.shape), s.dtype.itemsize, _tiff_compression(page))
+            a = np.asarray(s.asarray())
+            axes = s.axes
+            tags = page.tags
             xres = tags["XResolution"].value if "XResolution" in tags else None
             yres = tags["YResolution"].value if "YResolution" in tags else None
             runit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
             ij = tf.imagej_metadata or {}
             if not ij and tf.shaped_metadata:  # tifffile's own JSON (non-ImageJ dtypes)
                 ij = {k: v for k, v in tf.shaped_metadata[0].items() if k in ("spacing", "unit")}
+            ome = _ome_sizes(tf.ome_metadata, k, warnings) if tf.is_ome else {}
+    except InputError:
+        raise
     except Exception as e:
         raise _corrupt(p, "TIFF", e) from None
-    a, kind, warnings = _classify(p, a, rgb_last=axes.endswith("S"))
+    a, kind, more, axes = _classify(p, a, rgb_last=axes.endswith("S"), axes=axes)
+    warnings += more
     meta: dict[str, Any] = {"tiff_resolution": (xres, yres), "tiff_resolutionunit": runit}
-
-    def per_px(r: Any) -> float | None:
-        if r is None:
-            return None
-        num, den = (r, 1) if np.isscalar(r) else r
-        return float(den) / float(num) if num else None
-
-    sx, sy = per_px(xres), per_px(yres)
-    unit: str | None = None
-    if ij.get("unit") and str(ij["unit"]).lower() not in ("pixel", "pixels", ""):
-        unit = {"micron": "um", "\\u00B5m": "um", "µm": "um"}.get(str(ij["unit"]), str(ij["unit"]))
-    elif runit in _MM_PER_UNIT and sx and sy and (xres, yres) != ((1, 1), (1, 1)):
-        sx, sy, unit = sx * _MM_PER_UNIT[runit], sy * _MM_PER_UNIT[runit], "mm"
-    sx, sy = sx or 1.0, sy or 1.0
+    if series is not None:
+        meta["tiff_series"] = (k, None)
+    sy, sx, unit = _tiff_pixel_size(xres, yres, runit, ij, warnings)
+    if "X" in ome and "Y" in ome:
+        sy, sx, unit = ome["Y"], ome["X"], "mm"
+        meta["spacing_from"] = "ome"
     if kind == "volume":
-        sz = float(ij.get("spacing", 1.0) or 1.0)
+        sz = _tiff_slice_spacing(ij, ome, axes, unit, warnings)
         spacing: tuple[float, ...] = (sz, sy, sx)
-        if "spacing" not in ij:
-            warnings.append("the slice spacing is unknown and was taken as 1")
     else:
         spacing = (sy, sx)
     origin = (0.0,) * len(spacing)
@@ -272,13 +516,74 @@ def _read_tiff(p: Path) -> ImageData:
     )
 
 
+def _tiff_pixel_size(
+    xres: Any, yres: Any, runit: int, ij: dict[str, Any], warnings: list[str]
+) -> tuple[float, float, str | None]:
+    """``(y, x, unit)`` from the resolution tags and ImageJ's unit (1, 1, None: unknown)."""
+
+    def per_px(r: Any) -> float | None:
+        if r is None:
+            return None
+        num, den = (r, 1) if np.isscalar(r) else r
+        v = _positive(float(den) / float(num)) if float(num) else None
+        if v is None:
+            warnings.append(
+                f"its resolution tag {r} is unusable; the pixel size is unknown and taken as 1"
+            )
+        return v
+
+    sx, sy = per_px(xres), per_px(yres)
+    unit: str | None = None
+    if ij.get("unit") and str(ij["unit"]).lower() not in ("pixel", "pixels", ""):
+        unit = {"micron": "um", "\\u00B5m": "um", "µm": "um"}.get(str(ij["unit"]), str(ij["unit"]))
+    elif runit in _MM_PER_UNIT and sx and sy and (xres, yres) != ((1, 1), (1, 1)):
+        sx, sy, unit = sx * _MM_PER_UNIT[runit], sy * _MM_PER_UNIT[runit], "mm"
+    return sy or 1.0, sx or 1.0, unit
+
+
+def _tiff_slice_spacing(
+    ij: dict[str, Any], ome: dict[str, float], axes: str, unit: str | None, warnings: list[str]
+) -> float:
+    """The slice spacing of a TIFF volume: OME PhysicalSizeZ (mm), else ImageJ's."""
+    if "Z" in ome and axes[:1] in ("Z", ""):
+        if unit == "mm":  # X and Y came from the OME metadata too
+            return ome["Z"]
+        warnings.append("its OME PhysicalSizeZ was ignored: the pixel size in x/y is not given")
+    if "spacing" in ij:
+        sz = _positive(ij["spacing"])
+        if sz is not None:
+            return sz
+        warnings.append(
+            f"the slice spacing in its metadata ({ij['spacing']!r}) is unusable; it is "
+            "unknown and was taken as 1"
+        )
+        return 1.0
+    warnings.append("the slice spacing is unknown and was taken as 1")
+    return 1.0
+
+
 def _read_nifti(p: Path) -> ImageData:
     import nibabel as nib
 
     try:
-        img = nib.load(str(p))
+        # nibabel logs the header fixes it makes (checked below) and warns about NaN maths
+        with _quiet("nibabel.global"), pywarnings.catch_warnings(), np.errstate(all="ignore"):
+            pywarnings.simplefilter("ignore")
+            img = nib.load(str(p))
         if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
             raise InputError(f"{p.name} is not a NIfTI-1/2 image")
+        with nib.openers.ImageOpener(str(p)) as f:  # as stored: load() turns pixdim 0 into 1
+            raw = type(img.header).from_fileobj(f, check=False)
+        hdr = img.header
+        slope, inter = hdr.get_slope_inter()
+        scaled = slope not in (None, 1.0) or inter not in (None, 0.0)
+        check_decoded_size(
+            p,
+            tuple(img.shape),
+            img.get_data_dtype().itemsize,
+            "deflate" if suffix_of(p) == ".nii.gz" else "none",
+            out_itemsize=8 if scaled else 0,
+        )
         a = np.asanyarray(img.dataobj)
     except InputError:
         raise
@@ -300,6 +605,9 @@ def _read_nifti(p: Path) -> ImageData:
     n = a.ndim
     if n < 2:
         raise InputError(f"{p.name} has shape {src_shape}; it is not an image")
+    unit_name = hdr.get_xyzt_units()[0]
+    scale = _NIFTI_UNIT_MM.get(unit_name, 1.0)
+    check_nifti_geometry(p, raw, src_affine, n, scale)
     a = np.ascontiguousarray(np.transpose(a))  # (i, j[, k]) -> ([k,] j, i)
     m = src_affine[:n, :n]
     rev = np.eye(n)[::-1]
@@ -307,8 +615,6 @@ def _read_nifti(p: Path) -> ImageData:
     aff = np.eye(n + 1)
     aff[:n, :n] = lin
     aff[:n, n] = src_affine[:n, 3][::-1]
-    unit_name = img.header.get_xyzt_units()[0]
-    scale = _NIFTI_UNIT_MM.get(unit_name, 1.0)
     spacing = tuple(float(v) * scale for v in np.linalg.norm(lin, axis=0))
     origin = tuple(float(v) * scale for v in aff[:n, n])
     warnings: list[str] = []
@@ -333,6 +639,50 @@ def _read_nifti(p: Path) -> ImageData:
         meta={"nifti_shape": src_shape, "nifti_class": type(img).__name__},
         warnings=warnings,
     )
+
+
+def check_nifti_geometry(p: Path, hdr: Any, affine: np.ndarray, n: int, mm: float) -> None:
+    """Refuse a NIfTI whose geometry is absurd, naming the header field at fault.
+
+    Args:
+        p: the file (for the message).
+        hdr: its header as stored (nibabel's loader replaces a 0 pixdim by 1, silently).
+        affine: the ``4×4`` affine nibabel chose (sform, else qform, else from pixdim).
+        n: spatial axes in use (2 or 3).
+        mm: millimetres per header unit.
+
+    Raises:
+        InputError: a NaN, zero, negative or implausible voxel size (outside
+            :data:`NIFTI_SPACING_MM`), a non-finite or degenerate affine.
+    """
+    source = (
+        "sform" if int(hdr["sform_code"]) > 0 else "qform" if int(hdr["qform_code"]) > 0 else ""
+    )
+    if source != "sform":  # the affine comes from pixdim, where nibabel turns 0 into 1
+        pixdim = [float(v) for v in hdr["pixdim"][1 : n + 1]]
+        bad = [v for v in pixdim if not (math.isfinite(v) and v > 0)]
+        if bad:
+            raise InputError(
+                f"{p.name}: its header gives the voxel size (pixdim) as "
+                f"{'×'.join(f'{v:g}' for v in pixdim)}; a size of {bad[0]:g} is not a real "
+                "voxel size, so the scan's geometry is unknown: fix the header"
+            )
+    where = f"its {source} affine" if source else "its pixdim"
+    cols = affine[:3, :n]  # the world step of each voxel axis in use
+    if not np.isfinite(cols).all() or not np.isfinite(affine[:3, 3]).all():
+        raise InputError(f"{p.name}: {where} holds NaN or infinite values: fix the header")
+    sizes = np.linalg.norm(cols, axis=0) * mm
+    lo, hi = NIFTI_SPACING_MM
+    text = "×".join(f"{v:.4g}" for v in sizes)
+    if not ((sizes >= lo) & (sizes <= hi)).all():
+        raise InputError(
+            f"{p.name}: {where} gives a voxel size of {text} mm, which no scan has (expected "
+            f"{lo:g} to {hi:g} mm per voxel); fix the header"
+            + (f" (its unit is {hdr.get_xyzt_units()[0]!r})" if mm != 1.0 else "")
+        )
+    sv = np.linalg.svd(cols / np.linalg.norm(cols, axis=0), compute_uv=False)
+    if sv[-1] <= 1e-6:
+        raise InputError(f"{p.name}: {where} is degenerate (its axes are parallel): fix the header")
 
 
 # ---------------------------------------------------------------------------- writing
@@ -556,7 +906,9 @@ def _tiff_writer(a: np.ndarray, like: ImageData | None, channels: bool) -> Calla
 
     kwargs: dict[str, Any] = {}
     volume = like is not None and like.kind == "volume"
-    if like is not None and like.format == "tiff" and like.meta.get("tiff_resolution", (None,))[0]:
+    # a TIFF source's own resolution tags, unless its spacing came from OME metadata
+    tags = like is not None and like.format == "tiff" and like.meta.get("spacing_from") != "ome"
+    if tags and like.meta.get("tiff_resolution", (None,))[0]:
         xres, yres = like.meta["tiff_resolution"]
         kwargs["resolution"] = (tuple(xres), tuple(yres))
         kwargs["resolutionunit"] = like.meta.get("tiff_resolutionunit", 1)
@@ -583,7 +935,7 @@ def _tiff_writer(a: np.ndarray, like: ImageData | None, channels: bool) -> Calla
         if like.unit:
             meta["unit"] = {"um": "micron"}.get(like.unit, like.unit) if imagej else like.unit
         kwargs["metadata"] = meta
-        if kwargs.get("resolutionunit") == 3 and like.format != "tiff":
+        if kwargs.get("resolutionunit") == 3 and not tags:
             kwargs["resolution"] = (1.0 / like.spacing[2], 1.0 / like.spacing[1])
             kwargs["resolutionunit"] = 1
     rgb = like is not None and like.kind == "rgb" and a.ndim == 3 and a.shape[-1] == 3
