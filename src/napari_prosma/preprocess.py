@@ -39,6 +39,37 @@ def check_finite(image: np.ndarray, what: str = "the image") -> None:
         raise InputError(f"{what} contains {n} NaN or infinite value(s); fix or mask them first")
 
 
+def _guess_channels(a: np.ndarray, in_channels: int, spatial_dims: int) -> np.ndarray:
+    """``a`` channel-first, its channel axis guessed from its shape (see
+    :func:`to_channel_first`)."""
+    if a.ndim == spatial_dims:
+        a = a[None]
+    elif spatial_dims == 2 and a.ndim == 3 and a.shape[-1] in (3, 4):
+        a = np.moveaxis(a, -1, 0)
+    elif spatial_dims == 2 and a.ndim == 3 and a.shape[0] in (1, 3, 4):
+        pass
+    elif spatial_dims == 3 and a.ndim == 4 and a.shape[0] == in_channels:
+        pass
+    elif spatial_dims == 3 and a.ndim == 4:
+        raise InputError(
+            f"this model segments a 3D volume (D, H, W) with {in_channels} channel(s); the "
+            f"data has shape {a.shape}: a series of {a.shape[0]} volumes (time points or "
+            "channels). Segment one volume at a time"
+        )
+    else:
+        kind = (
+            "2D image (H, W) or colour image (H, W, 3)"
+            if spatial_dims == 2
+            else ("3D volume (D, H, W)")
+        )
+        raise InputError(
+            f"this model segments a {kind}; the data has shape {a.shape}"
+            + (" (for a volume, segment one slice at a time)" if spatial_dims == 2 else "")
+            + (" (a 2D image needs a 2D model)" if spatial_dims == 3 and a.ndim == 2 else "")
+        )
+    return a
+
+
 def to_channel_first(
     image: np.ndarray,
     in_channels: int,
@@ -69,31 +100,7 @@ def to_channel_first(
     if a.dtype == bool:
         a = a.astype(np.uint8)
     if channel_axis is None:
-        if a.ndim == spatial_dims:
-            a = a[None]
-        elif spatial_dims == 2 and a.ndim == 3 and a.shape[-1] in (3, 4):
-            a = np.moveaxis(a, -1, 0)
-        elif spatial_dims == 2 and a.ndim == 3 and a.shape[0] in (1, 3, 4):
-            pass
-        elif spatial_dims == 3 and a.ndim == 4 and a.shape[0] == in_channels:
-            pass
-        elif spatial_dims == 3 and a.ndim == 4:
-            raise InputError(
-                f"this model segments a 3D volume (D, H, W) with {in_channels} channel(s); the "
-                f"data has shape {a.shape}: a series of {a.shape[0]} volumes (time points or "
-                "channels). Segment one volume at a time"
-            )
-        else:
-            kind = (
-                "2D image (H, W) or colour image (H, W, 3)"
-                if spatial_dims == 2
-                else ("3D volume (D, H, W)")
-            )
-            raise InputError(
-                f"this model segments a {kind}; the data has shape {a.shape}"
-                + (" (for a volume, segment one slice at a time)" if spatial_dims == 2 else "")
-                + (" (a 2D image needs a 2D model)" if spatial_dims == 3 and a.ndim == 2 else "")
-            )
+        a = _guess_channels(a, in_channels, spatial_dims)
     else:
         if a.ndim != spatial_dims + 1:
             raise InputError(
