@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import io
-from ._reader import image_data_from_layer
+from .io.layers import image_data_from_layer
 
 WRITE_SUFFIXES = io.NIFTI_SUFFIXES + io.TIFF_SUFFIXES
 

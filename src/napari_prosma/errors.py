@@ -19,6 +19,11 @@ _DISK_ERRORS = {
     errno.EROFS: "the folder is on a read-only disk; choose another output folder",
 }
 
+class WriteError(OSError):
+    """A file could not be written in full (a writer library reported a short write, as
+    on a full disk or past a file size limit); the message is meant for the user."""
+
+
 def user_message(exc: BaseException) -> str:
     """One line that says what went wrong and, where possible, what to do.
 

@@ -39,6 +39,37 @@ def check_finite(image: np.ndarray, what: str = "the image") -> None:
         raise InputError(f"{what} contains {n} NaN or infinite value(s); fix or mask them first")
 
 
+def _guess_channels(a: np.ndarray, in_channels: int, spatial_dims: int) -> np.ndarray:
+    """``a`` channel-first, its channel axis guessed from its shape (see
+    :func:`to_channel_first`)."""
+    if a.ndim == spatial_dims:
+        a = a[None]
+    elif spatial_dims == 2 and a.ndim == 3 and a.shape[-1] in (3, 4):
+        a = np.moveaxis(a, -1, 0)
+    elif spatial_dims == 2 and a.ndim == 3 and a.shape[0] in (1, 3, 4):
+        pass
+    elif spatial_dims == 3 and a.ndim == 4 and a.shape[0] == in_channels:
+        pass
+    elif spatial_dims == 3 and a.ndim == 4:
+        raise InputError(
+            f"this model segments a 3D volume (D, H, W) with {in_channels} channel(s); the "
+            f"data has shape {a.shape}: a series of {a.shape[0]} volumes (time points or "
+            "channels). Segment one volume at a time"
+        )
+    else:
+        kind = (
+            "2D image (H, W) or colour image (H, W, 3)"
+            if spatial_dims == 2
+            else ("3D volume (D, H, W)")
+        )
+        raise InputError(
+            f"this model segments a {kind}; the data has shape {a.shape}"
+            + (" (for a volume, segment one slice at a time)" if spatial_dims == 2 else "")
+            + (" (a 2D image needs a 2D model)" if spatial_dims == 3 and a.ndim == 2 else "")
+        )
+    return a
+
+
 def to_channel_first(
     image: np.ndarray,
     in_channels: int,
@@ -69,31 +100,7 @@ def to_channel_first(
     if a.dtype == bool:
         a = a.astype(np.uint8)
     if channel_axis is None:
-        if a.ndim == spatial_dims:
-            a = a[None]
-        elif spatial_dims == 2 and a.ndim == 3 and a.shape[-1] in (3, 4):
-            a = np.moveaxis(a, -1, 0)
-        elif spatial_dims == 2 and a.ndim == 3 and a.shape[0] in (1, 3, 4):
-            pass
-        elif spatial_dims == 3 and a.ndim == 4 and a.shape[0] == in_channels:
-            pass
-        elif spatial_dims == 3 and a.ndim == 4:
-            raise InputError(
-                f"this model segments a 3D volume (D, H, W) with {in_channels} channel(s); the "
-                f"data has shape {a.shape}: a series of {a.shape[0]} volumes (time points or "
-                "channels). Segment one volume at a time"
-            )
-        else:
-            kind = (
-                "2D image (H, W) or colour image (H, W, 3)"
-                if spatial_dims == 2
-                else ("3D volume (D, H, W)")
-            )
-            raise InputError(
-                f"this model segments a {kind}; the data has shape {a.shape}"
-                + (" (for a volume, segment one slice at a time)" if spatial_dims == 2 else "")
-                + (" (a 2D image needs a 2D model)" if spatial_dims == 3 and a.ndim == 2 else "")
-            )
+        a = _guess_channels(a, in_channels, spatial_dims)
     else:
         if a.ndim != spatial_dims + 1:
             raise InputError(
@@ -182,6 +189,48 @@ def _normalize(x: np.ndarray, spec: dict[str, Any], mode: str) -> np.ndarray:
     return x  # "none"
 
 
+#: Unsigned integer types whose bit depth the data type itself tells (8- and 16-bit files).
+_BIT_DEPTHS = {np.dtype(np.uint8): 8, np.dtype(np.uint16): 16}
+
+
+def match_bit_depth(
+    image: np.ndarray, spec: Mapping[str, Any] | None
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """Fit a ``"fixed"`` normalisation's ``scale`` to the bit depth of ``image``.
+
+    A model trained on 8-bit images (``scale`` 255) given a 16-bit image whose values go
+    beyond 255 (a 16-bit PNG or TIFF) divides by 65535 instead, so the image keeps the
+    brightness the model knows; a 16-bit model (``scale`` 65535) given an 8-bit image
+    divides by 255. A 16-bit image whose values all fit in 0..255 holds 8-bit values and is
+    left as it is. Other modes (z-score, percentile, CT window) do not depend on the bit
+    depth and are returned unchanged.
+
+    Args:
+        image: the image as given, any layout (only its data type and values are used).
+        spec: the model card's normalisation.
+
+    Returns:
+        ``(spec, notes)``: the spec to use (a copy when changed) and what was done.
+    """
+    if not spec or spec.get("mode") != "fixed" or image.size == 0:
+        return (None if spec is None else dict(spec)), []
+    scale = float(spec.get("scale", 255.0))
+    model_bits = {255.0: 8, 65535.0: 16}.get(scale)
+    bits = _BIT_DEPTHS.get(np.asarray(image).dtype)
+    if model_bits is None or bits is None or bits == model_bits:
+        return dict(spec), []
+    hi = int(np.max(image))
+    if bits > model_bits and hi <= scale:  # 8-bit values kept in a 16-bit file
+        return dict(spec), []
+    full = float(2**bits - 1)
+    note = (
+        f"the image holds {bits}-bit values (up to {hi}) and the model was trained on "
+        f"{model_bits}-bit images: its values were divided by {full:g} instead of "
+        f"{scale:g}, so that full scale means the same to the model"
+    )
+    return {**spec, "scale": full}, [note]
+
+
 def prepare(
     image: np.ndarray,
     in_channels: int,
@@ -189,6 +238,11 @@ def prepare(
     normalization: Mapping[str, Any] | None,
     channel_axis: int | None = None,
 ) -> tuple[np.ndarray, list[str]]:
-    """:func:`to_channel_first` then :func:`normalize`: ``(C, *S)`` float32 and notes."""
+    """:func:`to_channel_first` then :func:`normalize`: ``(C, *S)`` float32 and notes.
+
+    A ``"fixed"`` normalisation is first fitted to the image's bit depth
+    (:func:`match_bit_depth`): a 16-bit image is not divided by 255 as if it were 8-bit.
+    """
     a, notes = to_channel_first(image, in_channels, spatial_dims, channel_axis)
-    return normalize(a, normalization), notes
+    spec, depth_notes = match_bit_depth(np.asarray(image), normalization)
+    return normalize(a, spec), notes + depth_notes

@@ -14,6 +14,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Spacings within this relative difference of the card's are not resampled.
 SPACING_TOLERANCE = 0.05
+#: Largest zoom per axis between a scan's spacing and the model's: beyond it the spacing is
+#: taken to be wrong (a header error), not resampled.
+MAX_ZOOM = 64.0
+#: A resampled grid may not grow past this many voxels (nor past the input, if larger).
+MAX_WORK_VOXELS = 512**3
 
 
 def card_input_size(card: ModelCard) -> tuple[int, ...] | None:
@@ -73,6 +78,7 @@ def working_shape(
     ratio = [float(s) / float(t) for s, t in zip(spacing, target)]
     if all(abs(r - 1) <= SPACING_TOLERANCE for r in ratio):
         return shape, notes
+    check_zoom(shape, spacing, target, ratio)
     work = tuple(max(1, round(n * r)) for n, r in zip(shape, ratio))
     notes.append(
         f"the volume was resampled from {_fmt(spacing, ' mm')} to the model's training spacing "
@@ -80,6 +86,36 @@ def working_shape(
         "the original grid"
     )
     return work, notes
+
+
+def check_zoom(
+    shape: Sequence[int], spacing: Sequence[float], target: Sequence[float], ratio: list[float]
+) -> None:
+    """Refuse a resampling that no real scan needs, before any grid is allocated.
+
+    Raises:
+        InputError: a spacing that is not a positive finite number, one more than
+            :data:`MAX_ZOOM` times finer or coarser than the model's, or a working grid
+            beyond :data:`MAX_WORK_VOXELS` voxels (and beyond the input's own size).
+    """
+    from ..preprocess import InputError
+
+    sp = _fmt(tuple(float(s) for s in spacing), " mm")
+    if not all(math.isfinite(r) and r > 0 for r in ratio):
+        raise InputError(f"the voxel spacing {sp} is not a positive size; check the file's header")
+    if any(r > MAX_ZOOM or r < 1 / MAX_ZOOM for r in ratio):
+        raise InputError(
+            f"the voxel spacing {sp} is more than {MAX_ZOOM:g} times finer or coarser than the "
+            f"model's training spacing {_fmt(target, ' mm')}; it is not resampled (check the "
+            "file's voxel size, or choose a model trained at this resolution)"
+        )
+    voxels = math.prod(n * r for n, r in zip(shape, ratio))
+    if voxels > max(MAX_WORK_VOXELS, math.prod(shape)):
+        raise InputError(
+            f"resampling the volume from {sp} to the model's {_fmt(target, ' mm')} would make "
+            f"a grid of {voxels:.3g} voxels (limit {MAX_WORK_VOXELS:.3g}); check the file's "
+            "voxel size, or crop the volume"
+        )
 
 
 def _fmt(values: Sequence[float], unit: str = "") -> str:
