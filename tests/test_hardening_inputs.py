@@ -375,14 +375,13 @@ def test_cli_refuses_bad_content_one_line_per_file(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("kind", "dims", "words"),
-    [("rgb", 3, "is a 2D colour image but the model segments 3D volumes"),
-     ("volume3", 2, "is a 3D volume but the model segments 2D images"),
-     ("volume4", 2, "is a 3D volume but the model segments 2D images")],
-)
+    [("rgb", 3, "is a 2D colour image but the model segments 3D volumes")],
+)  # a 3- or 4-slice volume for a 2D model is now segmented slice by slice:
+#    test_cli_trust.py::test_a_volume_with_a_2d_model_is_segmented_slice_by_slice
 def test_cli_refuses_an_image_the_model_cannot_take(tmp_path, capsys, kind, dims, words):
     """Before the fix a colour photo given to a 3D model was segmented as an (H, W, 3)
-    volume and written as a 3-channel PNG, and a 3- or 4-slice volume given to a 2D model
-    was taken for RGB(A)."""
+    volume and written as a 3-channel PNG (and a 3- or 4-slice volume given to a 2D model
+    was taken for RGB(A))."""
     import imageio.v3 as iio
 
     model = save_tiny(tmp_path / "models", "m", spatial_dims=dims)

@@ -3,7 +3,10 @@
 Labels are written with the input's geometry (NIfTI affine and header, TIFF resolution);
 probabilities, uncertainty and gate maps optionally beside them (NIfTI for NIfTI input,
 TIFF otherwise). A file that fails is reported in one line on stderr and skipped; the exit
-code is 0 only if every file succeeded. Writes are atomic; an output never replaces an
+code is 0 only if every file succeeded. A volume given to a 2D model is segmented slice by
+slice (``--slice-axis``), as the Segment widget does; a scan whose gate sparsity lies
+outside the range the model card records for the training data gets a warning on stderr
+(the widget's "scan unlike the training data"). Writes are atomic; an output never replaces an
 input of the run, ``--overwrite`` replaces only earlier outputs of ``prosma predict`` (see
 :mod:`.outputs`), and the outputs of a file that failed half-way are removed. Progress goes
 to stderr (``-q`` for none).
@@ -67,6 +70,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--overlap", type=float, default=0.5, help="tile overlap in [0, 1) (default 0.5)"
     )
     p.add_argument(
+        "--slice-axis",
+        type=int,
+        choices=[0, 1, 2],
+        default=0,
+        help="a volume given to a 2D model is segmented slice by slice along this axis "
+        "(default 0, the first array axis; NIfTI volumes are read in (k, j, i) order)",
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
         help="replace outputs of an earlier prosma predict run (never other files)",
@@ -81,45 +92,29 @@ def _manifest() -> str:
     return MANIFEST
 
 
-def gates_summary(pred: Any) -> dict[str, Any]:
-    """The gate numbers of a prediction as JSON-ready data."""
+def gates_summary(result: Any, warnings: list[str] | None = None) -> dict[str, Any]:
+    """The gate numbers of a segmentation (a ``SegResult`` or a ``Prediction``) as
+    JSON-ready data, with the per-slice sparsity of a volume segmented slice by slice and
+    the gate-drift warnings."""
 
     def lst(a: Any) -> Any:
         return None if a is None else [round(float(v), 6) for v in a]
 
-    return {
-        "stages": [
-            {
-                "stage": g.stage,
-                "scale": g.scale,
-                "zero_frac_mean": g.zero_frac_mean,
-                "zero_frac": lst(g.zero_frac),
-                "c": lst(g.c),
-                "lambda": lst(g.lam),
-            }
-            for g in pred.gates
-        ]
-    }
-
-
-def check_fit(src: Path, kind: str, spatial_dims: int) -> None:
-    """Refuse a file whose kind the model cannot segment (the engine alone cannot tell an
-    ``(H, W, 3)`` photo from a 3-slice volume, nor a 3-slice volume from channels).
-
-    Raises:
-        UserError: a colour image for a 3D model, or a volume for a 2D model.
-    """
-    from . import UserError
-
-    if kind == "rgb" and spatial_dims == 3:
-        raise UserError(
-            f"{src.name} is a 2D colour image but the model segments 3D volumes; choose a 2D model"
-        )
-    if kind == "volume" and spatial_dims == 2:
-        raise UserError(
-            f"{src.name} is a 3D volume but the model segments 2D images; choose a 3D model "
-            "(or segment the slices in napari with the Segment widget)"
-        )
+    stages = []
+    for g in result.gates:
+        entry = {
+            "stage": g.stage,
+            "scale": g.scale,
+            "zero_frac_mean": g.zero_frac_mean,
+            "zero_frac": lst(g.zero_frac),
+            "c": lst(g.c),
+            "lambda": lst(g.lam),
+        }
+        per_slice = getattr(g, "zero_frac_slices", None)
+        if per_slice is not None:
+            entry["zero_frac_mean_per_slice"] = lst(per_slice)
+        stages.append(entry)
+    return {"stages": stages, "warnings": list(warnings or [])}
 
 
 class _Models:
@@ -249,7 +244,7 @@ def _segment_file(
     """Segment one file and write its outputs; on failure, one line on stderr and none
     of its outputs left behind. Returns whether it succeeded."""
     from ..errors import user_message
-    from ..inference import predict
+    from ..inference.gates import sparsity_warnings
     from ..io import read_image
     from . import UserError
     from .outputs import record_outputs
@@ -261,26 +256,15 @@ def _segment_file(
     try:
         img = read_image(src)
         name, model, card = models.get(img.kind)
-        check_fit(src, img.kind, card.spatial_dims)
+        plan = _plan(src, img, card, args.slice_axis)
         if any(p in planned for p in paths.values()):  # same stem twice in this run
             raise UserError(f"another input already writes {paths['labels'].name}; rename one")
         planned.update(paths.values())
         _refuse_existing(paths, args.overwrite)
-        pred = predict(
-            img.data,
-            model,
-            card,
-            spacing=img.spacing if img.kind == "volume" else None,
-            device=args.device,
-            tile_size=args.tile_size,
-            overlap=args.overlap,
-            tta=args.tta,
-            return_probabilities=args.probabilities,
-            return_gates=args.gates,
-            progress=progress,
-        )
+        res = _run(plan, model, card, args, progress)
         progress.close()
-        _write_outputs(paths, pred, img, name, src, args.overwrite, written)
+        warnings = sparsity_warnings(card.gate_sparsity_range, res.gates)
+        _write_outputs(paths, res, img, name, src, warnings, args.overwrite, written)
         record_outputs(paths["labels"].parent, written, src, str(name))
     except KeyboardInterrupt:
         progress.close()
@@ -291,16 +275,52 @@ def _segment_file(
         _remove(written)
         print(f"prosma predict: {_p(src)}: {_p(user_message(e))}", file=sys.stderr)
         return False
-    _report(src, img, name, pred, paths, time.perf_counter() - t0, args.quiet)
+    _report(src, img, name, res, paths, time.perf_counter() - t0, args.quiet, warnings)
     return True
+
+
+def _plan(src: Path, img: Any, card: Any, slice_axis: int) -> Any:
+    """What to segment in a file: the whole image or volume, or a volume slice by slice
+    with a 2D model (the same plan the Segment widget makes for a layer)."""
+    from ..inference.plan import plan_input
+
+    volume = img.kind == "volume"
+    return plan_input(
+        img.data,
+        rgb=img.kind == "rgb",
+        spatial_dims=card.spatial_dims,
+        slice_axis=slice_axis,
+        spacing=img.spacing if volume else None,
+        what=src.name,
+    )
+
+
+def _run(plan: Any, model: Any, card: Any, args: argparse.Namespace, progress: Any) -> Any:
+    """Run the engine on ``plan``; the gates' numbers are always computed (for the drift
+    warning), their maps only with ``--gates``."""
+    from ..inference.plan import run_segmentation
+
+    return run_segmentation(
+        plan,
+        model,
+        card,
+        device=args.device,
+        tta=args.tta,
+        probabilities=args.probabilities,
+        gates=True if args.gates else "stats",
+        progress=progress,
+        tile_size=args.tile_size,
+        overlap=args.overlap,
+    )
 
 
 def _write_outputs(
     paths: dict[str, Path],
-    pred: Any,
+    res: Any,
     img: Any,
     name: str,
     src: Path,
+    warnings: list[str],
     ow: bool,
     written: list[Path],
 ) -> None:
@@ -310,19 +330,20 @@ def _write_outputs(
 
     from ..io import atomic_write, write_image, write_labels
 
-    written.append(write_labels(paths["labels"], pred.labels, img, overwrite=ow))
+    written.append(write_labels(paths["labels"], res.labels, img, overwrite=ow))
     if "probabilities" in paths:
-        written.append(write_image(paths["probabilities"], pred.probabilities, img, overwrite=ow))
+        written.append(write_image(paths["probabilities"], res.probabilities, img, overwrite=ow))
     if "uncertainty" in paths:
-        written.append(write_image(paths["uncertainty"], pred.uncertainty, img, overwrite=ow))
+        written.append(write_image(paths["uncertainty"], res.uncertainty, img, overwrite=ow))
     if "gates_json" in paths:
-        psi = [g.psi for g in pred.gates if g.psi is not None]
-        zero = [g.zero_map for g in pred.gates if g.zero_map is not None]
+        psi = [g.psi for g in res.gates if g.psi is not None]
+        zero = [g.zero_map for g in res.gates if g.zero_map is not None]
         if psi:
             written.append(write_image(paths["gates_psi"], np.stack(psi), img, overwrite=ow))
         if zero:
             written.append(write_image(paths["gates_zero"], np.stack(zero), img, overwrite=ow))
-        text = json.dumps({"model": name, "image": str(src), **gates_summary(pred)}, indent=1)
+        summary = {"model": name, "image": str(src), **gates_summary(res, warnings)}
+        text = json.dumps(summary, indent=1)
         written.append(
             atomic_write(paths["gates_json"], lambda t: t.write_text(text + "\n"), overwrite=ow)
         )
@@ -332,23 +353,28 @@ def _report(
     src: Path,
     img: Any,
     name: str,
-    pred: Any,
+    res: Any,
     paths: dict[str, Path],
     secs: float,
     quiet: bool,
+    warnings: list[str],
 ) -> None:
-    """The file's result line and its notes (notes on stderr under ``-q``)."""
+    """The file's result line and its notes (on stderr under ``-q``); gate-drift warnings
+    always, on stderr."""
     shape = "×".join(str(s) for s in img.data.shape)
+    how = f", {res.plan.describe()}" if res.plan.mode == "slices" else ""
     if not quiet:
         print(
-            f"{_p(src.name)}: {shape} {img.kind}, model {_p(name)}, {pred.device}, "
+            f"{_p(src.name)}: {shape} {img.kind}{how}, model {_p(name)}, {res.device}, "
             f"{secs:.2f} s -> {_p(paths['labels'])}"
         )
-    for note in img.warnings + pred.notes:
+    for note in img.warnings + res.notes:
         if quiet:
             print(f"{_p(src.name)}: note: {_p(note)}", file=sys.stderr)
         else:
             print(f"  note: {_p(note)}")
+    for w in warnings:
+        print(f"prosma predict: {_p(src.name)}: warning: {_p(w)}", file=sys.stderr)
 
 
 def _remove(paths: list[Path]) -> None:

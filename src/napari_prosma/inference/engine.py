@@ -186,7 +186,7 @@ def predict_batch(
         prepared, model, card, opts, divisor, min_size
     )
     notes += adapted
-    if return_gates and not any(o["gates"] for o in outs):
+    if return_gates is True and not any(o["gates"] for o in outs):
         notes.append("this model has plain skip connections: it has no gates to show")
     t_end = time.perf_counter()
     return [

@@ -63,6 +63,25 @@ class InputPlan:
         return "the whole volume" if len(self.grid) == 3 else "the whole image"
 
 
+def check_fit(what: str, *, ndim: int, rgb: bool, spatial_dims: int) -> None:
+    """Refuse a 2D image (grey or colour) for a 3D model. Whether the data is colour comes
+    from the layer or the file (the engine alone cannot tell an ``(H, W, 3)`` photo from a
+    3-slice volume); a volume with a 2D model is segmented slice by slice instead.
+
+    Raises:
+        InputError: naming ``what`` (``"the layer"``, a file name).
+    """
+    if ndim == 2 and spatial_dims == 3:
+        if rgb:
+            raise InputError(
+                f"{what} is a 2D colour image but the model segments 3D volumes; for a 2D "
+                "image choose a 2D model"
+            )
+        raise InputError(
+            f"{what} is a 2D image but the model segments 3D volumes; choose a 2D model"
+        )
+
+
 def plan_input(
     data: Any,
     *,
@@ -73,6 +92,7 @@ def plan_input(
     slice_axis: int = 0,
     spacing: Sequence[float] | None = None,
     multiscale: bool = False,
+    what: str = "the layer",
 ) -> InputPlan:
     """Decide how to segment a layer's data with a model of ``spatial_dims`` dimensions.
 
@@ -85,6 +105,7 @@ def plan_input(
         slice_axis: the volume axis that is not displayed (slices are taken along it).
         spacing: the layer's voxel spacing in mm, or None when unknown.
         multiscale: the layer is multiscale (refused: open the full-resolution image).
+        what: how messages name the data (``"the layer"``, a file name).
 
     Raises:
         InputError: with a plain message when the layer and model do not fit.
@@ -103,11 +124,8 @@ def plan_input(
             f"the layer has {len(grid)} spatial dimension(s) (shape {shape}); only 2D images "
             "and 3D volumes can be segmented (split time series or channels first)"
         )
+    check_fit(what, ndim=len(grid), rgb=rgb, spatial_dims=spatial_dims)
     if len(grid) == 2:
-        if spatial_dims == 3:
-            raise InputError(
-                "this model segments 3D volumes, but the layer is a 2D image; choose a 2D model"
-            )
         return InputPlan("image", data, grid, rgb, spacing=sp)
     # a volume
     if spatial_dims == 3:
@@ -176,11 +194,17 @@ def run_segmentation(
     device: str = "auto",
     tta: bool = False,
     probabilities: bool = False,
-    gates: bool = True,
+    gates: bool | str = True,
     progress: Callable[[int, int], Any] | None = None,
     cancel: Any = None,
+    tile_size: int | Sequence[int] | None = None,
+    overlap: float = 0.5,
 ) -> SegResult:
-    """Run the engine as ``plan`` says (in whatever thread calls it)."""
+    """Run the engine as ``plan`` says (in whatever thread calls it).
+
+    ``gates`` is the engine's ``return_gates`` (True, ``"stats"`` for the numbers without
+    maps, False); ``tile_size`` and ``overlap`` go to the engine as they are.
+    """
     from .engine import predict, predict_batch
 
     kw = dict(
@@ -191,6 +215,8 @@ def run_segmentation(
         progress=progress,
         cancel=cancel,
         spacing=plan.spacing,
+        tile_size=tile_size,
+        overlap=overlap,
     )
     if plan.mode == "slices":
         axis = plan.slice_axis or 0
