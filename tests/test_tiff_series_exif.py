@@ -168,3 +168,10 @@ def test_a_truncated_imagej_stack_is_refused_not_read_as_one_slice(tmp_path):
     p.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(InputError, match=r"corrupt or truncated.*imagej metadata"):
         read_image(p)
+
+
+def test_a_series_is_only_chosen_in_a_tiff(tmp_path):
+    p = _exif_jpeg(tmp_path / "photo.jpg", np.zeros((8, 8, 3), np.uint8), 1)
+    assert read_image(p, series=0).data.shape == (8, 8, 3)
+    with pytest.raises(InputError, match="only a TIFF"):
+        read_image(p, series=1)

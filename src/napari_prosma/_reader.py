@@ -1,4 +1,4 @@
-"""npe2 reader: NIfTI (``.nii``, ``.nii.gz``) and TIFF with their geometry.
+"""npe2 reader: NIfTI (``.nii``, ``.nii.gz``), TIFF and JPEG with their geometry.
 
 The NIfTI affine becomes the layer's ``scale`` and ``translate`` (napari axis order); the
 full affine, the source affine and the header are kept in the layer's metadata under

@@ -63,6 +63,8 @@ def read_image(path: str | os.PathLike[str], series: int | None = None) -> Image
             raise InputError(f"{p} is a folder, not an image file")
         raise FileNotFoundError(2, "no such file", str(p))
     suf = suffix_of(p)
+    if series not in (None, 0) and suf not in TIFF_SUFFIXES:
+        raise InputError(f"{p.name} holds one image; only a TIFF can hold several series")
     if suf in NIFTI_SUFFIXES:
         img = _read_nifti(p)
     elif suf in TIFF_SUFFIXES:
