@@ -141,3 +141,66 @@ def test_follows_the_current_slice_of_a_volume(make_napari_viewer, tmp_path):
     assert first.endswith("%")
     titles = [ax.get_title() for ax in gates.figure.axes]
     assert any(f"(slice {gates.slice_index})" in t for t in titles)
+
+
+def test_readable_at_the_dock_width(make_napari_viewer, tmp_path):
+    """Issue 16: docked under Segment at the width it asks for, no number of the table is
+    clipped, the inspector keeps room for its table, the legend does not cover the bars,
+    and out-of-range numbers are in a colour readable on the dark theme."""
+    from qtpy.QtWidgets import QApplication
+
+    from napari_prosma._widgets.gates import MIN_HEIGHT, OUT_OF_RANGE
+
+    ckpt = save_tiny(tmp_path, "ranged", gate_sparsity_range={"stage1": [0.0, 0.001]})
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(np.random.default_rng(1).random((48, 48)).astype(np.float32), name="x")
+    seg = segment_widget(viewer, ckpt)
+    gates = inspector(viewer)
+    seg.run(sync=True)
+    QApplication.processEvents()
+
+    assert gates.height() >= MIN_HEIGHT  # not squashed under the Segment widget
+    table = gates.table
+    metrics = table.fontMetrics()
+    for row in range(table.rowCount()):
+        for col in range(5):
+            text = table.item(row, col).text()
+            assert table.columnWidth(col) >= metrics.horizontalAdvance(text) + 4, (col, text)
+    assert table.item(0, 1).foreground().color().name() == OUT_OF_RANGE
+    fig = gates.figure
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent()
+    for bar in ax.patches:
+        assert not legend.overlaps(bar.get_window_extent())
+    assert legend.y0 >= ax.get_window_extent().y1 - 1  # above the plot area
+
+
+def test_gate_layers_keep_the_scan_readable(make_napari_viewer, tmp_path):
+    """Issue 16: a ψ layer is see-through where ψ is low (the scan shows), coloured where
+    it is high, with contrast limits over its values; limits the user set are kept."""
+    from napari_prosma._widgets._placing import gate_limits
+
+    ckpt = save_tiny(tmp_path, "tiny2d")
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(1).random((48, 48)).astype(np.float32), name="x")
+    seg = segment_widget(viewer, ckpt)
+    gates = inspector(viewer)
+    seg.run(sync=True)
+    gates.psi_checks[1].setChecked(True)
+
+    psi = viewer.layers["x ψ stage 1"]
+    assert psi.blending == "translucent"
+    rgba = psi.colormap.map(np.array([0.0, 1.0]))
+    assert rgba[0, 3] == 0.0 and rgba[1, 3] > 0.3  # clear at the bottom, coloured on top
+    lo, hi = psi.contrast_limits
+    assert 0.0 <= lo < hi <= 1.0 and hi - lo >= 0.1 - 1e-6
+    assert lo >= float(psi.data.min()) - 0.05 and hi <= float(psi.data.max()) + 0.05
+    psi.contrast_limits = (0.0, 1.0)  # the user's choice
+
+    seg.run(sync=True)  # updated: the user's limits stay
+
+    assert tuple(viewer.layers["x ψ stage 1"].contrast_limits) == (0.0, 1.0)
+    assert gate_limits(np.full((4, 4), 0.5)) == pytest.approx((0.45, 0.55))
+    assert gate_limits(np.zeros((4, 4))) == (0.0, 0.1)
+    assert gate_limits(np.ones((4, 4))) == pytest.approx((0.9, 1.0))

@@ -149,25 +149,35 @@ def show_gate_layer(
 ) -> Any:
     """Show a gate map (``(*S)`` ψ or exact-zero fraction, on the segmented grid) of the
     result held by ``labels`` as a layer on its image's grid: updated when there is one,
-    else added under the labels (which stay on top). Returns the layer."""
+    else added under the labels (which stay on top). Returns the layer.
+
+    The map is drawn see-through over the scan (:data:`GATE_STYLE`: transparent where the
+    value is low, coloured where high) with contrast limits spanning its values
+    (:func:`gate_limits`), so that where it varies shows; limits the user changed are
+    kept when the map is updated."""
     info = info_of(labels) or {}
     layer = gate_layer(viewer, kind, stage, info.get("source_id"))
     arr = place(plan, values.astype(np.float32), None if layer is None else layer.data)
+    limits = gate_limits(values)
     geo = geometry_kwargs(labels)
-    meta = {
-        **geo["metadata"],
-        META: {
-            "role": kind,
-            "stage": stage,
-            "source": info.get("source"),
-            "source_id": info.get("source_id"),
-        },
+    own = {
+        "role": kind,
+        "stage": stage,
+        "source": info.get("source"),
+        "source_id": info.get("source_id"),
+        "limits": limits,
     }
+    meta = {**geo["metadata"], META: own}
     if layer is not None and layer.ndim == arr.ndim:
+        before = (info_of(layer) or {}).get("limits")
+        untouched = before is not None and np.allclose(layer.contrast_limits, before)
         layer.data = arr
         layer.scale, layer.translate = geo["scale"], geo["translate"]
         if geo.get("affine") is not None:
             layer.affine = geo["affine"]
+        if untouched:
+            layer.contrast_limits = limits
+            layer.metadata = {**layer.metadata, META: own}
         layer.visible = True
         return layer
     if layer is not None:
@@ -176,19 +186,46 @@ def show_gate_layer(
     layer = viewer.add_image(
         arr,
         name=f"{info.get('source')} {symbol} stage {stage}",
-        contrast_limits=(0.0, 1.0),
+        contrast_limits=limits,
         scale=geo["scale"],
         translate=geo["translate"],
         affine=geo.get("affine"),
         metadata=meta,
-        **GATE_STYLE[kind],
+        **gate_style(kind),
     )
     viewer.layers.move(viewer.layers.index(labels), len(viewer.layers))  # labels on top
     return layer
 
 
-#: How gate maps are shown over the scan.
-GATE_STYLE = {
-    "psi": {"colormap": "magma", "opacity": 0.7, "blending": "additive"},
-    "zeros": {"colormap": "cividis", "opacity": 0.7, "blending": "additive"},
-}
+def gate_limits(values: np.ndarray, span: float = 0.1) -> tuple[float, float]:
+    """Contrast limits for a gate map in [0, 1]: its 2nd to 98th percentile, at least
+    ``span`` wide (a nearly constant map is not blown up into noise), within [0, 1]."""
+    v = np.asarray(values, dtype=np.float32)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return 0.0, 1.0
+    lo, hi = (float(x) for x in np.percentile(v, [2, 98]))
+    if hi - lo < span:  # widen around the middle, kept inside [0, 1]
+        mid = min(max((lo + hi) / 2, span / 2), 1.0 - span / 2)
+        lo, hi = mid - span / 2, mid + span / 2
+    return max(0.0, lo), min(1.0, hi)
+
+
+#: Colour of each gate map where its value is high (it fades to transparent below).
+GATE_COLOURS = {"psi": (1.0, 0.84, 0.0), "zeros": (0.0, 0.78, 1.0)}
+
+
+def gate_style(kind: str) -> dict[str, Any]:
+    """Layer keywords of a gate map: a see-through colour ramp, translucent blending (the
+    scan shows through where the gate is low, the colour marks where it is high)."""
+    from napari.utils.colormaps import Colormap
+
+    r, g, b = GATE_COLOURS[kind]
+    # clear over the lower half of the contrast range, so the scan stays readable; the
+    # colour grows over the upper half (where the gate is highest)
+    ramp = Colormap(
+        colors=[[r, g, b, 0.0], [r, g, b, 0.0], [r, g, b, 0.2], [r, g, b, 0.55]],
+        controls=[0.0, 0.45, 0.75, 1.0],
+        name=f"prosma {'ψ' if kind == 'psi' else 'zeros'}",
+    )
+    return {"colormap": ramp, "opacity": 0.9, "blending": "translucent"}

@@ -95,13 +95,13 @@ def draw_gates(
     grid = fig.add_gridspec(
         n + 1,
         2,
-        height_ratios=[1.3] + [1.0] * n,
-        hspace=0.9,
-        wspace=0.35,
-        left=0.12,
-        right=0.97,
-        top=0.93,
-        bottom=0.06,
+        height_ratios=[1.5] + [1.0] * n,
+        hspace=0.95,
+        wspace=0.55,
+        left=0.13,
+        right=0.87,
+        top=0.9,
+        bottom=0.05,
     )
     _sparsity_bars(
         fig.add_subplot(grid[0, :]), gates, mode, slice_index, slice_values, ranges, fg, bg
@@ -154,22 +154,38 @@ def _sparsity_bars(
             color=SLICE_COLOUR,
             label=f"slice {slice_index}",
         )
-    for i, g in enumerate(gates):
-        if g.stage in ranges:
-            lo, hi = ranges[g.stage]
-            ax.plot(
-                [i, i],
-                [lo * 100, hi * 100],
-                color=fg,
-                lw=2.5,
-                alpha=0.8,
-                label="training range" if i == 0 else None,
-            )
+    ranged = [(i, ranges[g.stage]) for i, g in enumerate(gates) if g.stage in ranges]
+    if ranged:  # an I-beam per stage: the training images' span, over its bars
+        xs = np.array([i for i, _ in ranged], dtype=float)
+        lo = np.array([r[0] for _, r in ranged]) * 100
+        hi = np.array([r[1] for _, r in ranged]) * 100
+        ax.errorbar(
+            xs,
+            (lo + hi) / 2,
+            yerr=(hi - lo) / 2,
+            fmt="none",
+            ecolor=fg,
+            elinewidth=1.6,
+            capsize=5,
+            capthick=1.6,
+            label="training range",
+        )
     ax.set_xticks(x, [f"stage {g.stage}" for g in gates])
     ax.set_ylim(0, 100)
-    ax.set_ylabel("exact zeros of z* (%)", fontsize=8)
-    ax.set_title("How much each skip gate removes", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right", framealpha=0.4)
+    ax.set_ylabel("exact zeros (%)", fontsize=8)
+    ax.set_title("How much each skip gate removes", fontsize=9, pad=18)
+    # the legend sits between the title and the bars, never over them
+    ax.legend(
+        fontsize=7,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=3,
+        frameon=False,
+        borderaxespad=0.1,
+        handlelength=1.2,
+        columnspacing=1.0,
+        labelcolor=fg,
+    )
     style(ax, fg, bg)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 from qtpy.QtCore import Qt
+from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -55,6 +56,10 @@ from ._common import HeldResult, compact_combo, guarded, heading, hub_for
 from ._tooltips import GATE_COLUMN_TIPS, GATE_COLUMNS, GATES_NO_MAPS, GATES_NONE
 
 COLUMNS, TOOLTIPS = GATE_COLUMNS, GATE_COLUMN_TIPS
+#: Text colour of a number outside the training range (readable on light and dark themes).
+OUT_OF_RANGE = "#ff8c3a"
+#: px: the height the inspector keeps when docked under another widget.
+MIN_HEIGHT = 340
 
 
 class GateInspectorWidget(QWidget):
@@ -104,12 +109,15 @@ class GateInspectorWidget(QWidget):
         header.setMinimumSectionSize(24)
         header.setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         header.setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
+        for col in (5, 6):  # the check boxes: narrow, so the numbers are not clipped
+            header.setSectionResizeMode(col, QHeaderView.ResizeMode.Fixed)
+            header.resizeSection(col, 28)
         self.table.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Minimum)
         self.summary_label = QLabel(GATES_NONE)
         self.summary_label.setWordWrap(True)
         self.warning_label = QLabel("")
         self.warning_label.setWordWrap(True)
-        self.warning_label.setStyleSheet("color: #ff8c3a;")
+        self.warning_label.setStyleSheet(f"color: {OUT_OF_RANGE};")
         self.note_label = QLabel("")
         self.note_label.setWordWrap(True)
         self.figure, self.canvas = _plots.plot_canvas((4.2, 6.0), min_height=420)
@@ -137,6 +145,9 @@ class GateInspectorWidget(QWidget):
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(scroll)
         self.setMinimumWidth(380)
+        # docked under another widget, the dock area gives it no more than its minimum:
+        # enough for the summary, the table and the top of the plot
+        self.setMinimumHeight(MIN_HEIGHT)
 
     # ------------------------------------------------------------------ which result
     @property
@@ -292,7 +303,10 @@ class GateInspectorWidget(QWidget):
                     and g.zero_frac_mean is not None
                     and not (rng[0] <= g.zero_frac_mean <= rng[1])
                 ):
-                    item.setForeground(Qt.GlobalColor.red)
+                    item.setForeground(QColor(OUT_OF_RANGE))
+                    font = item.font()
+                    font.setBold(True)
+                    item.setFont(font)
                 self.table.setItem(row, col, item)
         self._draw()
 

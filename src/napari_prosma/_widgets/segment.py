@@ -249,6 +249,8 @@ class SegmentWidget(WorkerHost, QWidget):
             return
         placed = place_result(self.viewer, req, card, result)
         self.last_labels, self.last_result = placed.labels, result
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(1)  # done (a run on this thread reports no progress)
         n = int((result.labels != 0).sum())
         took = time.perf_counter() - self._t0
         lines = [
