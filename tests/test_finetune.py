@@ -117,7 +117,7 @@ def test_cancel_leaves_parent_active_and_no_version(parent, tmp_path):
 
 
 def test_regression_guard_keeps_parent_active(parent, tmp_path, monkeypatch):
-    import napari_prosma.finetune as ft
+    import napari_prosma.finetune.loop as ft
 
     store = ModelStore(tmp_path / "store")
     store.activate("parent-name")
@@ -231,7 +231,7 @@ def test_model_stays_trainable_after_a_prediction():
 def test_training_units_are_resized_like_inference_does():
     """A model trained on resized images (card input_size) sees the same scale in fine-tuning
     as in inference."""
-    from napari_prosma.finetune import _working
+    from napari_prosma.finetune.units import _working
 
     net = build_model(spatial_dims=2, widths="tiny")
     card = ModelCard(
@@ -297,7 +297,7 @@ def test_guard_decides_on_the_report_part_not_on_the_selection_part(
     would have activated the new model."""
     import json
 
-    import napari_prosma.finetune as ft
+    import napari_prosma.finetune.loop as ft
 
     store = ModelStore(tmp_path / "store")
     store.activate("parent-name")
@@ -356,7 +356,7 @@ def test_guard_fires_on_a_real_run_that_gets_worse(tmp_path):
 
 
 def test_replay_patches_take_their_share_of_every_batch():
-    from napari_prosma.finetune import _batch, _n_replay
+    from napari_prosma.finetune.units import _batch, _n_replay
 
     rng = np.random.default_rng(0)
     gen = torch.Generator().manual_seed(0)
@@ -375,7 +375,7 @@ def test_replay_patches_take_their_share_of_every_batch():
 
 
 def test_replay_is_trained_on_and_recorded(parent, tmp_path):
-    from napari_prosma.replay import ReplaySet
+    from napari_prosma.finetune.replay import ReplaySet
 
     images, labels = _disc_images(4)
     base_i, base_l = _disc_images(3, seed=7)
@@ -422,7 +422,7 @@ def _card3(spacing=(1.0, 1.0, 1.0)):
 
 
 def test_volumes_are_resampled_to_the_card_spacing_as_in_inference():
-    from napari_prosma.finetune import Unit, _working
+    from napari_prosma.finetune.units import Unit, _working
     from napari_prosma.inference.resample import working_shape
 
     _, card = _card3()
@@ -443,7 +443,7 @@ def test_finetune_trains_and_measures_on_the_card_grid(tmp_path, monkeypatch):
     """A 3D volume at 2 mm slices for a 1 mm model: training patches come from the volume
     resampled to 1 mm, and the held-out Dice is measured through the engine with the
     volume's spacing (result back on the user's grid)."""
-    import napari_prosma.finetune as ft
+    import napari_prosma.finetune.units as ft
     import napari_prosma.inference as inference
 
     net, card = _card3()
@@ -491,7 +491,7 @@ def test_cancel_or_crash_in_any_phase_leaves_the_parent_and_no_files(
     evaluation during training, inside the final evaluation of the kept state, and while
     the checkpoint is written (or a crash there): no version, no partial file, the parent
     active and untouched, the corrections kept in .incoming."""
-    import napari_prosma.finetune as ft
+    import napari_prosma.finetune.run as ft
     import napari_prosma.inference as inference
 
     store = ModelStore(tmp_path / "store")
@@ -653,7 +653,7 @@ def test_no_version_when_nothing_beats_the_parent(parent, tmp_path, monkeypatch)
     """Issue 20: early stopping kept the initial state and still created and activated a
     "new version" holding the parent's weights. Now nothing is saved, the parent stays
     active, it is said plainly, and the corrections stay saved for a later try."""
-    import napari_prosma.finetune as ft
+    import napari_prosma.finetune.loop as ft
 
     store = ModelStore(tmp_path / "store")
     store.activate("parent-name")
@@ -703,3 +703,22 @@ def test_long_model_and_file_names_fit_the_temporary_names(tmp_path):
     images, labels = _disc_images(1)
     _, vid = run_finetune(path, images, labels, store=store, config=_cfg(max_steps=2))
     assert len(vid) < 120 and store.get(vid).card.name == vid
+
+
+def test_finetune_rooms_import_without_torch_or_qt():
+    """The fine-tuning package, the store and its helpers are Qt-free and import torch only
+    when a run starts (issue 13)."""
+    import subprocess
+    import sys
+
+    mods = ["napari_prosma.finetune", "napari_prosma.finetune.config",
+            "napari_prosma.finetune.units", "napari_prosma.finetune.net",
+            "napari_prosma.finetune.loop", "napari_prosma.finetune.lineage",
+            "napari_prosma.finetune.run", "napari_prosma.finetune.replay",
+            "napari_prosma.replay", "napari_prosma.versions", "napari_prosma.locking",
+            "napari_prosma.pairing", "napari_prosma.checkpoint", "napari_prosma.cli.finetune"]
+    code = (f"import importlib, sys; [importlib.import_module(m) for m in {mods!r}]; "
+            "bad = [m for m in ('torch', 'qtpy', 'PyQt6', 'PyQt5', 'napari') if m in sys.modules]; "
+            "print(bad); sys.exit(bool(bad))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr

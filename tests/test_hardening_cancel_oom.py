@@ -148,7 +148,7 @@ def test_finetune_cancel_at_every_phase(ft_setup, phase):
 def test_finetune_cancel_during_the_final_evaluation(ft_setup, monkeypatch):
     """A cancel while the trained model is being measured on the held-out part is not
     ignored: no version is saved or activated."""
-    import napari_prosma.finetune as ft
+    import napari_prosma.finetune.loop as ft
 
     parent, store, images, labels = ft_setup
     parent_bytes = parent.read_bytes()
@@ -170,7 +170,7 @@ def test_finetune_cancel_during_the_final_evaluation(ft_setup, monkeypatch):
 
 
 def test_finetune_cancel_before_start_trains_nothing(ft_setup, monkeypatch):
-    import napari_prosma.finetune as ft
+    import napari_prosma.finetune.units as ft
 
     parent, store, images, labels = ft_setup
     parent_bytes = parent.read_bytes()
@@ -240,7 +240,7 @@ def test_oom_everywhere_is_one_plain_message(monkeypatch):
 
 def test_finetune_oom_leaves_no_version(ft_setup, monkeypatch):
     """Out of memory while training: a plain error, no version, the parent stays active."""
-    import napari_prosma.finetune as ft
+    import napari_prosma.finetune.units as ft
 
     parent, store, images, labels = ft_setup
     parent_bytes = parent.read_bytes()
@@ -260,7 +260,7 @@ def test_finetune_that_diverges_saves_nothing(ft_setup, monkeypatch):
     """A loss that becomes NaN (as CPU bf16 training once did) stops the run with a plain
     message; no NaN model is saved, let alone activated (with no held-out part to catch
     it, it used to be)."""
-    import napari_prosma.finetune as ft
+    import napari_prosma.finetune.loop as ft
 
     parent, store, images, labels = ft_setup
     parent_bytes = parent.read_bytes()

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from napari_prosma.checkpoint import ModelCard, read_card, resolve
+from napari_prosma.finetune.replay import card_dataset, load_replay, replay_status
 from napari_prosma.nets import build_model
 from napari_prosma.preprocess import InputError
-from napari_prosma.replay import card_dataset, load_replay, replay_status
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -31,7 +31,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,83 +40,13 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import CheckpointError, ModelCard, atomic_write_bytes, read_card
+from .locking import alive, lock_folder
+from .locking import host as this_host
 
 _OWNER = "owner.json"  # in a staging folder: the process that is writing it, the id it holds
-_LOCK = ".lock"  # lock file where the folder itself cannot be locked (see _flock)
 _STAGE = ".stage-"  # prefix of staging folders: short, so long model names still fit
 _BASE_MAX = 80  # characters of a model name kept in a version id
 STALE_TMP_S = 3600  # a temporary file this old in the store folder was left by a killed write
-
-
-def _host() -> str:
-    import socket
-
-    return socket.gethostname()
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process with this id runs on this computer (True when unsure)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-@contextmanager
-def _flock(root: Path) -> Iterator[None]:
-    """An exclusive lock on the folder ``root`` that other processes (and threads) wait for.
-
-    On POSIX the folder itself is locked (``flock`` on its descriptor), so the store holds
-    no extra file; where a folder cannot be locked (some network file systems, Windows)
-    the lock file ``root/.lock`` is locked instead.
-    """
-    if os.name != "nt":
-        import fcntl
-
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            os.close(fd)
-        else:
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
-            return
-    with open(root / _LOCK, "a+b") as f:
-        _lock_file(f)
-        try:
-            yield
-        finally:
-            _lock_file(f, unlock=True)
-
-
-def _lock_file(f: Any, unlock: bool = False) -> None:
-    """Lock (or unlock) an open file: ``fcntl.flock``, or ``msvcrt.locking`` on Windows."""
-    if os.name != "nt":
-        import fcntl
-
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN if unlock else fcntl.LOCK_EX)
-        return
-    import msvcrt  # pragma: no cover - Windows
-
-    f.seek(0)
-    if unlock:
-        msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
-        return
-    while True:  # LK_LOCK gives up after 10 s; a run holds the lock for milliseconds
-        try:
-            msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)
-            return
-        except OSError:
-            continue
 
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}$")
@@ -140,6 +70,20 @@ def array_sha256(a: np.ndarray) -> str:
     h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
     h.update(a.tobytes())
     return h.hexdigest()
+
+
+def correction_hashes(
+    images: Sequence[np.ndarray], labels: Sequence[np.ndarray]
+) -> list[dict[str, str]]:
+    """``{"image_sha256", "labels_sha256"}`` of each corrected pair: the one place the
+    corrections are hashed (their index in the store and the new model's card)."""
+    return [
+        {
+            "image_sha256": array_sha256(np.asarray(i)),
+            "labels_sha256": array_sha256(np.asarray(lab)),
+        }
+        for i, lab in zip(images, labels)
+    ]
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -173,6 +117,49 @@ class Version:
         if before is None or after is None:
             return f"{self.id}  (parent {self.parent})"
         return f"{self.id}  held-out Dice {before:.3f} → {after:.3f}  (parent {self.parent})"
+
+
+@dataclass
+class VersionRow:
+    """One fine-tuned version as the versions list shows it."""
+
+    id: str
+    parent: str | None
+    dice_before: float | None
+    dice_after: float | None
+    date: str
+    active: bool
+    improved: bool | None
+
+    def dice_text(self) -> str:
+        if self.dice_before is None or self.dice_after is None:
+            return "–"
+        return f"{self.dice_before:.3f} → {self.dice_after:.3f}"
+
+    def parent_text(self) -> str:
+        p = self.parent or "?"
+        return os.path.basename(p) if os.sep in p or "/" in p else p
+
+
+def version_rows(store: Any) -> list[VersionRow]:
+    """The store's versions, newest first, with their held-out Dice and date."""
+    active = store.active()
+    rows = []
+    for v in store.versions():
+        run = v.run or {}
+        date = (v.created or run.get("date") or "")[:16].replace("T", " ")
+        rows.append(
+            VersionRow(
+                id=v.id,
+                parent=v.parent,
+                dice_before=run.get("dice_before"),
+                dice_after=run.get("dice_after"),
+                date=date,
+                active=active == v.id,
+                improved=run.get("improved"),
+            )
+        )
+    return rows[::-1]
 
 
 class ModelStore:
@@ -232,9 +219,28 @@ class ModelStore:
         a = self.active()
         if a is None:
             return None
-        if (self.root / a / "model.safetensors").exists():
-            return str(self.root / a / "model.safetensors")
-        return a
+        return self.checkpoint_of(a) or a
+
+    # ------------------------------------------------------------------ identity
+    def version_of(self, spec: str | os.PathLike[str]) -> str | None:
+        """The version id that ``spec`` names in this store — a version id, its folder or
+        its checkpoint (``<id>/model.safetensors`` / ``.json``) — or None."""
+        text = str(spec)
+        if _ID.match(text) and (self.root / text / "model.safetensors").is_file():
+            return text
+        p = Path(text).expanduser()
+        folder = p.parent if p.name in ("model.safetensors", "model.json") else p
+        try:
+            if folder.parent.resolve() != self.root.resolve():
+                return None
+        except OSError:
+            return None
+        return folder.name if (folder / "model.safetensors").is_file() else None
+
+    def checkpoint_of(self, spec: str | os.PathLike[str]) -> str | None:
+        """The checkpoint of the version ``spec`` names (see :meth:`version_of`), or None."""
+        vid = self.version_of(spec)
+        return None if vid is None else str(self.root / vid / "model.safetensors")
 
     def activate(self, model: str) -> None:
         """Make a version id (or a bundled name / checkpoint path) the active model."""
@@ -250,7 +256,7 @@ class ModelStore:
         :meth:`staging` (each takes the lock itself).
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        with _flock(self.root):
+        with lock_folder(self.root):
             yield
 
     # ------------------------------------------------------------------ new versions
@@ -298,7 +304,7 @@ class ModelStore:
         with self.lock():
             vid = self.new_id(base)
             stage = Path(tempfile.mkdtemp(prefix=_STAGE, dir=self.root))
-            owner = {"pid": os.getpid(), "host": _host(), "id": vid}
+            owner = {"pid": os.getpid(), "host": this_host(), "id": vid}
             (stage / _OWNER).write_text(json.dumps(owner))
         try:
             yield vid, stage
@@ -342,7 +348,7 @@ class ModelStore:
                     pid, host = int(info["pid"]), str(info["host"])  # type: ignore[index]
                 except (ValueError, KeyError, TypeError):
                     continue
-                if host != _host() or _alive(pid):
+                if host != this_host() or alive(pid):
                     continue
                 vid = str(info.get("id") or stage.name[1:].rsplit(".", 1)[0])  # type: ignore[union-attr]
                 if self._abandon(stage, vid) is not None:
@@ -378,18 +384,14 @@ class ModelStore:
 
         folder.mkdir(parents=True, exist_ok=True)
         entries = []
-        for i, (img, lab) in enumerate(zip(images, labels)):
+        for i, (img, lab, hashes) in enumerate(
+            zip(images, labels, correction_hashes(images, labels))
+        ):
             buf = _io.BytesIO()
             np.savez_compressed(buf, image=img, labels=lab)
             name = f"pair_{i:03d}.npz"
             atomic_write_bytes(folder / name, buf.getvalue())
-            entries.append(
-                {
-                    "file": name,
-                    "image_sha256": array_sha256(img),
-                    "labels_sha256": array_sha256(lab),
-                }
-            )
+            entries.append({"file": name, **hashes})
         atomic_write_json(folder / "index.json", {"pairs": entries, **(meta or {})})
         return entries
 

@@ -174,7 +174,7 @@ def test_cancel_mid_run_keeps_the_parent(corrected, qtbot):
 
 
 def test_regression_guard_warns_and_keeps_the_parent(corrected, qtbot, monkeypatch):
-    import napari_prosma.finetune as ft
+    import napari_prosma.finetune.loop as ft
 
     c = corrected
     viewer, ckpt, labels, truth, seg = c.viewer, c.ckpt, c.labels, c.truth, c.seg
@@ -237,7 +237,7 @@ def test_resegmenting_never_writes_into_an_edited_layer(corrected, monkeypatch):
 def _improving(monkeypatch) -> None:
     """Held-out Dice 0.2 before training, 0.5 after: a few steps on a random model need
     not beat it, and then nothing is saved (issue 20)."""
-    import napari_prosma.finetune as ft
+    import napari_prosma.finetune.loop as ft
 
     scores = iter([0.2] + [0.5] * 50)
     monkeypatch.setattr(ft, "holdout_dice", lambda *a, **k: next(scores))
@@ -316,7 +316,7 @@ def test_slice_axis_and_replay_controls(make_napari_viewer, tmp_path, monkeypatc
 def test_volume_spacing_reaches_the_engine(make_napari_viewer, tmp_path, monkeypatch):
     """A 3D model trained at 1 mm, a volume at 2 mm slices: the widget hands the layer's
     spacing on, so training resamples the volume as Segment does."""
-    import napari_prosma.finetune as ft
+    import napari_prosma.finetune.units as ft
 
     ckpt = save_tiny(
         tmp_path,

@@ -1,0 +1,152 @@
+"""Settings, progress and outcome of a fine-tuning run (Qt-free, no torch at import).
+
+See :mod:`napari_prosma.finetune` for what a run does; these types are shared by the loop
+(:mod:`.loop`), the store wrapper (:mod:`.run`), the CLI and the widget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..preprocess import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..checkpoint import ModelCard
+
+TRAINABLE = ("all", "decoder_gates", "gates")
+#: Held-out units needed to split them into a selection part and a report part.
+REPORT_SPLIT_MIN = 4
+CANCEL_MESSAGE = "fine-tuning was cancelled; the previous model stays active"
+NOT_IMPROVED = "the corrections did not improve the model; nothing was saved"
+
+
+@dataclass
+class FinetuneConfig:
+    """Hyper-parameters of a fine-tuning run (all recorded in the new model's card).
+
+    Attributes:
+        trainable: ``"all"``, ``"decoder_gates"`` (upsampling, gates, decoder, head) or
+            ``"gates"`` (theta, W_x, W_g, f_ms, Psi and the channel MLP of every gate).
+        max_steps: optimiser steps at most.
+        time_budget_s: stop after this many seconds of training (None: no limit).
+        lr: AdamW learning rate; ``weight_decay`` its decoupled weight decay.
+        batch_size: patches per step.
+        patch_size: training patch (default: the card's, capped by the data; 2D 192 on CPU).
+        fg_fraction: fraction of patches centred on a foreground voxel.
+        holdout_fraction: share of the corrected units held out to measure Dice (split
+            into selection and report parts when there are :data:`REPORT_SPLIT_MIN` or more).
+        eval_every: steps between held-out evaluations (early stopping keeps the best).
+        patience: evaluations without improvement before stopping.
+        replay_fraction: share of each batch drawn from the base model's training samples
+            when they are given (limits forgetting); ``batch_size * replay_fraction``
+            patches per step, the fractional part drawn at random.
+        replay_samples: base-model samples read for replay at most.
+        slice_axis: the volume axis along which a 2D model takes corrected slices (and a
+            3D model crops to the slab of corrected slices).
+        device: ``"auto"``, ``"cuda"``, ``"mps"`` or ``"cpu"``.
+        seed: random seed of the split, sampling and augmentation.
+    """
+
+    trainable: str = "decoder_gates"
+    max_steps: int = 300
+    time_budget_s: float | None = 120.0
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    batch_size: int = 4
+    patch_size: Sequence[int] | None = None
+    fg_fraction: float = 0.5
+    holdout_fraction: float = 0.25
+    eval_every: int = 20
+    patience: int = 4
+    replay_fraction: float = 0.25
+    replay_samples: int = 32
+    slice_axis: int = 0
+    device: str = "auto"
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise :class:`InputError` (plain words) for settings that cannot work."""
+        if self.trainable not in TRAINABLE:
+            raise InputError(f"'trainable' must be one of {TRAINABLE}, not {self.trainable!r}")
+        if self.max_steps < 1 or self.batch_size < 1:
+            raise InputError("max_steps and batch_size must be at least 1")
+        if not 0 <= self.holdout_fraction < 1:
+            raise InputError("holdout_fraction must lie in [0, 1)")
+        if not 0 <= self.replay_fraction < 1:
+            raise InputError("replay_fraction must lie in [0, 1)")
+        if self.slice_axis not in (0, 1, 2):
+            raise InputError(f"slice_axis must be 0, 1 or 2, not {self.slice_axis}")
+
+
+@dataclass
+class FinetuneProgress:
+    """What a progress callback receives.
+
+    ``holdout_dice`` is the Dice on the selection part of the held-out units (the curve
+    early stopping follows); in the ``"done"`` report it is that of the state kept.
+    """
+
+    step: int
+    max_steps: int
+    loss: float | None
+    holdout_dice: float | None
+    elapsed_s: float
+    phase: str  # "before", "train", "eval", "done"
+
+
+@dataclass
+class FinetuneResult:
+    """Outcome of :func:`finetune` (the model is the best state on the selection part).
+
+    Attributes:
+        dice_before, dice_after: mean Dice on the *report* part of the held-out units (what
+            the regression guard decides on); None when nothing was held out.
+        selection_before, selection_after: the same on the selection part.
+        independent_report: True when the report part is disjoint from the selection part
+            (see :data:`REPORT_SPLIT_MIN`); False means "after" is optimistic.
+        n_train, n_select, n_report, n_holdout: training / selection / report / all
+            held-out units.
+        replay: what was replayed (:meth:`ReplaySet.record` plus patches used).
+        notes: plain sentences for the user (replay, how trustworthy the report is).
+        kept_parent: no held-out evaluation beat the parent, so the model returned is the
+            parent's state (:func:`run_finetune` then saves nothing).
+    """
+
+    model: Any
+    card: ModelCard
+    dice_before: float | None
+    dice_after: float | None
+    steps: int
+    seconds: float
+    stopped: str
+    n_train: int
+    n_holdout: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    selection_before: float | None = None
+    selection_after: float | None = None
+    n_select: int = 0
+    n_report: int = 0
+    independent_report: bool = False
+    replay: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    kept_parent: bool = False
+
+    @property
+    def improved(self) -> bool | None:
+        """Whether the report-part Dice did not drop (None: nothing held out)."""
+        if self.dice_before is None or self.dice_after is None:
+            return None
+        return self.dice_after >= self.dice_before
+
+
+def min_units_for_report(fraction: float) -> int:
+    """The fewest units whose held-out part (``fraction``) is split into selection and
+    report parts (:func:`split_units`); 0 when none is held out."""
+    if fraction <= 0:
+        return 0
+    n = REPORT_SPLIT_MIN + 1
+    while min(max(round(n * fraction), 1), n - 1) < REPORT_SPLIT_MIN:
+        n += 1
+    return n

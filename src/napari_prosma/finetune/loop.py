@@ -1,0 +1,385 @@
+"""The fine-tuning loop: train a copy of a model on corrected units, measure it on the
+held-out ones, keep the best state (Qt-free; torch imported when a run starts).
+
+:func:`finetune` writes nothing; :func:`napari_prosma.finetune.run_finetune` saves its
+result in the model store.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..checkpoint import ModelCard
+from ..preprocess import InputError
+from .config import (
+    CANCEL_MESSAGE,
+    FinetuneConfig,
+    FinetuneProgress,
+    FinetuneResult,
+    min_units_for_report,
+)
+from .lineage import child_card, data_entries
+from .net import _freeze_norm_stats, _loss_fn, holdout_dice, trainable_parameters
+from .units import (
+    Unit,
+    _batch,
+    _patch_size,
+    _replay_units,
+    _working,
+    corrected_units,
+    split_units,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .replay import ReplaySet
+
+DIVERGED = (
+    "fine-tuning diverged (the loss became infinite or NaN); the previous model stays "
+    "active. Try a lower learning rate or training fewer layers"
+)
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _Run:
+    """One run's fixed parts: settings, the network being trained, the units by role."""
+
+    cfg: FinetuneConfig
+    card: ModelCard
+    net: Any
+    device: Any
+    fmt: Any
+    train: list[Unit]
+    sel: list[Unit]
+    rep: list[Unit]
+    n_holdout: int
+    independent: bool
+    replay: list[Unit]
+    replay_record: dict[str, Any]
+    rng: np.random.Generator
+    gen: Any
+    cancelled: Callable[[], bool]
+    progress: Callable[[FinetuneProgress], None] | None
+    t0: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def report(self, step: int, loss: float | None, d: float | None, phase: str) -> None:
+        if self.progress is not None:
+            self.progress(
+                FinetuneProgress(step, self.cfg.max_steps, loss, d, self.elapsed(), phase)
+            )
+
+    def check(self) -> None:
+        from ..inference import Cancelled
+
+        if self.cancelled():
+            raise Cancelled(CANCEL_MESSAGE)
+
+    def measure(self, units: list[Unit]) -> float | None:
+        """Held-out Dice of the network now (None for no units)."""
+        return holdout_dice(self.net, self.card, units, str(self.device), self.cancelled)
+
+
+@dataclass
+class _Outcome:
+    """What the training steps left: the best selection Dice and state, the curve."""
+
+    best: float
+    best_state: dict[str, Any] | None
+    beaten: bool = False
+    step: int = 0
+    stopped: str = "max_steps"
+    replayed: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def finetune(
+    model: torch.nn.Module,
+    card: ModelCard,
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    *,
+    config: FinetuneConfig | None = None,
+    previous: Sequence[np.ndarray | None] | None = None,
+    spacing: Sequence[Sequence[float] | None] | None = None,
+    replay: ReplaySet | Sequence[tuple[Any, ...]] | None = None,
+    progress: Callable[[FinetuneProgress], None] | None = None,
+    cancel: Callable[[], bool] | Any | None = None,
+    hashes: Sequence[dict[str, Any]] | None = None,
+) -> FinetuneResult:
+    """Fine-tune a copy of ``model`` on corrected labels; the input model is not changed.
+
+    Args:
+        model: the parent network (any device; it is copied).
+        card: its model card.
+        images: raw images in napari layout (2D grey ``(H, W)``, RGB ``(H, W, 3)``, volumes
+            ``(Z, Y, X)``), as the user sees them.
+        labels: label arrays on the images' grids (0 = background; values checked by
+            :func:`~napari_prosma.finetune.units.check_labels`).
+        config: hyper-parameters (defaults: :class:`FinetuneConfig`).
+        previous: the last prediction per image, to find which slices were corrected.
+        spacing: per image, its voxel spacing in mm (napari order), or None when unknown;
+            a 3D model then trains on the volume resampled to its card's spacing.
+        replay: base-model training samples: a
+            :class:`~napari_prosma.finetune.replay.ReplaySet` or ``(image, labels[,
+            spacing])`` tuples; None: no replay.
+        progress: called with a :class:`FinetuneProgress` after every step and evaluation.
+        cancel: a callable returning True, or a ``threading.Event``, to stop at once.
+        hashes: the images' and labels' hashes when already computed (the store's
+            corrections index), for the new card.
+
+    Returns:
+        :class:`FinetuneResult` with the best model on the selection part (the last state
+        when nothing is held out) and a card for it (no file written; see
+        :func:`~napari_prosma.finetune.run_finetune`).
+
+    Raises:
+        InputError: unusable inputs, or a diverged loss. Cancelled: the user cancelled.
+    """
+    cfg = config or FinetuneConfig()
+    cfg.validate()
+    label_notes: list[str] = []
+    run = _setup(
+        model, card, images, labels, cfg, previous, spacing, replay, label_notes, progress, cancel
+    )
+    sel_before = run.measure(run.sel)
+    rep_before = run.measure(run.rep) if run.independent else sel_before
+    run.report(0, None, sel_before, "before")
+    run.check()
+    out = _train(run, sel_before)
+    run.check()
+    if out.best_state is not None:
+        run.net.load_state_dict(out.best_state)
+    sel_after = out.best if run.sel else None
+    if run.independent:
+        rep_after = run.measure(run.rep)
+    elif run.sel:  # measured again on the kept state (what the user gets)
+        rep_after = sel_after = run.measure(run.sel)
+    else:
+        rep_after = None
+    run.report(out.step, None, sel_after, "done")
+    data = data_entries(images, labels, spacing, hashes)
+    return _result(run, out, data, label_notes, (sel_before, rep_before), (sel_after, rep_after))
+
+
+def _result(
+    run: _Run,
+    out: _Outcome,
+    data: list[dict[str, Any]],
+    label_notes: list[str],
+    before: tuple[float | None, float | None],
+    after: tuple[float | None, float | None],
+) -> FinetuneResult:
+    """The outcome and the new card; ``before``/``after``: (selection, report) Dice."""
+    cfg = run.cfg
+    net = _release(run.net)
+    seconds = run.elapsed()
+    record = {**run.replay_record, "fraction": cfg.replay_fraction, "patches": out.replayed}
+    holdout = {
+        "dice_before": before[1],
+        "dice_after": after[1],
+        "n": len(run.rep),
+        "selection_dice_before": before[0],
+        "selection_dice_after": after[0],
+        "n_selection": len(run.sel),
+        "independent_report": run.independent,
+    }
+    return FinetuneResult(
+        net.cpu(),
+        child_card(run.card, cfg, data, holdout, _run_facts(run, out, record, seconds)),
+        before[1],
+        after[1],
+        out.step,
+        seconds,
+        out.stopped,
+        len(run.train),
+        run.n_holdout,
+        out.history,
+        selection_before=before[0],
+        selection_after=after[0],
+        n_select=len(run.sel),
+        n_report=len(run.rep),
+        independent_report=run.independent,
+        replay=record,
+        notes=label_notes + _notes(record, cfg.holdout_fraction, len(run.rep), run.independent),
+        kept_parent=bool(run.sel) and not out.beaten,
+    )
+
+
+def _setup(
+    model: Any,
+    card: ModelCard,
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    cfg: FinetuneConfig,
+    previous: Sequence[np.ndarray | None] | None,
+    spacing: Sequence[Sequence[float] | None] | None,
+    replay: Any,
+    notes: list[str],
+    progress: Callable[[FinetuneProgress], None] | None,
+    cancel: Any,
+) -> _Run:
+    """Units by role, replay units and a copy of the network on the device."""
+    import torch
+
+    from ..inference.device import memory_format, resolve_device
+    from ..inference.engine import _cancel_check
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    units = corrected_units(
+        images,
+        labels,
+        card,
+        previous,
+        spacing=spacing,
+        slice_axis=cfg.slice_axis,
+        notes=notes,
+    )
+    train_idx, sel_idx, rep_idx = split_units(len(units), cfg.holdout_fraction, rng)
+    replay_units, replay_record = _replay_units(replay, card)
+    device = resolve_device(cfg.device)
+    fmt = memory_format(device, card.spatial_dims)  # channels-last: faster on CPU and CUDA
+    return _Run(
+        cfg,
+        card,
+        copy.deepcopy(model).to(device, memory_format=fmt),
+        device,
+        fmt,
+        train=[units[i] for i in train_idx],
+        sel=[units[i] for i in sel_idx],
+        rep=[units[i] for i in rep_idx],
+        n_holdout=len(set(sel_idx) | set(rep_idx)),
+        independent=bool(rep_idx) and set(sel_idx).isdisjoint(rep_idx),
+        replay=replay_units,
+        replay_record=replay_record,
+        rng=rng,
+        gen=gen,
+        cancelled=_cancel_check(cancel),
+        progress=progress,
+        t0=t0,
+    )
+
+
+def _train(run: _Run, sel_before: float | None) -> _Outcome:
+    """The optimiser steps, with held-out evaluations and early stopping on the selection
+    part; the best state is kept (with nothing held out, the last one is)."""
+    import torch
+
+    cfg, net = run.cfg, run.net
+    prep = [_working(u, run.card) for u in run.train]
+    rep = [_working(u, run.card) for u in run.replay]
+    patch = _patch_size(cfg, run.card, [y.shape for _, y in prep], run.device.type)
+    loss_fn = _loss_fn(run.card)
+    params = trainable_parameters(net, cfg.trainable)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    out = _Outcome(
+        best=sel_before if sel_before is not None else -math.inf,
+        best_state=copy.deepcopy(net.state_dict()) if run.sel else None,
+    )
+    stale = 0
+    net.train()
+    _freeze_norm_stats(net)
+    for step in range(1, cfg.max_steps + 1):
+        run.check()
+        out.step = step
+        xb, yb, n_rep = _batch(prep, rep, cfg, patch, run.rng, run.gen)
+        out.replayed += n_rep
+        lv = _step(run, opt, loss_fn, xb, yb)
+        out.history.append({"step": step, "loss": lv})
+        run.report(step, lv, None, "train")
+        out_of_time = cfg.time_budget_s is not None and run.elapsed() > cfg.time_budget_s
+        if run.sel and (step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time):
+            d = run.measure(run.sel)
+            _freeze_norm_stats(net)
+            out.history[-1]["holdout_dice"] = d
+            run.report(step, lv, d, "eval")
+            if d is not None and d > out.best:
+                out.best, stale, out.beaten = d, 0, True
+                out.best_state = copy.deepcopy(net.state_dict())
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    out.stopped = "early_stopping"
+                    break
+        if out_of_time:
+            out.stopped = "time_budget"
+            break
+    return out
+
+
+def _step(run: _Run, opt: Any, loss_fn: Any, xb: torch.Tensor, yb: torch.Tensor) -> float:
+    """One optimiser step on ``xb (B, C, *patch)``, ``yb (B, *patch)``; returns the loss.
+
+    Raises:
+        InputError: the loss is not finite (a diverged model is never saved).
+    """
+    from ..inference.device import autocast
+
+    xb, yb = xb.to(run.device).contiguous(memory_format=run.fmt), yb.to(run.device)
+    with autocast(run.device):  # bf16 on CUDA only: CPU bf16 training diverged (NaN)
+        logits = run.net(xb)
+    loss = loss_fn(logits.float(), yb)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    lv = float(loss.detach())
+    if not math.isfinite(lv):
+        raise InputError(DIVERGED)
+    return lv
+
+
+def _release(net: Any) -> Any:
+    """The trained network as a checkpoint stores it: every parameter trainable again,
+    eval mode, plain memory layout."""
+    import torch
+
+    for p in net.parameters():
+        p.requires_grad_(True)
+    net.eval()
+    return net.to(memory_format=torch.contiguous_format)
+
+
+def _run_facts(run: _Run, out: _Outcome, record: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """What the new card's ``training`` records about the run."""
+    return {
+        "n_train_units": len(run.train),
+        "n_holdout_units": run.n_holdout,
+        "n_selection_units": len(run.sel),
+        "n_report_units": len(run.rep),
+        "replay": record,
+        "steps": out.step,
+        "stopped": out.stopped,
+        "seconds": round(seconds, 2),
+        "device": str(run.device),
+    }
+
+
+def _notes(replay: dict[str, Any], fraction: float, n_report: int, independent: bool) -> list[str]:
+    notes = [str(replay.get("message") or "")] if replay.get("message") != "replay is off" else []
+    if n_report and not independent:
+        notes.append(
+            f"the held-out Dice is measured on the same {n_report} image(s)/slice(s) that chose "
+            f"the state kept, so it is optimistic; with {min_units_for_report(fraction)} or "
+            "more corrected images or slices, half of the held-out ones check the result "
+            "independently"
+        )
+    elif not n_report:
+        notes.append(
+            "nothing was held out to measure the new model on (correct more images or slices)"
+        )
+    return [n for n in notes if n]

@@ -1,0 +1,230 @@
+"""Fine-tuning into the model store: corrections saved first, a new version only when it
+beats its parent, the regression guard on activation, and the words that tell the user
+what happened (Qt-free).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..checkpoint import ModelCard, read_card, resolve, save
+from ..preprocess import InputError
+from ..versions import ModelStore, atomic_write_json
+from .config import (
+    CANCEL_MESSAGE,
+    NOT_IMPROVED,
+    FinetuneConfig,
+    FinetuneProgress,
+    FinetuneResult,
+    min_units_for_report,
+)
+from .loop import finetune
+from .units import corrected_units
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .replay import ReplaySet
+
+ACTIVATE = ("if_better", "always", "never")
+
+
+def run_finetune(
+    parent: str | Path,
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    *,
+    store: ModelStore | None = None,
+    config: FinetuneConfig | None = None,
+    previous: Sequence[np.ndarray | None] | None = None,
+    spacing: Sequence[Sequence[float] | None] | None = None,
+    replay: ReplaySet | Sequence[tuple[Any, ...]] | str | Path | None = None,
+    activate: str = "if_better",
+    progress: Callable[[FinetuneProgress], None] | None = None,
+    cancel: Any = None,
+) -> tuple[FinetuneResult, str]:
+    """Fine-tune ``parent`` and save the result as a new version in ``store``.
+
+    ``parent``: a bundled name, a checkpoint path, or a store version (id, folder or its
+    checkpoint). Bad input is refused before anything is written; then the corrections
+    are saved (so a crash never loses them), and the checkpoint lands in a new version
+    folder only when complete, and only when a held-out evaluation beat the parent
+    (otherwise: :data:`NOT_IMPROVED`, nothing saved). A cancel that arrives while it is
+    written still removes it. ``activate``: ``"if_better"`` (regression guard: keep the
+    parent active when the report-part held-out Dice got worse), ``"always"`` or
+    ``"never"``. ``replay``: ``"auto"`` (the base model's training data set, when it is on
+    this computer), a data set name, a folder, samples, or None/``"none"`` (see
+    :mod:`napari_prosma.finetune.replay`); what was found is in ``result.notes``.
+
+    Returns:
+        ``(result, version_id)``.
+
+    Raises:
+        InputError: bad input, a diverged loss, or no improvement (after training, the
+            message says where the corrections are kept). Cancelled: the user cancelled.
+    """
+    from ..checkpoint import load
+    from ..inference import Cancelled
+    from ..inference.engine import _cancel_check
+
+    store = store or ModelStore()
+    cfg = config or FinetuneConfig()
+    cfg.validate()
+    if activate not in ACTIVATE:
+        raise InputError("activate must be 'if_better', 'always' or 'never'")
+    cancelled = _cancel_check(cancel)
+    parent = store.version_of(parent) or parent  # a version is named by its id
+    model, card = load(_parent_path(parent, store))
+    if isinstance(replay, (str, Path)):
+        from .replay import load_replay
+
+        replay = load_replay(card, replay, n=cfg.replay_samples, seed=cfg.seed)
+    # bad input is refused before anything is saved (no copy of it left in .incoming)
+    corrected_units(images, labels, card, previous, spacing=spacing, slice_axis=cfg.slice_axis)
+    recovered = store.recover()  # runs killed earlier: their corrections go to .incoming
+    try:
+        with store.staging(card.name) as (vid, stage):
+            hashes = store.save_corrections(
+                stage / "corrections", list(images), list(labels), {"parent": str(parent)}
+            )
+            result = finetune(
+                model,
+                card,
+                images,
+                labels,
+                config=cfg,
+                previous=previous,
+                spacing=spacing,
+                replay=replay,
+                progress=progress,
+                cancel=cancel,
+                hashes=hashes,
+            )
+            if cancelled():  # a cancel comes first, whatever the outcome
+                raise Cancelled(CANCEL_MESSAGE)
+            if result.kept_parent:  # no empty versions
+                raise _not_improved(result)
+            if recovered:
+                result.notes.append(
+                    f"an earlier fine-tuning run in {store.root} was interrupted; the "
+                    f"corrections it had saved are kept in {store.root / '.incoming'} "
+                    f"({', '.join(recovered)})"
+                )
+            _save_version(stage, vid, parent, card, result, cancelled)
+    except (InputError, Cancelled) as e:
+        raise _say_where_kept(e) from None
+    if activate == "always" or (activate == "if_better" and result.improved is not False):
+        store.activate(vid)
+    return result, vid
+
+
+def _parent_path(parent: str | Path, store: ModelStore) -> str:
+    """The checkpoint to load for ``parent``: a store version's, else what
+    :func:`~napari_prosma.checkpoint.resolve` finds (until :mod:`napari_prosma.models`
+    resolves every kind of model name in one place)."""
+    return store.checkpoint_of(parent) or str(resolve(parent))
+
+
+def _save_version(
+    stage: Path,
+    vid: str,
+    parent: str | Path,
+    card: ModelCard,
+    result: FinetuneResult,
+    cancelled: Callable[[], bool],
+) -> None:
+    """Write the checkpoint and ``run.json`` into the staging folder (a cancel before or
+    while they are written raises :class:`Cancelled`; the folder then goes)."""
+    from ..inference import Cancelled
+
+    if cancelled():
+        raise Cancelled(CANCEL_MESSAGE)
+    result.card.name = vid
+    save(result.model, stage / "model", result.card)
+    saved = read_card(stage / "model")
+    record = _run_record(parent, card, result)
+    record.update(weights_sha256=saved.weights_sha256, card_sha256=saved.card_sha256)
+    atomic_write_json(stage / "run.json", record)
+    if cancelled():  # while saving: the staging folder goes, the parent stays
+        raise Cancelled(CANCEL_MESSAGE)
+
+
+def _not_improved(result: FinetuneResult) -> InputError:
+    """The refusal when no held-out evaluation beat the parent (nothing is saved)."""
+    evals = [h["holdout_dice"] for h in result.history if "holdout_dice" in h]
+    best = f"{max(evals):.3f}" if evals else "?"
+    before = result.selection_before
+    exc = InputError(
+        f"{NOT_IMPROVED} (held-out Dice {before:.3f} before training, at best {best} in "
+        f"{len(evals)} evaluation(s) over {result.steps} steps); the previous model stays "
+        "active"
+    )
+    exc.result = result  # type: ignore[attr-defined]
+    return exc
+
+
+def _say_where_kept(e: Exception) -> Exception:
+    """``e``, its message ending with where the staging folder kept the corrections."""
+    kept = getattr(e, "kept_corrections", None)
+    if kept is None:
+        return e
+    again = type(e)(f"{e}; your corrections are kept in {kept}")
+    again.__dict__.update(e.__dict__)
+    return again
+
+
+def _run_record(parent: str | Path, card: ModelCard, result: FinetuneResult) -> dict[str, Any]:
+    return {
+        "parent": str(parent),
+        "parent_hash": card.weights_sha256,
+        "dice_before": result.dice_before,
+        "dice_after": result.dice_after,
+        "improved": result.improved,
+        "independent_report": result.independent_report,
+        "selection_dice_before": result.selection_before,
+        "selection_dice_after": result.selection_after,
+        "n_train": result.n_train,
+        "n_selection": result.n_select,
+        "n_report": result.n_report,
+        "replay": {k: v for k, v in result.replay.items() if k != "ids"},
+        "notes": result.notes,
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "stopped": result.stopped,
+    }
+
+
+def finetune_outcome(
+    dice_before: float | None,
+    dice_after: float | None,
+    version: str,
+    activated: bool,
+    independent: bool = True,
+) -> tuple[str, str]:
+    """``(level, text)`` that tells the user what a finished fine-tuning run did; level is
+    ``"info"`` or ``"warning"``. ``independent``: the held-out Dice was measured on
+    corrections that did not also choose the state kept (else it is called optimistic)."""
+    if dice_before is None or dice_after is None:
+        measured = (
+            "there was no held-out part of your corrections to measure it on (correct more "
+            "images or slices for that)"
+        )
+    else:
+        measured = f"held-out Dice {dice_before:.3f} → {dice_after:.3f}"
+        if not independent:
+            measured += (
+                " (optimistic: the same held-out images chose the state kept; with "
+                f"{min_units_for_report(FinetuneConfig().holdout_fraction)} or more corrected "
+                "images or slices, half the held-out ones check it independently)"
+            )
+    if activated:
+        return "info", f"the new model {version} is active: {measured}"
+    if dice_before is not None and dice_after is not None and dice_after < dice_before:
+        return "warning", (
+            f"the new model {version} did worse on the held-out part of your corrections "
+            f"({measured}), so the previous model stays active; it is kept in the list of "
+            "versions and can be activated anyway"
+        )
+    return "info", f"the new model {version} was saved but not activated: {measured}"
