@@ -39,7 +39,12 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import CheckpointError, ModelCard, atomic_write_bytes, read_card
+from .checkpoint import CheckpointError, ModelCard, read_card
+from .fs import (  # the one writer and the array hash live in fs.py; re-exported here
+    array_sha256,
+    atomic_write_bytes,
+    atomic_write_json,
+)
 
 _OWNER = "owner.json"  # in a staging folder: the process that is writing it, the id it holds
 _LOCK = ".lock"  # lock file where the folder itself cannot be locked (see _flock)
@@ -130,20 +135,6 @@ def default_store_dir() -> Path:
     from platformdirs import user_data_dir
 
     return Path(user_data_dir("napari-prosma", appauthor=False)) / "models"
-
-
-def array_sha256(a: np.ndarray) -> str:
-    """Hash of an array's dtype, shape and bytes (identifies training images and labels)."""
-    import hashlib
-
-    a = np.ascontiguousarray(a)
-    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
-    h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
 @dataclass
