@@ -29,15 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .errors import CheckpointError  # lives in errors.py; re-exported here
 
 CARD_FORMAT = 1
 
 #: Card fields without which a checkpoint cannot be rebuilt.
 REQUIRED_FIELDS = ("format_version", "architecture", "arch_kwargs")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message says which file and what is wrong."""
 
 
 @dataclass

@@ -17,7 +17,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,13 +31,16 @@ from .card import (  # noqa: F401  (re-exported: the card lives in card.py)
     _check_card_hash,
     card_digest,
 )
+from .fs import (  # noqa: F401  (re-exported: the one atomic writer lives in fs.py)
+    TEMP_NAME_MAX,
+    atomic_write_bytes,
+    write_temp,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
-#: Longest file name (bytes) kept readable in a temporary name (see ``_temp_prefix``).
-TEMP_NAME_MAX = 120
 
 
 # ---------------------------------------------------------------------------- card hash
@@ -87,42 +89,6 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _temp_prefix(name: str) -> str:
-    """``.NAME.`` for a temporary file beside ``NAME``, or ``.<hash>.`` when ``NAME`` is
-    long: file names are limited to 255 bytes, and the temporary name adds 14."""
-    if len(name.encode()) <= TEMP_NAME_MAX:
-        return f".{name}."
-    return f".{hashlib.sha256(name.encode()).hexdigest()[:16]}."
-
-
-def _write_temp(path: Path, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path`` and flush it to the disk; returns
-    the temporary file (removed again if the write fails)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private (0600)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder, then rename."""
-    tmp = _write_temp(path, data)
-    try:
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- save
@@ -182,8 +148,8 @@ def save(
     text = _card_text(card.to_dict())
     temps: list[tuple[Path, Path]] = []
     try:
-        temps.append((_write_temp(weights, blob), weights))
-        temps.append((_write_temp(card_path, text), card_path))
+        temps.append((write_temp(weights, lambda t: t.write_bytes(blob)), weights))
+        temps.append((write_temp(card_path, lambda t: t.write_bytes(text)), card_path))
         for tmp, target in temps:
             os.replace(tmp, target)
     finally:

@@ -1,4 +1,10 @@
-"""Plain-words messages for errors a clinician may meet (CLI and GUI share them)."""
+"""Every exception of napari-prosma, the plain-words message for each, and the cancel adapter.
+
+All errors written for the user derive from :class:`ProsmaError`; each also keeps the
+built-in base it had before (``ValueError``, ``OSError``), so ``except ValueError`` in a
+caller still catches an :class:`InputError`. CLI and GUI share :func:`user_message`.
+Qt-free and torch-free.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,49 @@ import errno
 import threading
 from collections.abc import Callable
 
-#: Errors whose message is written for the user as it stands.
-_USER_FACING = (
-    "UserError", "CheckpointError", "InputError", "ValueError", "Cancelled", "WriteError"
-)
+__all__ = [
+    "CancelFlag",
+    "Cancelled",
+    "CheckpointError",
+    "InputError",
+    "ProsmaError",
+    "UserError",
+    "WriteError",
+    "cancel_check",
+    "user_message",
+]
+
+
+class ProsmaError(Exception):
+    """Base of every napari-prosma error; its message is meant for the user as it stands."""
+
+
+class UserError(ProsmaError):
+    """An error whose message is meant for the user as it stands (CLI usage, a refused run)."""
+
+
+class InputError(ProsmaError, ValueError):
+    """An image the model cannot take; the message is meant for the user as it stands."""
+
+
+class CheckpointError(ProsmaError, ValueError):
+    """A checkpoint that cannot be used; the message says which file and what is wrong."""
+
+
+class WriteError(ProsmaError, OSError):
+    """A file could not be written in full (a writer library reported a short write, as
+    on a full disk or past a file size limit); the message is meant for the user."""
+
+
+class Cancelled(ProsmaError):
+    """The run was cancelled by the user; nothing was produced or written."""
+
+    def __init__(self, message: str = "the segmentation was cancelled; nothing was changed"):
+        super().__init__(message)
+
+
+# ---------------------------------------------------------------------------- messages
+
 #: What a failed write means, by errno, and what to do about it.
 _DISK_ERRORS = {
     errno.ENOSPC: "the disk is full; free some space or choose another output folder",
@@ -19,9 +64,12 @@ _DISK_ERRORS = {
     errno.EROFS: "the folder is on a read-only disk; choose another output folder",
 }
 
-class WriteError(OSError):
-    """A file could not be written in full (a writer library reported a short write, as
-    on a full disk or past a file size limit); the message is meant for the user."""
+
+def _user_facing(exc: BaseException) -> bool:
+    """Whether ``exc``'s own text is the whole message: any :class:`ProsmaError`, and a
+    plain ``ValueError`` (exactly that type: a library's subclass such as
+    ``JSONDecodeError`` keeps its type name as a hint)."""
+    return isinstance(exc, ProsmaError) or type(exc) is ValueError
 
 
 def user_message(exc: BaseException) -> str:
@@ -49,7 +97,7 @@ def user_message(exc: BaseException) -> str:
             "not enough memory for this image: close other programs, crop the image or use "
             "smaller tiles"
         )
-    if name in _USER_FACING:
+    if _user_facing(exc):
         return text or name
     if "out of memory" in text.lower():
         return "the GPU ran out of memory; try the CPU or smaller tiles"
@@ -57,18 +105,6 @@ def user_message(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------- cancel
-
-
-class UserError(Exception):
-    """An error whose message is meant for the user as it stands (CLI usage, a refused run)."""
-
-
-class Cancelled(Exception):
-    """The run was cancelled by the user; nothing was produced or written."""
-
-    def __init__(self, message: str = "the segmentation was cancelled; nothing was changed"):
-        super().__init__(message)
-
 
 #: What a long job accepts as its cancel flag: a callable returning True to stop, a
 #: ``threading.Event`` (or anything with ``is_set``), or None (never cancelled).

@@ -20,12 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InputError  # lives in errors.py; re-exported here
+
 NORMALIZATION_MODES = ("fixed", "zscore", "ct_window", "percentile", "none")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-
-class InputError(ValueError):
-    """An image the model cannot take; the message is meant for the user as it stands."""
 
 
 def check_finite(image: np.ndarray, what: str = "the image") -> None:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import ModelCard, atomic_write_bytes
+from .errors import Cancelled
 from .train_support import (
     _capture,
     _json_safe,
@@ -64,10 +65,6 @@ NORMALIZATION: dict[str, dict[str, Any]] = {
     },
     "hippocampus": {"mode": "zscore"},
 }
-
-
-class Cancelled(Exception):
-    """Training was cancelled through the cancel flag."""
 
 
 @dataclass

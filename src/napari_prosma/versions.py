@@ -39,7 +39,12 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import CheckpointError, ModelCard, atomic_write_bytes, read_card
+from .checkpoint import CheckpointError, ModelCard, read_card
+from .fs import (  # the one writer and the array hash live in fs.py; re-exported here
+    array_sha256,
+    atomic_write_bytes,
+    atomic_write_json,
+)
 from .locking import alive, lock_folder
 from .locking import host as this_host
 
@@ -62,16 +67,6 @@ def default_store_dir() -> Path:
     return Path(user_data_dir("napari-prosma", appauthor=False)) / "models"
 
 
-def array_sha256(a: np.ndarray) -> str:
-    """Hash of an array's dtype, shape and bytes (identifies training images and labels)."""
-    import hashlib
-
-    a = np.ascontiguousarray(a)
-    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
-    h.update(a.tobytes())
-    return h.hexdigest()
-
-
 def correction_hashes(
     images: Sequence[np.ndarray], labels: Sequence[np.ndarray]
 ) -> list[dict[str, str]]:
@@ -84,10 +79,6 @@ def correction_hashes(
         }
         for i, lab in zip(images, labels)
     ]
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
 @dataclass
