@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import ModelCard, atomic_write_bytes
+from .checkpoint import ModelCard
 from .errors import Cancelled
+from .fs import atomic_write_bytes
 from .train_support import (
     _capture,
     _json_safe,

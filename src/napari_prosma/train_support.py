@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import ModelCard, atomic_write_bytes
+from .checkpoint import ModelCard
 from .datasets import Dataset2D
+from .fs import atomic_write_bytes
 
 
 def _optim_state_tensors(model: Any, opt: Any) -> dict[str, Any]:

@@ -155,7 +155,7 @@ def geometry_kwargs(image_layer: Any) -> dict[str, Any]:
 
 def fingerprint(data: Any) -> str:
     """SHA-256 of an array's dtype, shape and values (what was written into a layer)."""
-    from ..versions import array_sha256
+    from ..fs import array_sha256
 
     return array_sha256(np.asarray(data))
 

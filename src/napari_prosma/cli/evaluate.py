@@ -41,9 +41,10 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..checkpoint import atomic_write_bytes, load
+    from ..checkpoint import load
     from ..datasets import DATASETS, load_packed, read_dataset, read_split
     from ..evaluation import evaluate
+    from ..fs import atomic_write_bytes
     from ..models import resolve_model
     from . import UserError
     from .text import printable

@@ -188,7 +188,7 @@ def _locked(folder: Path) -> Iterator[None]:
 def record_outputs(folder: Path, files: Iterable[Path], source: Path, model: str) -> None:
     """Add ``files`` (just written into ``folder``) to its record; entries of files that
     are gone are dropped."""
-    from ..checkpoint import atomic_write_bytes
+    from ..fs import atomic_write_bytes
 
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     new = {

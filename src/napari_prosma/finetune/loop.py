@@ -235,8 +235,8 @@ def _setup(
     """Units by role, replay units and a copy of the network on the device."""
     import torch
 
+    from ..errors import cancel_check as _cancel_check
     from ..inference.device import memory_format, resolve_device
-    from ..inference.engine import _cancel_check
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)

@@ -66,8 +66,8 @@ def run_finetune(
             message says where the corrections are kept). Cancelled: the user cancelled.
     """
     from ..checkpoint import load
+    from ..errors import cancel_check as _cancel_check
     from ..inference import Cancelled
-    from ..inference.engine import _cancel_check
 
     store = store or ModelStore()
     cfg = config or FinetuneConfig()
