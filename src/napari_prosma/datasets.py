@@ -74,13 +74,16 @@ DATASETS: dict[str, dict[str, Any]] = {
     },
 }
 
-_FOLDER: dict[str, tuple[str, ...]] = {
-    "busi": ("busi",),
-    "busi_with_normal": ("busi", "busi-normal"),
-    "kvasir": ("kvasir-seg",),
-    "glas": ("glas",),
-    "hippocampus": ("hippocampus",),
+#: Dataset name -> its folder under the data root (the first, where it has several).
+_FOLDER: dict[str, str] = {
+    "busi": "busi",
+    "busi_with_normal": "busi",
+    "kvasir": "kvasir-seg",
+    "glas": "glas",
+    "hippocampus": "hippocampus",
 }
+#: Datasets read from more than one folder: every folder, in order.
+_FOLDERS: dict[str, tuple[str, ...]] = {"busi_with_normal": ("busi", "busi-normal")}
 
 
 def default_data_root() -> Path:
@@ -219,7 +222,7 @@ def read_2d(
         if limit:
             ds = ds.subset(ds.ids[:limit])
         return ds
-    folders = [root / f for f in _FOLDER[name]]
+    folders = [root / f for f in _FOLDERS.get(name, (_FOLDER[name],))]
     for folder in folders:
         if not folder.is_dir():
             raise FileNotFoundError(f"no {name} data at {folder}")

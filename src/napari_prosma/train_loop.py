@@ -47,6 +47,7 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None  # {"epoch", "score"} of best.safetensors
     stop_at: int = 0
+    done: int = 0  # epochs completed so far
     static_idx: Any = None
     static_rand: Any = None
     loss_acc: Any = None

@@ -82,6 +82,7 @@ def setup_run(cfg: Any, device: Any, world: int, rank: int, say: Callable[[str],
         run.start_epoch, old = _read_resume(out, model, opt, device)
         run.history = list(old.training.get("history", []))
         run.best = (old.training.get("state") or {}).get("best")
+        run.done = run.start_epoch
         say(f"resumed {out} at epoch {run.start_epoch}")
     elif not cfg.resume:
         for f in BEST_FILES:
@@ -199,7 +200,7 @@ def train_many(
             out_of_time = (
                 time_limit is not None
                 and epoch + 1 < epochs
-                and time.perf_counter() - t_call + 2 * dt + 10 + 15 * len(active) > time_limit
+                and time.perf_counter() - t_call + 2 * dt + 10 + 8 * len(active) > time_limit
             )
             for r in active:
                 _epoch_end(r, epoch, dt, len(active), device, world, rank, say, progress)
@@ -221,7 +222,7 @@ def train_many(
         if st != "finished" or rank != 0:
             if st == "stopped":
                 say(f"{r.out}: stopped after epoch {r.stop_at}; run again to resume")
-            finished.append(TrainResult(st, r.out, r.stop_at if st == "stopped" else r.start_epoch))
+            finished.append(TrainResult(st, r.out, r.stop_at if st == "stopped" else r.done))
             continue
         finished.append(None)
         to_finish.append((len(finished) - 1, r))
@@ -250,7 +251,7 @@ def _epoch_end(run, epoch, dt, n, device, world, rank, say, progress):  # type: 
     last = epoch + 1 == cfg.epochs
     if (epoch + 1) % cfg.log_every == 0 or last or epoch == run.start_epoch:
         say(log_line(entry, cfg.epochs, run.out.name, n))
-    run.start_epoch = epoch + 1
+    run.done = epoch + 1
     if progress:
         progress(
             TrainProgress(
