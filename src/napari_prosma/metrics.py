@@ -316,3 +316,30 @@ def report(
             f"false positive on a case with nothing to find = prediction > {fp_area:.1%} of it"
         ),
     }
+
+
+def dice_distribution(values: Sequence[float], class_name: str) -> dict[str, Any]:
+    """What a model card records of a test-set Dice distribution (for ``prosma demo`` and
+    the card's reader): count, mean, quantiles, failure rates and every value, sorted.
+
+    Args:
+        values: per-case Dice of the cases whose ground truth holds the class.
+        class_name: the foreground class they belong to.
+    """
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    if v.size == 0:
+        raise ValueError("no Dice values")
+    return {
+        "class": class_name,
+        "n": int(v.size),
+        **_distribution(v),
+        "dice_0": float((v == 0).mean()),
+        "dice_below_0.5": float((v < 0.5).mean()),
+        "dice_sorted": [round(float(x), 4) for x in v],
+    }
+
+
+def percentile_of(value: float, sorted_values: Sequence[float]) -> float:
+    """Share (0–100) of ``sorted_values`` at or below ``value``."""
+    v = np.asarray(sorted_values, dtype=np.float64)
+    return float(100.0 * np.count_nonzero(v <= value) / max(v.size, 1))

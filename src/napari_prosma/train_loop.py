@@ -7,7 +7,7 @@ GPU overlaps runs whose kernels alone leave it mostly idle (a BUSI-sized network
 fills a fraction of an H200). With one recipe this is the ordinary single run (or DDP).
 
 Per epoch and run: the mean loss, the learning rate, the thresholds lambda = softplus(theta)
-per gate stage (mean, min, max) and, every ``val_every`` epochs, the validation metrics
+per gate stage (mean, min, max; every epoch) and, every ``val_every`` epochs, the validation metrics
 (:func:`~napari_prosma.train_support.quick_validate` on the split's ``val`` part, never
 the test part). ``select="best_val"`` keeps the weights of the epoch with the best
 validation Dice (``best.safetensors``) and ships those; the test part is evaluated once, at
@@ -197,11 +197,9 @@ def after_epoch(
     if n_stack > 1:
         entry["stacked_runs"] = n_stack
     last = epoch + 1 == cfg.epochs
-    log_now = (epoch + 1) % cfg.log_every == 0 or last or epoch == run.start_epoch
-    if log_now:
-        lam = lambdas(run.model)
-        if lam:
-            entry["lambda"] = lam
+    lam = lambdas(run.model)  # every epoch: a few numbers, one synchronisation
+    if lam:
+        entry["lambda"] = lam
     val_due = cfg.val_every and ((epoch + 1) % cfg.val_every == 0 or last)
     if rank == 0 and run.val_ds is not None and len(run.val_ds) and val_due:
         entry["val"] = quick_validate(run.model, run.val_ds, run.card, device, amp)

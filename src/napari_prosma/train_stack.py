@@ -324,7 +324,11 @@ def finish_run(run: Run, device: Any, world: int, wall: float, command: Any, say
         "command": command or " ".join(sys.argv),
     }
     run.model.eval()
-    rng, how = sparsity_range(run.model, card, run.train_ds, device, cfg.sparsity_images)
+    model_path = save(run.model, out / "model", card, dtype=cfg.ship_dtype, overwrite=True)
+    # the range and the test metrics come from the shipped (rounded) weights, as the plugin
+    # will run them: the in-memory float32 weights give slightly different zero fractions
+    shipped, shipped_card = load(model_path, device=device)
+    rng, how = sparsity_range(shipped, shipped_card, run.train_ds, device, cfg.sparsity_images)
     card.gate_sparsity_range = rng
     if how:
         card.extra["gate_sparsity_range_from"] = how
@@ -332,7 +336,6 @@ def finish_run(run: Run, device: Any, world: int, wall: float, command: Any, say
     metrics: dict[str, Any] = {}
     evaluation = None
     if cfg.final_eval:
-        shipped, shipped_card = load(model_path, device=device)
         evaluation = _json_safe(evaluate_shipped(shipped, shipped_card, run.test_ds, device, cfg))
         metrics = _json_safe({"test": _test_metrics(evaluation, run.split_desc, cfg)})
         card.metrics = metrics
