@@ -110,6 +110,8 @@ def pipeline_images_per_s(data_root: str | None, epochs: int = 6, **over) -> dic
             RECIPE,
             {
                 "data_root": data_root,
+                "dataset": "busi",  # the same 518 images as the plain path (the recipe's
+                "split": str(SPLIT),  # leak-free split has 498 training images)
                 "epochs": epochs,
                 "out_dir": tmp,
                 "final_eval": False,

@@ -133,3 +133,79 @@ def test_data3d_patches_and_foreground_oversampling():
     # normalised per volume exactly as inference does
     full = torch.from_numpy(normalize(images[0][None], {"mode": "zscore"})[0]).half().float()
     assert torch.allclose(d.vol[0, :20, :30, :25].float(), full)
+
+
+# ---------------------------------------------------------------------------- leak-free protocol
+
+
+def test_duplicate_groups_from_pixels():
+    from napari_prosma.protocol import duplicate_groups
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (5, 1, 16, 16)).astype(np.uint8)
+    images = np.concatenate([base, base[:1], np.clip(base[2:3] + 3, 0, 255)])  # 5 = 0, 6 ~ 2
+    ids = [f"benign_{i:03d}" for i in range(7)]
+    g = duplicate_groups(images, ids, 0.90)
+    assert g["groups"] == [["benign_000", "benign_005"], ["benign_002", "benign_006"]]
+    assert g["exact"] == [["benign_000", "benign_005"]] and g["n_grouped"] == 4
+    assert duplicate_groups(base, ids[:5], 0.90)["groups"] == []  # unrelated noise
+
+
+def test_grouped_split_never_cuts_a_group_and_keeps_the_shares():
+    from napari_prosma.protocol import check_split, grouped_split
+
+    ids = [f"benign_{i:03d}" for i in range(60)] + [f"normal_{i:03d}" for i in range(20)]
+    groups = [ids[i : i + 3] for i in range(0, 30, 3)] + [["benign_050", "normal_000"]]
+    for seed in range(5):
+        s = grouped_split(ids, groups, seed, 0.2, 0.1)
+        check_split(s, groups)
+        assert sorted(s["train"] + s["val"] + s["test"]) == sorted(ids)
+        for cls, n in (("normal", 19), ("benign", 59)):  # the mixed group is its own stratum
+            got = {p: sum(i.startswith(cls) for i in s[p]) for p in s}
+            assert abs(got["test"] - 0.2 * n) <= 3 and abs(got["val"] - 0.1 * n) <= 3
+    cut = {"train": ["benign_000"], "test": ["benign_001", "benign_002"]}
+    with pytest.raises(ValueError, match="cut across"):
+        check_split(cut, groups)
+    with pytest.raises(ValueError, match="both"):
+        check_split({"train": ["benign_000"], "val": ["benign_000"]})
+
+
+def test_committed_leakfree_splits_keep_every_look_alike_group_on_one_side():
+    from napari_prosma.protocol import check_split
+
+    root = Path(__file__).resolve().parents[1] / "training" / "splits"
+    groups = json.loads((root / "busi_groups.json").read_text())
+    assert len(groups["groups"]) == 87 and groups["exact"] == [["benign_433", "malignant_145"]]
+    named = {
+        ("benign_333", "malignant_077"),
+        ("benign_399", "malignant_093"),
+        ("benign_233", "benign_299"),
+    }
+    for a, b in named:  # the pairs, each in one group
+        assert any(a in g and b in g for g in groups["groups"]), (a, b)
+    for seed in (0, 1, 2):
+        s = json.loads((root / f"busi_leakfree_seed{seed}.json").read_text())
+        check_split(s, groups["groups"])
+        assert s["dataset"] == "busi_with_normal"
+        assert len(s["train"]) + len(s["val"]) + len(s["test"]) == 647 + 67
+        for part in ("train", "val", "test"):
+            assert any(i.startswith("normal") for i in s[part])
+
+
+@pytest.mark.data
+def test_busi_with_normal_reads_both_folders_and_the_script_reproduces_the_files(shared_data):
+    ds = read_dataset("busi_with_normal", shared_data)
+    assert len(ds) == 714 and ds.images.shape[1:] == (1, 256, 256)
+    normal = [i for i, k in enumerate(ds.ids) if k.startswith("normal")]
+    assert len(normal) == 67 and not ds.masks[normal].any() and ds.masks[:10].any()
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "training" / "busi_protocol.py"
+    r = subprocess.run(
+        [sys.executable, str(script), "--check", "--data-root", str(shared_data)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "87 groups over 200 of 647 images" in r.stdout

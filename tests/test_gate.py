@@ -149,3 +149,83 @@ def test_ablation_switches_remove_what_they_say(sd):
 def test_unknown_gate_mode_is_refused():
     with pytest.raises(ValueError, match="unknown gate mode"):
         SkipGate(2, 4, 4, mode="dense")
+
+
+# ---------------------------------------------------------------------------- exact removal
+
+
+def _exact_pair(sd: int, theta: float = -2.0) -> tuple[SkipGate, SkipGate]:
+    """A paper-form gate and an exact-removal gate with the same weights."""
+    torch.manual_seed(3)
+    full = SkipGate(sd, 6, 6, mode="full", theta_init=theta)
+    exact = SkipGate(sd, 6, 6, mode="exact", theta_init=theta)
+    exact.load_state_dict(full.state_dict())
+    return full, exact
+
+
+@pytest.mark.parametrize("sd", DIMS)
+def test_exact_removal_passes_nothing_where_every_latent_channel_is_zero(sd):
+    full, exact = _exact_pair(sd, theta=theta_for_lambda(0.3))
+    x, g = torch.randn(_shape(sd)), torch.randn(_shape(sd))
+    out_f, mf = full(x, g, return_maps=True, return_z=True)
+    out_e, me = exact(x, g, return_maps=True, return_z=True)
+    removed = (me.z == 0).all(1, keepdim=True)
+    assert removed.any() and (~removed).any()  # the test covers both kinds of location
+    # the paper's form still passes sigmoid(bias) of x*c there; exact removal passes nothing
+    assert torch.all(mf.psi[removed] > 0)
+    assert torch.all(me.psi[removed] == 0)
+    assert torch.all(out_e.masked_select(removed.expand_as(out_e)) == 0)
+    # elsewhere the two forms are the same gate
+    keep = ~removed
+    assert torch.equal(me.psi[keep], mf.psi[keep])
+    assert torch.equal(
+        out_e.masked_select(keep.expand_as(out_e)), out_f.masked_select(keep.expand_as(out_f))
+    )
+    assert torch.equal(me.z, mf.z)  # z* itself (eq. 4) is untouched
+
+
+@pytest.mark.parametrize("sd", DIMS)
+def test_exact_removal_support_shrinks_monotonically_with_lambda(sd):
+    """Theorem 1 (monotone sparsity) carried to the skip: a larger lambda can only remove
+    more locations, never bring one back."""
+    x, g = torch.randn(_shape(sd)), torch.randn(_shape(sd))
+    prev = None
+    for lam in (0.01, 0.1, 0.3, 0.6, 1.0, 5.0):
+        gate = _exact_pair(sd, theta=theta_for_lambda(lam))[1]
+        out, m = gate(x, g, return_maps=True)
+        passed = m.psi != 0
+        if prev is not None:
+            assert torch.all(passed <= prev)
+        prev = passed
+    assert not prev.any()  # lambda 5 removes the whole skip
+    assert torch.all(out == 0)
+
+
+@pytest.mark.parametrize("sd", DIMS)
+def test_exact_removal_keeps_the_proximal_step_non_expansive(sd):
+    gate = _exact_pair(sd, theta=theta_for_lambda(0.2))[1]
+    x, g = torch.randn(_shape(sd)), torch.randn(_shape(sd))
+    u = gate.compatibility(x, g)
+    v = u + 0.3 * torch.randn_like(u)
+    lam = gate.lam
+    assert (soft_threshold(u, lam) - soft_threshold(v, lam)).norm() <= (u - v).norm() + 1e-6
+
+
+@pytest.mark.parametrize("sd", DIMS)
+def test_dead_gate_gets_no_gradient_and_the_surrogate_brings_it_back(sd):
+    """With z* zero everywhere (lambda far above |u|) nothing upstream of the prox gets a
+    gradient; with dead_slope the forward pass is identical (the same exact zeros) and theta
+    and W_x receive a gradient again."""
+    x, g = torch.randn(_shape(sd)), torch.randn(_shape(sd))
+    grads, outs = {}, {}
+    for slope in (0.0, 0.1):
+        torch.manual_seed(5)
+        gate = SkipGate(sd, 6, 6, mode="exact", theta_init=theta_for_lambda(50.0), dead_slope=slope)
+        out, m = gate(x, g, return_maps=True)
+        assert torch.all(m.zero_frac == 1)
+        outs[slope] = out.detach()
+        (out - x).square().mean().backward()
+        grads[slope] = (gate.theta.grad.abs().sum(), gate.w_x.weight.grad.abs().sum())
+    assert torch.equal(outs[0.0], outs[0.1])
+    assert grads[0.0][0] == 0 and grads[0.0][1] == 0
+    assert grads[0.1][0] > 0 and grads[0.1][1] > 0

@@ -121,3 +121,46 @@ def test_perfect_prediction_has_low_loss():
     target[:, :, 2:6, 2:6] = 1
     logits = (target * 2 - 1) * 20
     assert float(bce_dice_loss(logits, target)) < 1e-3
+
+
+def test_report_separates_cases_without_a_target_and_counts_failures():
+    from napari_prosma.metrics import case_metrics, report
+
+    gt = np.zeros((10, 10), np.uint8)
+    gt[2:6, 2:6] = 1  # 16 px
+    perfect = case_metrics(gt, gt)
+    miss = case_metrics(np.zeros_like(gt), gt)  # Dice 0, HD95 undefined
+    half = np.zeros_like(gt)
+    half[2:6, 2:4] = 1  # 8 of 16: Dice 2*8/24
+    partial = case_metrics(half, gt)
+    empty = np.zeros_like(gt)
+    blob = np.zeros_like(gt)
+    blob[0, 0] = 1  # 1 % of the image: above 0.5 %
+    normal_fp = case_metrics(blob, empty)
+    normal_ok = case_metrics(empty, empty)
+    cases = [perfect, miss, partial, normal_fp, normal_ok]
+    for c in cases:
+        c["size"] = gt.size
+    r = report(cases, ["lesion"], ukan_batch=2)
+    e = r["per_class"]["lesion"]
+    assert e["n_target"] == 3 and e["n_no_target"] == 2
+    assert e["dice"]["mean"] == pytest.approx((1 + 0 + 2 / 3) / 3)
+    assert r["dice_mean"] == e["dice"]["mean"]  # the headline leaves out the empty cases
+    assert e["failures"]["n_dice_0"] == 1 and e["failures"]["n_dice_below_0.5"] == 1
+    assert e["hd95"]["n"] == 2 and e["hd95"]["n_left_out"] == 1
+    assert e["pooled"]["dice"] == pytest.approx(2 * 24 / (2 * 24 + 0 + 24))
+    # U-KAN: IoU pooled per batch of 2 (perfect + miss: 16/32; partial: 8/16), F1 = 2IoU/(1+IoU)
+    iou_b = [0.5, 0.5]
+    assert e["ukan_pooled"]["iou"] == pytest.approx(np.average(iou_b, weights=[2, 1]), abs=1e-5)
+    assert e["ukan_pooled"]["dice"] == pytest.approx(2 * 0.5 / 1.5, abs=1e-5)
+    nt = e["no_target"]
+    assert nt["n"] == 2 and nt["n_fp"] == 1 and nt["fp_share"] == 0.5
+
+
+def test_dice_distribution_and_percentile():
+    from napari_prosma.metrics import dice_distribution, percentile_of
+
+    d = dice_distribution([0.9, 0.0, 0.4, 0.8, 1.0], "polyp")
+    assert d["n"] == 5 and d["dice_sorted"] == [0.0, 0.4, 0.8, 0.9, 1.0]
+    assert d["dice_0"] == 0.2 and d["dice_below_0.5"] == 0.4 and d["median"] == 0.8
+    assert percentile_of(0.9, d["dice_sorted"]) == 80.0

@@ -78,11 +78,14 @@ def test_train_reduces_loss_and_writes_a_complete_card(tmp_path, shared_data):
         "device",
     ):
         assert key in t, key
-    assert t["split"]["file"].endswith("busi_seed0.json")
+    assert t["split"]["file"].endswith("busi_leakfree_seed0.json")
+    assert t["selected"]["rule"] == "best_val"
     test = card.metrics["test"]
     assert 0 <= test["dice_mean"] <= 1 and test["n_cases"] == t["split"]["n_test"]
     assert card.intended_use and card.limitations
-    assert len(card.gate_sparsity_range["stages"]) == 4
+    # the format the plugin's parser reads: {"stageN": [min, max]} (issue 14, finding 5)
+    assert sorted(card.gate_sparsity_range) == ["stage1", "stage2", "stage3", "stage4"]
+    assert all(0 <= lo <= hi <= 1 for lo, hi in card.gate_sparsity_range.values())
     out = Path(res.out_dir)
     assert sorted(p.name for p in out.iterdir()) == [
         "model.json",
@@ -154,8 +157,16 @@ def test_cancel_stops_cleanly(tmp_path, shared_data):
     res = train(cfg, log=None, progress=progress, cancel=flag)
     assert res.status == "cancelled" and seen == [1]
     files = sorted(p.name for p in Path(cfg.out_dir).iterdir())
-    # only the complete resume checkpoint of epoch 1: no model, no temp files
-    assert files == ["last.json", "last.safetensors", "last_optim.safetensors"]
+    # only the complete resume checkpoint of epoch 1 and the best validation weights so far
+    # (epoch 1's): no model, no temp files
+    assert files == [
+        "best.json",
+        "best.safetensors",
+        "last.json",
+        "last.safetensors",
+        "last_optim.safetensors",
+    ]
+    assert read_card(Path(cfg.out_dir) / "best").training["state"]["best"]["epoch"] == 1
     assert read_card(Path(cfg.out_dir) / "last").training["state"]["epoch"] == 1
 
 
@@ -237,3 +248,135 @@ def test_train_3d_tiny(tmp_path, shared_data):
     _, card = load(res.model_path)
     assert card.spatial_dims == 3 and card.out_channels == 3
     assert set(card.metrics["test"]["per_class"]) == {"anterior", "posterior"}
+
+
+# ---------------------------------------------------------------------------- issue 14
+
+
+def _sparsity_warnings():
+    """The plugin's warning function (moving from the widgets' core to inference.gates)."""
+    try:
+        from napari_prosma.inference.gates import sparsity_warnings  # type: ignore[import-not-found]
+    except ImportError:
+        from napari_prosma._widgets._core import sparsity_warnings
+    return sparsity_warnings
+
+
+@pytest.mark.parametrize("kind, moves", [("adamw", False), ("adam_l2", True)])
+def test_theta_does_not_move_without_task_gradient(kind, moves):
+    """Under Adam's L2 decay a theta whose task gradient is zero drifts towards 0 (lambda
+    grows to softplus(0)); the AdamW parameter groups leave it exactly where it was."""
+    import torch
+
+    from napari_prosma.nets import build_model
+    from napari_prosma.train_support import make_optimizer
+
+    model = build_model("prosma_unet", spatial_dims=2, in_channels=1, out_channels=1, widths="tiny")
+    opt = make_optimizer(model, kind, 1e-3, 1e-2, torch.device("cpu"))
+    thetas = [g.theta for g in model.gates]
+    before = [t.detach().clone() for t in thetas]
+    x = torch.randn(2, 1, 32, 32)
+    for _ in range(20):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        for t in thetas:
+            t.grad = torch.zeros_like(t)  # no task gradient reaches theta
+        opt.step()
+    moved = any(not torch.equal(a, t) for a, t in zip(before, thetas))
+    assert moved is moves
+    if moves:  # towards 0, i.e. lambda = softplus(theta) grows
+        assert all(bool((t > a).all()) for a, t in zip(before, thetas))
+    # weights of convolutions still decay under AdamW (one group with decay, one without)
+    if kind == "adamw":
+        assert [g["weight_decay"] for g in opt.param_groups] == [1e-2, 0.0]
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_training_logs_lambda_and_validates_on_val_only(tmp_path, shared_data, monkeypatch):
+    import napari_prosma.train_support as support
+
+    seen: list[list[str]] = []
+    real = support.quick_validate
+
+    def spy(model, data, *a, **k):
+        seen.append(list(data.ids))
+        return real(model, data, *a, **k)
+
+    monkeypatch.setattr(support, "quick_validate", spy)
+    cfg = tiny(tmp_path, shared_data, limit=60, final_eval=False)
+    res = train(cfg, log=None)
+    split = json.loads((REPO / cfg.split).read_text())
+    assert seen and all(set(ids) == set(split["val"]) & set(ids) for ids in seen)
+    assert all(set(ids).isdisjoint(split["test"]) for ids in seen)
+    hist = res.result["history"]
+    assert all(len(h["lambda"]) == 4 for h in hist)  # 4 gate stages: [mean, min, max]
+    assert all("zero_frac" in h["val"] for h in hist)
+    sel = res.result["card"]["training"]["selected"]
+    assert sel["rule"] == "best_val"
+    assert sel["score"] == max(h["val"]["dice"] for h in hist)
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_a_stack_trains_exactly_what_its_runs_train_alone(tmp_path, shared_data):
+    from safetensors.numpy import load_file
+
+    from napari_prosma.train import train_many
+
+    def cfgs(root):
+        return [
+            tiny(tmp_path, shared_data, out_dir=str(root / n), final_eval=False, **over)
+            for n, over in (("a", {"gate": "exact"}), ("b", {"gate": "none", "seed": 1}))
+        ]
+
+    alone = [train(c, log=None) for c in cfgs(tmp_path / "alone")]
+    stacked = train_many(cfgs(tmp_path / "stack"), log=None)
+    for a, b in zip(alone, stacked):
+        wa, wb = load_file(a.model_path), load_file(b.model_path)
+        assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
+        assert [h["loss"] for h in a.result["history"]] == [h["loss"] for h in b.result["history"]]
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_prosma_train_writes_a_sparsity_range_the_plugin_reads_and_warns_on(tmp_path, shared_data):
+    from napari_prosma._widgets._core import parse_sparsity_range
+    from napari_prosma.datasets import read_dataset
+    from napari_prosma.inference import predict
+
+    out = tmp_path / "cli"
+    args = ["train", str(RECIPE), "--data-root", str(shared_data), "--out", str(out)]
+    args += ["--epochs", "1", "--device", "cpu", "--quiet"]
+    for s in ('widths="tiny"', "size=32", "limit=40", "sparsity_images=8"):
+        args += ["--set", s]
+    assert main(args) == 0
+    model, card = load(out / "model")
+    ranges = parse_sparsity_range(card.gate_sparsity_range)
+    assert sorted(ranges) == [1, 2, 3, 4]  # the parser reads every stage the trainer wrote
+    assert card.extra["gate_sparsity_range_from"]["n_images"] == 8
+    # the first training image is one of the 8 the range was computed from: no warning
+    split = json.loads((REPO / card.training["split"]["file"]).read_text())
+    ds = read_dataset("busi_with_normal", shared_data, limit=40)
+    first = sorted(set(split["train"]) & set(ds.ids))[0]
+    img = ds.subset([first]).images[0, 0]
+    from napari_prosma.datasets import resize_image
+
+    # fp32, as the range was computed (the card says so); bf16 moves zero fractions by ~0.3 %
+    pred = predict(
+        resize_image(img, 32), model, card, device="cpu", precision="fp32", return_gates=True
+    )
+    warn = _sparsity_warnings()
+    assert warn(card.gate_sparsity_range, pred.gates) == []
+    # the same gates pushed outside the recorded range of stage 2: the plugin warns
+    import dataclasses
+
+    lo, hi = ranges[2]
+    odd = [
+        dataclasses.replace(g, zero_frac_mean=(hi + 0.05 if hi < 0.95 else lo - 0.05))
+        if g.stage == 2
+        else g
+        for g in pred.gates
+    ]
+    msgs = warn(card.gate_sparsity_range, odd)
+    assert len(msgs) == 1 and msgs[0].startswith("stage 2:")

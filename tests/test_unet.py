@@ -107,3 +107,26 @@ def test_one_pixel_inputs_run_with_every_norm(sd, norm):
         y = net(torch.randn(1, 1, *([1] * sd)))
     assert y.shape == (1, 3, *([1] * sd))
     assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("arch", ["monai_unet", "monai_attention_unet"])
+def test_monai_baselines_run_any_size_and_reload_from_their_card(arch, tmp_path):
+    pytest.importorskip("monai")
+    from napari_prosma.checkpoint import ModelCard, load, save
+    from napari_prosma.nets import ARCH_TITLES
+
+    kw = {"spatial_dims": 2, "in_channels": 1, "out_channels": 1, "widths": "tiny"}
+    model = build_model(arch, **kw).eval()
+    assert type(model.net).__name__ == {"monai_unet": "UNet"}.get(arch, "AttentionUnet")
+    x = torch.randn(1, 1, 37, 50)
+    with torch.no_grad():
+        logits, gates = model(x, return_gates=True)
+    assert logits.shape == (1, 1, 37, 50) and gates == []
+    assert "MONAI" in ARCH_TITLES[arch]
+    card = ModelCard(architecture=arch, arch_kwargs=dict(model.config), class_names=["b", "f"])
+    path = save(model, tmp_path / "m", card)
+    again, _ = load(path)
+    with torch.no_grad():
+        assert torch.allclose(again(x), model(x), atol=1e-2)
+    with pytest.raises(ValueError, match="no gate option"):
+        build_model(arch, gate="full", **kw)

@@ -45,10 +45,16 @@ class Normalizer2D:
         return (x.float() / self.scale - self.mean) / self.std
 
 
-def dihedral_2d(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random flips and transposition per sample of ``x (B, C, H, W)``, ``y (B, 1, H, W)``."""
+def dihedral_2d(
+    x: torch.Tensor, y: torch.Tensor, rand: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random flips and transposition per sample of ``x (B, C, H, W)``, ``y (B, 1, H, W)``.
+
+    ``rand`` ``(B, 3)`` uniform draws in [0, 1) decide them (drawn here when None)."""
     b = x.shape[0]
-    r = torch.rand(b, 3, device=x.device) < 0.5
+    if rand is None:
+        rand = torch.rand(b, 3, device=x.device)
+    r = rand < 0.5
     for j, op in enumerate((lambda t: t.flip(-1), lambda t: t.flip(-2))):
         m = r[:, j].view(b, 1, 1, 1)
         x = torch.where(m, op(x), x)
@@ -77,13 +83,18 @@ class Data2D:
         self.device = device
 
     def batch(
-        self, idx: torch.Tensor, augment: bool = True, channels_last: bool = False
+        self,
+        idx: torch.Tensor,
+        augment: bool = True,
+        channels_last: bool = False,
+        rand: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather, augment and normalise: float32 ``x (B, C, H, W)`` and ``y (B, 1, H, W)``."""
+        """Gather, augment and normalise: float32 ``x (B, C, H, W)`` and ``y (B, 1, H, W)``
+        (``rand``: the augmentation draws, see :func:`dihedral_2d`)."""
         x = self.images.index_select(0, idx)
         y = self.masks.index_select(0, idx)
         if augment:
-            x, y = dihedral_2d(x, y)
+            x, y = dihedral_2d(x, y, rand)
         x = self.norm(x)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from .protocol import glas_official_split, random_split, read_split  # noqa: F401 (re-exported)
+
 #: Dataset name -> (kind, channels, training size, class names, what it is).
 DATASETS: dict[str, dict[str, Any]] = {
     "busi": {
@@ -40,6 +42,14 @@ DATASETS: dict[str, dict[str, Any]] = {
         "size": 256,
         "classes": ["background", "lesion"],
         "title": "BUSI breast ultrasound (benign + malignant), 647 images",
+    },
+    "busi_with_normal": {
+        "dims": 2,
+        "channels": 1,
+        "size": 256,
+        "classes": ["background", "lesion"],
+        "title": "BUSI breast ultrasound, 647 lesion images (benign + malignant) + 67 normal "
+        "images without a lesion (empty masks)",
     },
     "kvasir": {
         "dims": 2,
@@ -64,7 +74,16 @@ DATASETS: dict[str, dict[str, Any]] = {
     },
 }
 
-_FOLDER = {"busi": "busi", "kvasir": "kvasir-seg", "glas": "glas", "hippocampus": "hippocampus"}
+#: Dataset name -> its folder under the data root (the first, where it has several).
+_FOLDER: dict[str, str] = {
+    "busi": "busi",
+    "busi_with_normal": "busi",
+    "kvasir": "kvasir-seg",
+    "glas": "glas",
+    "hippocampus": "hippocampus",
+}
+#: Datasets read from more than one folder: every folder, in order.
+_FOLDERS: dict[str, tuple[str, ...]] = {"busi_with_normal": ("busi", "busi-normal")}
 
 
 def default_data_root() -> Path:
@@ -203,19 +222,24 @@ def read_2d(
         if limit:
             ds = ds.subset(ds.ids[:limit])
         return ds
-    folder = root / _FOLDER[name]
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no {name} data at {folder}")
-    img_suffix = ".png" if name == "busi" else ".jpg"
+    folders = [root / f for f in _FOLDERS.get(name, (_FOLDER[name],))]
+    for folder in folders:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no {name} data at {folder}")
+    img_suffix = ".png" if name.startswith("busi") else ".jpg"
     mask_suffix = ".jpg" if name == "kvasir" else ".png"
-    ids = list(ids) if ids is not None else _stems(folder / "images", img_suffix)
+    home = {s: f for f in folders for s in _stems(f / "images", img_suffix)}
+    ids = list(ids) if ids is not None else sorted(home)
     if limit:
         ids = ids[:limit]
+    missing = [s for s in ids if s not in home]
+    if missing:
+        raise KeyError(f"{name}: {len(missing)} id(s) not in the data, e.g. {missing[0]}")
     size = info["size"]
-    encoded = [(folder / "images" / f"{s}{img_suffix}").read_bytes() for s in ids]
+    encoded = [(home[s] / "images" / f"{s}{img_suffix}").read_bytes() for s in ids]
     images = np.stack([_finish_image(b, info["channels"], size) for b in encoded])
     masks = np.stack(
-        [_finish_mask((folder / "masks" / f"{s}{mask_suffix}").read_bytes(), size) for s in ids]
+        [_finish_mask((home[s] / "masks" / f"{s}{mask_suffix}").read_bytes(), size) for s in ids]
     )
     ds = Dataset2D(name, images, masks, ids, {"size": size})
     ds.meta["_encoded"] = encoded  # kept for pack(); dropped by subset()
@@ -364,36 +388,3 @@ def load_packed(path: str | os.PathLike[str]) -> Dataset2D | Dataset3D:
         labels.append(flat_l[off : off + n].reshape(s))
         off += n
     return Dataset3D(meta["name"], images, labels, meta["ids"], meta["spacing"], meta["meta"])
-
-
-# ---------------------------------------------------------------------------- splits
-
-
-def random_split(ids: Sequence[str], seed: int, test_fraction: float = 0.2) -> dict[str, Any]:
-    """The 80/20 split of a seed: sorted ids permuted by ``default_rng(seed)``, first
-    ``round(test_fraction * N)`` to test."""
-    ids = sorted(ids)
-    perm = np.random.default_rng(seed).permutation(len(ids))
-    n_test = round(test_fraction * len(ids))
-    test = sorted(ids[i] for i in perm[:n_test])
-    train = sorted(ids[i] for i in perm[n_test:])
-    return {"seed": seed, "test_fraction": test_fraction, "train": train, "test": test}
-
-
-def glas_official_split(root: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """GlaS's official split: train 85 / test = testA 60 + testB 20."""
-    root = Path(root) if root is not None else default_data_root()
-    s = json.loads((root / "glas" / "split.json").read_text())
-    return {"seed": None, "train": sorted(s["train"]), "test": sorted(s["testA"] + s["testB"])}
-
-
-def read_split(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a split file and check it has disjoint, non-empty train and test lists."""
-    s = json.loads(Path(path).read_text())
-    for k in ("train", "test"):
-        if not s.get(k):
-            raise ValueError(f"split {path} has no {k!r} ids")
-    overlap = set(s["train"]) & set(s["test"])
-    if overlap:
-        raise ValueError(f"split {path}: {len(overlap)} id(s) in both train and test")
-    return s

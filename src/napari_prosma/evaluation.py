@@ -22,7 +22,7 @@ import numpy as np
 
 from .checkpoint import ModelCard
 from .datasets import Dataset2D, Dataset3D, resize_image, resize_mask
-from .metrics import case_metrics, summarize
+from .metrics import case_metrics, report, summarize
 from .preprocess import prepare
 
 
@@ -143,8 +143,10 @@ def evaluate(
     """Evaluate ``model`` on every case of ``data``.
 
     Returns:
-        ``{"summary": metrics.summarize(...), "cases": [{"id", "dice", "iou", "hd95"}...],
-        "seconds", "engine"}``; for binary models the single foreground class is ``1``.
+        ``{"summary": metrics.summarize(...) (every case), "report": metrics.report(...)
+        (target cases apart from cases with nothing to find, failure rates, U-KAN's pooled
+        convention), "cases": [{"id", "dice", "iou", "hd95"}...], "seconds", "engine"}``;
+        for binary models the single foreground class is ``1``.
     """
     classes = list(range(1, max(card.out_channels, 2)))
     names = (card.class_names or [])[1:] or [str(c) for c in classes]
@@ -163,6 +165,7 @@ def evaluate(
             spacing = data.spacing[i] if data.spacing else None
         pred = predict_labels(model, card, img, device=device, engine=engine, spacing=spacing)
         m = case_metrics(pred, gt, classes, spacing, with_hd95)
+        m["size"] = int(np.asarray(gt).size)
         cases.append(m)
         row: dict[str, Any] = {"id": data.ids[i]}
         for name, (_lab, v) in zip(names, m["per_class"].items()):
@@ -175,6 +178,7 @@ def evaluate(
         used = "napari_prosma.inference.predict"
     return {
         "summary": summarize(cases, names),
+        "report": report(cases, names),
         "cases": rows,
         "seconds": time.perf_counter() - t0,
         "engine": used,

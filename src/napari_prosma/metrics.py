@@ -191,3 +191,155 @@ def torch_ones_like(t):  # type: ignore[no-untyped-def]
     import torch
 
     return torch.ones_like(t)
+
+
+# ---------------------------------------------------------------------------- reports
+
+
+def _pooled_ukan(rows: Sequence[dict[str, Any]], batch: int) -> dict[str, float]:
+    """U-KAN's convention: IoU pooled over each batch of ``batch`` cases (in order), F1 =
+    2·IoU/(1+IoU) of that, batches averaged weighted by their size."""
+    ious, dices, sizes = [], [], []
+    for i in range(0, len(rows), batch):
+        chunk = rows[i : i + batch]
+        tp = sum(r["tp"] for r in chunk)
+        union = sum(r["tp"] + r["fp"] + r["fn"] for r in chunk)
+        iou_b = (tp + 1e-5) / (union + 1e-5)
+        ious.append(iou_b)
+        dices.append(2 * iou_b / (iou_b + 1))
+        sizes.append(len(chunk))
+    w = np.asarray(sizes, dtype=np.float64)
+    return {
+        "batch": batch,
+        "iou": float(np.dot(ious, w) / w.sum()),
+        "dice": float(np.dot(dices, w) / w.sum()),
+    }
+
+
+def _distribution(v: np.ndarray) -> dict[str, float]:
+    q = np.percentile(v, [5, 25, 50, 75, 95])
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std()),
+        "p05": float(q[0]),
+        "p25": float(q[1]),
+        "median": float(q[2]),
+        "p75": float(q[3]),
+        "p95": float(q[4]),
+    }
+
+
+def report(
+    cases: Sequence[dict[str, Any]],
+    class_names: Sequence[str] | None = None,
+    ukan_batch: int = 8,
+    fp_area: float = 0.005,
+) -> dict[str, Any]:
+    """The protocol's report of :func:`case_metrics` results (each with ``"size"``, the
+    number of pixels/voxels of the case), per foreground class.
+
+    For the cases whose ground truth holds the class ("target cases"): the per-case mean
+    Dice/IoU with its distribution, the failure rate (Dice = 0 and Dice < 0.5), HD95 with
+    how many cases it leaves out (undefined where the prediction is empty), the pooled
+    (dataset-level) Dice/IoU and U-KAN's batch-pooled convention (:func:`_pooled_ukan`, in
+    the order given). For the cases with nothing to find: how many, and on what share the
+    prediction covers more than ``fp_area`` of the image.
+
+    Returns:
+        ``{"per_class": {name: {...}}, "dice_mean", "iou_mean", "hd95_mean"}`` (the means
+        over classes of the target-case means).
+    """
+    if not cases:
+        raise ValueError("no cases to report")
+    labels = list(cases[0]["per_class"])
+    per_class: dict[str, Any] = {}
+    for i, lab in enumerate(labels):
+        name = class_names[i] if class_names and i < len(class_names) else lab
+        rows = [c["per_class"][lab] for c in cases]
+        sizes = [c.get("size", 0) for c in cases]
+        has = [r["tp"] + r["fn"] > 0 for r in rows]
+        tgt = [r for r, h in zip(rows, has) if h]
+        entry: dict[str, Any] = {"n_target": len(tgt), "n_no_target": len(rows) - len(tgt)}
+        if tgt:
+            d = np.asarray([r["dice"] for r in tgt])
+            u = np.asarray([r["iou"] for r in tgt])
+            tp = sum(r["tp"] for r in tgt)
+            fp = sum(r["fp"] for r in tgt)
+            fn = sum(r["fn"] for r in tgt)
+            entry.update(
+                dice=_distribution(d),
+                iou=_distribution(u),
+                failures={
+                    "dice_0": float((d == 0).mean()),
+                    "dice_below_0.5": float((d < 0.5).mean()),
+                    "n_dice_0": int((d == 0).sum()),
+                    "n_dice_below_0.5": int((d < 0.5).sum()),
+                },
+                pooled={"dice": dice_from_counts(tp, fp, fn), "iou": iou_from_counts(tp, fp, fn)},
+                ukan_pooled=_pooled_ukan(tgt, ukan_batch),
+            )
+            if "hd95" in tgt[0]:
+                h = np.asarray([r["hd95"] for r in tgt], dtype=np.float64)
+                ok = np.isfinite(h)
+                entry["hd95"] = {
+                    "mean": float(h[ok].mean()) if ok.any() else float("nan"),
+                    "median": float(np.median(h[ok])) if ok.any() else float("nan"),
+                    "n": int(ok.sum()),
+                    "n_left_out": int((~ok).sum()),
+                }
+        empty = [(r, s) for r, s, h in zip(rows, sizes, has) if not h]
+        if empty:
+            area = np.asarray([(r["fp"] / s) if s else 0.0 for r, s in empty])
+            entry["no_target"] = {
+                "n": len(empty),
+                "fp_share": float((area > fp_area).mean()),
+                "n_fp": int((area > fp_area).sum()),
+                "any_pixel_share": float((area > 0).mean()),
+                "mean_area": float(area.mean()),
+                "fp_area_threshold": fp_area,
+            }
+        per_class[name] = entry
+
+    def mean_of(key: str) -> float:
+        v = [e[key]["mean"] for e in per_class.values() if key in e]
+        v = [x for x in v if np.isfinite(x)]
+        return float(np.mean(v)) if v else float("nan")
+
+    return {
+        "per_class": per_class,
+        "dice_mean": mean_of("dice"),
+        "iou_mean": mean_of("iou"),
+        "hd95_mean": mean_of("hd95"),
+        "conventions": (
+            "per-case means over the cases whose ground truth holds the class; U-KAN's "
+            f"batch-pooled IoU (batches of {ukan_batch} in id order, F1 = 2IoU/(1+IoU)); "
+            f"false positive on a case with nothing to find = prediction > {fp_area:.1%} of it"
+        ),
+    }
+
+
+def dice_distribution(values: Sequence[float], class_name: str) -> dict[str, Any]:
+    """What a model card records of a test-set Dice distribution (for ``prosma demo`` and
+    the card's reader): count, mean, quantiles, failure rates and every value, sorted.
+
+    Args:
+        values: per-case Dice of the cases whose ground truth holds the class.
+        class_name: the foreground class they belong to.
+    """
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    if v.size == 0:
+        raise ValueError("no Dice values")
+    return {
+        "class": class_name,
+        "n": int(v.size),
+        **_distribution(v),
+        "dice_0": float((v == 0).mean()),
+        "dice_below_0.5": float((v < 0.5).mean()),
+        "dice_sorted": [round(float(x), 4) for x in v],
+    }
+
+
+def percentile_of(value: float, sorted_values: Sequence[float]) -> float:
+    """Share (0–100) of ``sorted_values`` at or below ``value``."""
+    v = np.asarray(sorted_values, dtype=np.float64)
+    return float(100.0 * np.count_nonzero(v <= value) / max(v.size, 1))

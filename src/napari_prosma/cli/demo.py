@@ -113,6 +113,48 @@ def untrained_model() -> tuple[Any, Any]:
     return model, card
 
 
+def gate_lines(gates: list[Any]) -> list[str]:
+    """What each stage's skip really passes: the mean of psi·c (the factor x is multiplied
+    by, averaged over locations and channels), where it passes exactly nothing, and the
+    exact zeros of the gate field z* beside them."""
+    lines = []
+    for g in gates:
+        if g.psi is None and g.c is None:
+            continue
+        psi = np.asarray(g.psi, dtype=np.float64) if g.psi is not None else None
+        c = float(np.mean(g.c)) if g.c is not None else 1.0
+        passes = (float(psi.mean()) if psi is not None else 1.0) * c
+        removed = float((psi == 0).mean()) if psi is not None else 0.0
+        z = (
+            f"; z* exactly zero {100 * g.zero_frac_mean:.0f}%"
+            if g.zero_frac_mean is not None
+            else ""
+        )
+        lines.append(
+            f"  Skip stage {g.stage}: passes on average {passes:.2f} of x (psi·c), exactly "
+            f"nothing at {100 * removed:.0f}% of locations{z}"
+        )
+    return lines
+
+
+def distribution_lines(card: Any, score: float) -> list[str]:
+    """The model's test-set Dice distribution (from its card) beside the demo's one frame."""
+    from ..metrics import percentile_of
+
+    dist = ((card.metrics or {}).get("test") or {}).get("distribution")
+    if not dist:
+        return ["  (the model card records no test-set distribution to compare this frame with)"]
+    at = percentile_of(score, dist["dice_sorted"])
+    return [
+        f"  This one frame is not the model's accuracy: on its {dist['n']} held-out test images "
+        f"the {dist['class']} Dice was mean {dist['mean']:.3f}, median {dist['median']:.3f}, "
+        f"5th-95th percentile {dist['p05']:.3f}-{dist['p95']:.3f};",
+        f"  it missed completely (Dice 0) on {dist['dice_0']:.1%} and scored below 0.5 on "
+        f"{dist['dice_below_0.5']:.1%}. This frame's {score:.3f} sits at percentile {at:.0f} of "
+        "them.",
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     from .._samples import SAMPLES, load_sample
     from ..checkpoint import list_bundled
@@ -156,20 +198,13 @@ def run(args: argparse.Namespace) -> int:
     )
     for note in pred.notes:
         print(f"  note: {note}")
-    if pred.gates:
-        parts = [
-            f"stage {g.stage}: {100 * g.zero_frac_mean:.0f}%"
-            for g in pred.gates
-            if g.zero_frac_mean is not None
-        ]
-        if parts:
-            print(
-                "  Skip-gate sparsity (share of the gate field z that is exactly zero): "
-                + ", ".join(parts)
-            )
+    for line in gate_lines(pred.gates):
+        print(line)
     fg = info.class_names[1] if len(info.class_names) > 1 else "foreground"
     suffix = "" if trained else "   <- MEANINGLESS: untrained weights"
     print(f"Dice against the sample's manual ground truth ({fg}): {score:.3f}{suffix}")
+    for line in distribution_lines(card, score) if trained else []:
+        print(line)
     print(f"Labels:  {lab_path}")
     print(f"Overlay: {ov_path}  (yellow = model, cyan = ground truth)")
     return 0

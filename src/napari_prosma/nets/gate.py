@@ -11,8 +11,21 @@ Given an encoder feature ``x`` and a decoder feature ``g`` at the same resolutio
     x~ = x * c * psi                                        (5)
 
 The ablations of Table 3 switch the spatial part (``psi``) and the channel part (``c``) on
-or off; ``mode="attention"`` is Oktay et al.'s additive attention gate (dense sigmoid,
-no sparsity), and ``mode="none"`` is U-Net's plain skip.
+or off; ``mode="attention"`` is an additive attention gate at the skip's own resolution (a
+dense sigmoid, no sparsity; an ablation on the ProSMA backbone, not Oktay et al.'s network,
+which is ``monai_attention_unet``), and ``mode="none"`` is a plain skip.
+
+``mode="exact"`` is the full gate with **exact removal**: where z* is zero in every latent
+channel at a location, psi is set to 0 there, so the skip passes nothing at that location
+(in the paper's form psi = sigmoid(bias of Psi) ~ 0.5 there, and the skip still passes about
+half of ``x * c``). Elsewhere it equals the paper's form.
+
+``dead_slope`` (default 0: off) is a remedy for dead gates. Soft-thresholding has zero
+gradient where ``|u| <= lambda``; once a stage's z* is zero everywhere, nothing upstream of
+it (theta, W_x, W_g, f_ms) gets a gradient again. With ``dead_slope = a > 0`` the forward pass
+is unchanged (the same exact zeros), but the backward pass lets ``a`` times the gradient
+through the zeroed entries, as if ``z = a * (u - lambda * sign(u))`` there (a straight-through
+estimator), and likewise through exact removal.
 """
 
 from __future__ import annotations
@@ -27,7 +40,10 @@ from torch import nn
 
 from .factories import conv, global_avgpool
 
-GATE_MODES = ("full", "spatial", "channel", "none", "attention")
+GATE_MODES = ("full", "spatial", "channel", "none", "attention", "exact")
+
+#: Gate modes with a sparse (soft-thresholded) field z*.
+SPARSE_MODES = ("full", "spatial", "exact")
 
 
 def soft_threshold(u: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -42,6 +58,26 @@ def soft_threshold(u: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """
     lam = lam.view(1, -1, *([1] * (u.ndim - 2)))
     return torch.sign(u) * F.relu(u.abs() - lam)
+
+
+def soft_threshold_st(u: torch.Tensor, lam: torch.Tensor, slope: float) -> torch.Tensor:
+    """:func:`soft_threshold` forward; backward also through the zeroed entries, at ``slope``.
+
+    Args:
+        u: ``(N, C, *S)`` compatibility field.
+        lam: ``(C,)`` thresholds.
+        slope: share of the gradient let through where ``|u| <= lam`` (0: plain prox).
+
+    Returns:
+        ``(N, C, *S)``, equal to ``soft_threshold(u, lam)`` (the same exact zeros).
+    """
+    z = soft_threshold(u, lam)
+    if slope <= 0 or not torch.is_grad_enabled():
+        return z
+    lam_b = lam.view(1, -1, *([1] * (u.ndim - 2)))
+    dead = (u.abs() <= lam_b).detach()
+    ghost = (u - lam_b * torch.sign(u)) * dead * slope
+    return z + (ghost - ghost.detach())
 
 
 def theta_for_lambda(lam: float) -> float:
@@ -86,6 +122,7 @@ class SkipGate(nn.Module):
         dilations: dilation rates of the depthwise convs of f_ms.
         mlp_ratio: hidden width of the channel MLP as a fraction of C_g (at least 8).
         theta_init: initial theta (lambda = softplus(theta); -2.0 gives lambda ~ 0.127).
+        dead_slope: gradient share let through zeroed entries (a dead-gate remedy; 0: off).
     """
 
     def __init__(
@@ -98,6 +135,7 @@ class SkipGate(nn.Module):
         dilations: Sequence[int] = (1, 2, 3),
         mlp_ratio: float = 0.25,
         theta_init: float = -2.0,
+        dead_slope: float = 0.0,
     ):
         super().__init__()
         if mode not in GATE_MODES:
@@ -106,9 +144,11 @@ class SkipGate(nn.Module):
             raise ValueError("dilations must name at least one rate")
         self.mode = mode
         self.spatial_dims = spatial_dims
-        self.use_spatial = mode in ("full", "spatial", "attention")
-        self.sparse = mode in ("full", "spatial")
-        self.use_channel = mode in ("full", "channel")
+        self.use_spatial = mode in ("full", "spatial", "attention", "exact")
+        self.sparse = mode in SPARSE_MODES
+        self.use_channel = mode in ("full", "channel", "exact")
+        self.exact = mode == "exact"
+        self.dead_slope = float(dead_slope)
         Conv = conv(spatial_dims)
         att_ch = att_ch or max(x_ch // 2, 8)
         self.att_ch = att_ch
@@ -159,10 +199,12 @@ class SkipGate(nn.Module):
         if self.use_spatial:
             if self.sparse:
                 lam = F.softplus(self.theta)
-                z = soft_threshold(self.compatibility(x, g), lam)
-            else:  # Oktay: psi = sigmoid(Psi(ReLU(q + k))), dense
+                z = soft_threshold_st(self.compatibility(x, g), lam, self.dead_slope)
+            else:  # additive attention: psi = sigmoid(Psi(ReLU(q + k))), dense
                 z = F.relu(self.w_x(x) + self.w_g(g))
             psi = torch.sigmoid(self.psi(z))
+            if self.exact:
+                psi = exact_removal(psi, z, self.dead_slope)
             out = out * psi
             if maps is not None:
                 maps.psi = psi
@@ -179,3 +221,23 @@ class SkipGate(nn.Module):
             if maps is not None:
                 maps.c = c
         return out, maps
+
+
+def exact_removal(psi: torch.Tensor, z: torch.Tensor, slope: float = 0.0) -> torch.Tensor:
+    """Set psi to exactly 0 where z* is zero in every latent channel.
+
+    Args:
+        psi: ``(N, 1, *S)`` spatial mask.
+        z: ``(N, C_a, *S)`` sparse field z*.
+        slope: share of psi's gradient let through at removed locations (straight-through;
+            0: none). The forward value is unchanged by it.
+
+    Returns:
+        ``(N, 1, *S)``: psi where any channel of z* is non-zero, 0 elsewhere.
+    """
+    keep = (z != 0).any(1, keepdim=True).to(psi.dtype)
+    out = psi * keep
+    if slope > 0 and torch.is_grad_enabled():
+        ghost = psi * (1 - keep) * slope
+        out = out + (ghost - ghost.detach())
+    return out

@@ -32,11 +32,24 @@ PRESETS: dict[str, tuple[int, ...]] = {
     "tiny": (8, 16, 32, 64, 128),
 }
 
-#: Architecture names and the gate each implies.
+#: Architecture names and the gate each implies. ``unet`` and ``attention_unet`` are
+#: ablations on the ProSMA backbone (its encoder/decoder, a plain or an additive-attention
+#: skip), kept under these names for older cards; the real baselines are MONAI's networks.
 ARCHITECTURES: dict[str, str] = {
     "prosma_unet": "full",
     "unet": "none",
     "attention_unet": "attention",
+    "monai_unet": "none",
+    "monai_attention_unet": "attention",
+}
+
+#: What each architecture name is, in plain words (tables, cards).
+ARCH_TITLES: dict[str, str] = {
+    "prosma_unet": "ProSMA-UNet",
+    "unet": "ProSMA backbone, plain skip (ablation)",
+    "attention_unet": "ProSMA backbone, additive attention skip (ablation)",
+    "monai_unet": "U-Net (MONAI UNet, 2 residual units per level)",
+    "monai_attention_unet": "Attention U-Net (MONAI AttentionUnet, Oktay et al.)",
 }
 
 
@@ -55,6 +68,7 @@ class ProSMAUNet(nn.Module):
         dilations: dilation rates of the gate's depthwise convolutions.
         mlp_ratio: channel-gate MLP hidden width as a fraction of the decoder channels.
         theta_init: initial theta of every gate (lambda = softplus(theta)).
+        dead_slope: dead-gate remedy of every gate (see :mod:`.gate`; 0: off).
 
     Input sizes that are not multiples of ``2 ** (levels - 1)`` (or smaller than twice that
     with instance norm) are zero-padded at the end of each axis and the outputs cropped
@@ -73,6 +87,7 @@ class ProSMAUNet(nn.Module):
         dilations: Sequence[int] = (1, 2, 3),
         mlp_ratio: float = 0.25,
         theta_init: float = -2.0,
+        dead_slope: float = 0.0,
     ):
         super().__init__()
         if isinstance(widths, str):
@@ -100,6 +115,8 @@ class ProSMAUNet(nn.Module):
             "mlp_ratio": mlp_ratio,
             "theta_init": theta_init,
         }
+        if dead_slope:  # recorded only when used, so older cards stay valid
+            self.config["dead_slope"] = dead_slope
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -131,6 +148,7 @@ class ProSMAUNet(nn.Module):
                     dilations=dilations,
                     mlp_ratio=mlp_ratio,
                     theta_init=theta_init,
+                    dead_slope=dead_slope,
                 )
             )
             self.decoder.append(ResBlock(spatial_dims, 2 * x_ch, x_ch, norm))
@@ -213,16 +231,29 @@ class ProSMAUNet(nn.Module):
         return logits, maps
 
 
-def build_model(arch: str = "prosma_unet", **kwargs: Any) -> ProSMAUNet:
+def build_model(arch: str = "prosma_unet", **kwargs: Any) -> nn.Module:
     """Build a network by architecture name.
 
     Args:
-        arch: ``"prosma_unet"``, ``"unet"`` (plain skips) or ``"attention_unet"``.
+        arch: ``"prosma_unet"``, the backbone ablations ``"unet"`` (plain skips) and
+            ``"attention_unet"``, or MONAI's ``"monai_unet"`` / ``"monai_attention_unet"``.
         **kwargs: :class:`ProSMAUNet` arguments; ``gate`` defaults to the one ``arch``
-            implies and may be set for ablations of ``prosma_unet``.
+            implies and may be set for ablations of ``prosma_unet``. MONAI networks take
+            ``spatial_dims``, ``in_channels``, ``out_channels``, ``widths`` and ``norm``.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {list(ARCHITECTURES)}")
+    if arch.startswith("monai_"):
+        from .monai_nets import MonaiNet
+
+        gate = kwargs.pop("gate", ARCHITECTURES[arch])
+        if gate != ARCHITECTURES[arch]:
+            raise ValueError(f"{arch} has no gate option")
+        allowed = {"spatial_dims", "in_channels", "out_channels", "widths", "norm"}
+        extra = sorted(set(kwargs) - allowed)
+        if extra:
+            raise ValueError(f"{arch} does not take {', '.join(extra)}")
+        return MonaiNet(arch, **kwargs)
     kwargs.setdefault("gate", ARCHITECTURES[arch])
     if arch != "prosma_unet" and kwargs["gate"] != ARCHITECTURES[arch]:
         raise ValueError(f"{arch} implies gate={ARCHITECTURES[arch]!r}")
