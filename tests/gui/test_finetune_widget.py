@@ -353,7 +353,9 @@ def test_replay_line_finds_the_bundled_models_data(make_napari_viewer, shared_da
     widget = finetune_widget(viewer)
     widget.model.refresh(select="busi_prosma")
     assert widget.model.current_spec() == "busi_prosma"
-    assert widget.replay_label.text().startswith("Replay: the busi training images were found")
+    assert widget.replay_label.text().startswith(
+        "Replay: the busi_with_normal training images were found"  # busi_prosma since issue 14
+    )
 
 
 def _fake_version(root, vid: str, parent: str, before: float, after: float):
