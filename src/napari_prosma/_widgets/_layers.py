@@ -59,6 +59,15 @@ def grid_of(image: Any) -> tuple[int, ...]:
     return shape[:-1] if getattr(image, "rgb", False) else shape
 
 
+def kind_of(layer: Any) -> str | None:
+    """``"rgb"``, ``"grey"`` or ``"volume"`` for an image layer (None for no layer)."""
+    from ..report import image_kind
+
+    if layer is None:
+        return None
+    return image_kind(len(grid_of(layer)), bool(getattr(layer, "rgb", False)))
+
+
 def image_layers(viewer: Any) -> list[Any]:
     """The viewer's image layers that can be segmented (not this plugin's own maps)."""
     return [

@@ -193,6 +193,7 @@ class FinetuneWidget(FinetuneForm, WorkerHost, QWidget):
 
     def _on_image(self, *_: Any) -> None:
         self._fill_labels(None)
+        self.model.suit(_layers.kind_of(self.current_image()))
 
     def _fill_labels(self, keep: str | None) -> None:
         names = [layer.name for layer in self.labels_layers()]

@@ -139,6 +139,7 @@ class SegmentWidget(WorkerHost, QWidget):
         item.setEnabled(is_volume)
         if not is_volume and self.scope_combo.currentData() == "slice":
             self.scope_combo.setCurrentIndex(self.scope_combo.findData("whole"))
+        self.model.suit(_layers.kind_of(layer))
 
     def _on_unc(self, on: bool) -> None:
         if on and not self.tta_check.isChecked():
