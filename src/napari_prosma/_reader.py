@@ -37,6 +37,7 @@ from .io.layers import (  # noqa: F401 - re-exported: their old home
     source_metadata,
 )
 from .io.read import READ_SUFFIXES, read_series
+from .report import CT_SOFT_TISSUE, looks_like_ct
 
 #: File stems that name a label map rather than an image (opened as a Labels layer when the
 #: data are whole numbers).
@@ -85,6 +86,8 @@ def layer_data(img: ImageData, name: str | None = None) -> LayerData:
     kwargs = img.layer_kwargs()
     kwargs["name"] = name or (stem_of(img.path) if img.path else "image")
     kwargs["metadata"][IO_KEY] = source_metadata(img)
+    if img.unit == "mm":  # napari shows sizes and the scale bar in mm
+        kwargs["units"] = ("mm",) * img.spatial_dims
     kind = "image"
     if _looks_like_labels(img, kwargs["name"]):
         kind = "labels"
@@ -95,6 +98,9 @@ def layer_data(img: ImageData, name: str | None = None) -> LayerData:
         kwargs["colormap"] = "gray"
         if img.format == "nifti" and img.data.dtype.kind in "iuf" and img.data.size:
             lo, hi = np.percentile(img.data, [0.5, 99.5])
+            if looks_like_ct(img.data):  # Hounsfield units: a soft-tissue window (issue 16)
+                lo, hi = CT_SOFT_TISSUE
+                kwargs["metadata"]["ct_window"] = [lo, hi]
             if hi > lo:
                 kwargs["contrast_limits"] = (float(lo), float(hi))
     return img.data, kwargs, kind

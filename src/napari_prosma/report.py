@@ -385,3 +385,78 @@ def provenance_text(p: Mapping[str, Any]) -> str:
         + (f" (weights {sha[:8]})" if sha else "")
         + (f", {date} UTC" if date else "")
     )
+
+
+# ---------------------------------------------------------------------------- gates
+
+#: The paper's symbols in plain words (tooltips of the Gate inspector).
+GATE_WORDS = {
+    "z*": "z* (the sparse code): what the gate computes from the skip and the decoder; the "
+    "proximal step sets most of its values to exactly zero, so only the parts where skip "
+    "and decoder agree survive",
+    "ψ": "ψ (spatial gate, 0–1): where in the image the skip connection passes detail to "
+    "the decoder; 1 = passes everything there, 0 = blocks it",
+    "c": "c (channel gate, 0–1): how much of each feature channel of the skip is passed",
+    "λ": "λ (threshold): per latent channel, how large a value must be to survive; larger "
+    "λ = more exact zeros",
+    "latent channel": "latent channel: one of the feature channels of z*, the gate's "
+    "internal code (each has its own threshold λ)",
+}
+
+
+def gate_passes(
+    g: Any, axis: int | None = None, index: int | None = None
+) -> tuple[float | None, float | None]:
+    """``(mean ψ, mean c)`` of one decoder stage, over the whole result or on slice
+    ``index`` along ``axis`` of a volume (where ψ and c are known per slice)."""
+    psi = None
+    if g.psi is not None and np.size(g.psi):
+        p = np.asarray(g.psi)
+        if axis is not None and index is not None and p.ndim == 3:
+            p = np.take(p, int(np.clip(index, 0, p.shape[axis] - 1)), axis=axis)
+        psi = float(p.mean())
+    c = getattr(g, "c", None)
+    per_slice = getattr(g, "c_slices", None)
+    if index is not None and per_slice is not None and 0 <= index < len(per_slice):
+        c = per_slice[index]
+    return psi, (None if c is None else float(np.mean(c)))
+
+
+def gate_line(g: Any, axis: int | None = None, index: int | None = None) -> str:
+    """One plain line per stage: how much of its detail the skip passes (mean ψ·c) and
+    how much of the sparse code z* is exactly zero (never a 0 %/100 % threshold count)."""
+    res = "full res." if g.scale == 1 else f"1/{g.scale} res."
+    psi, c = gate_passes(g, axis, index)
+    parts = []
+    if psi is not None or c is not None:
+        passed = (1.0 if psi is None else psi) * (1.0 if c is None else c)
+        how = " × ".join(
+            s
+            for s in (
+                None if psi is None else f"where ψ {psi:.2f}",
+                None if c is None else f"channels c {c:.2f}",
+            )
+            if s
+        )
+        parts.append(f"the skip passes {passed:.0%} of its detail ({how})")
+    if g.zero_frac_mean is not None:
+        parts.append(f"{g.zero_frac_mean:.0%} of the sparse code z* is exactly zero")
+        if g.zero_frac_mean >= 0.999:
+            parts[-1] += " (so ψ here does not depend on the image: it is the gate's bias)"
+    where = "" if index is None else f" on slice {index}"
+    return f"Stage {g.stage} ({res}){where}: " + ("; ".join(parts) or "no gate")
+
+
+# ---------------------------------------------------------------------------- versions
+
+
+def version_label(vid: str) -> str:
+    """A store version id in words: ``busi_prosma-ft-20261201-214019`` →
+    ``"busi_prosma, tuned 2026-12-01 21:40"`` (other ids as they are)."""
+    import re
+
+    m = re.fullmatch(r"(.+?)-ft-(\d{4})(\d{2})(\d{2})-(\d{2})(\d{2})\d{2}(.*)", vid)
+    if m is None:
+        return vid
+    base, y, mo, d, h, mi, rest = m.groups()
+    return f"{base}, tuned {y}-{mo}-{d} {h}:{mi}{rest.replace('-', ' ')}"
