@@ -219,3 +219,36 @@ def test_second_finetune_defaults_to_the_labels_just_corrected(make_napari_viewe
     assert _layers.labels_for(viewer, image).name == "img labels"
     _, ft = viewer.window.add_plugin_dock_widget("napari-prosma", "Fine-tune")
     assert ft.labels_combo.currentData() == "img labels"
+
+
+def test_label_files_open_as_labels_and_labels_save_as_png(make_napari_viewer, tmp_path):
+    import imageio.v3 as iio
+    import nibabel as nib
+    from napari.layers import Image, Labels
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:10, 5:15] = 255
+    iio.imwrite(tmp_path / "case7.png", mask)  # named like an image: known by its content
+    iio.imwrite(tmp_path / "scan.png", rng.integers(0, 255, (20, 30)).astype(np.uint8))
+    (tmp_path / "labelsTr").mkdir()
+    nib.save(
+        nib.Nifti1Image(np.zeros((6, 7, 8), np.uint8), np.eye(4)),
+        tmp_path / "labelsTr" / "spleen_1.nii.gz",
+    )
+    viewer = make_napari_viewer()
+    (m,) = viewer.open(str(tmp_path / "case7.png"), plugin="napari-prosma")
+    (s,) = viewer.open(str(tmp_path / "scan.png"), plugin="napari-prosma")
+    (t,) = viewer.open(str(tmp_path / "labelsTr" / "spleen_1.nii.gz"), plugin="napari-prosma")
+    assert isinstance(m, Labels) and isinstance(t, Labels) and isinstance(s, Image)
+    out = tmp_path / "saved.png"
+    viewer.layers.selection = {m}
+    written = viewer.layers.save(str(out), selected=True, plugin="napari-prosma")
+    assert written == [str(out)]
+    np.testing.assert_array_equal(iio.imread(out), mask)
+    # a volume cannot go into a PNG: nothing is written (napari reports the writer as not
+    # valid for it; io.write_labels' reason, "a PNG holds one 2D image", does not reach it)
+    viewer.layers.selection = {t}
+    with pytest.warns(UserWarning, match="not a valid writer"):
+        viewer.layers.save(str(tmp_path / "vol.png"), selected=True, plugin="napari-prosma")
+    assert not (tmp_path / "vol.png").exists()
