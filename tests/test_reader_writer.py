@@ -33,8 +33,9 @@ def test_get_reader_claims_nifti_and_tiff_only():
     assert _reader.napari_get_reader("a.nii.gz") is _reader.read_layers
     assert _reader.napari_get_reader("a.NII") is _reader.read_layers
     assert _reader.napari_get_reader(["a.tif", "b.tiff"]) is _reader.read_layers
-    assert _reader.napari_get_reader("a.png") is None
-    assert _reader.napari_get_reader(["a.nii", "b.png"]) is None
+    assert _reader.napari_get_reader("a.png") is _reader.read_layers  # issue 16
+    assert _reader.napari_get_reader("a.bmp") is None
+    assert _reader.napari_get_reader(["a.nii", "b.bmp"]) is None
     assert _reader.napari_get_reader([]) is None
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .fs import stem_of, suffix_of
-from .io.image import ImageData
+from .io.image import PNG_SUFFIXES, ImageData
 from .io.layers import (  # noqa: F401 - re-exported: their old home
     IO_KEY,
     _from_source_file,
@@ -37,6 +37,7 @@ from .io.layers import (  # noqa: F401 - re-exported: their old home
     source_metadata,
 )
 from .io.read import READ_SUFFIXES, read_series
+from .report import CT_SOFT_TISSUE, looks_like_ct
 
 #: File stems that name a label map rather than an image (opened as a Labels layer when the
 #: data are whole numbers).
@@ -50,7 +51,7 @@ LayerData = tuple[Any, dict[str, Any], str]
 def napari_get_reader(path: str | Sequence[str]) -> Callable[..., list[LayerData]] | None:
     """Return :func:`read_layers` when every path is a NIfTI, TIFF or JPEG file, else None."""
     paths = [path] if isinstance(path, str | os.PathLike) else list(path)
-    if not paths or not all(suffix_of(p) in READ_SUFFIXES for p in paths):
+    if not paths or not all(suffix_of(p) in READ_SUFFIXES + PNG_SUFFIXES for p in paths):
         return None
     return read_layers
 
@@ -85,8 +86,10 @@ def layer_data(img: ImageData, name: str | None = None) -> LayerData:
     kwargs = img.layer_kwargs()
     kwargs["name"] = name or (stem_of(img.path) if img.path else "image")
     kwargs["metadata"][IO_KEY] = source_metadata(img)
+    if img.unit == "mm":  # napari shows sizes and the scale bar in mm
+        kwargs["units"] = ("mm",) * img.spatial_dims
     kind = "image"
-    if _looks_like_labels(img, kwargs["name"]):
+    if _looks_like_labels(img, kwargs["name"], img.path):
         kind = "labels"
         kwargs.pop("rgb", None)
         data = img.data if img.data.dtype.kind in "iu" else img.data.astype(np.int32)
@@ -95,18 +98,40 @@ def layer_data(img: ImageData, name: str | None = None) -> LayerData:
         kwargs["colormap"] = "gray"
         if img.format == "nifti" and img.data.dtype.kind in "iuf" and img.data.size:
             lo, hi = np.percentile(img.data, [0.5, 99.5])
+            if looks_like_ct(img.data):  # Hounsfield units: a soft-tissue window (issue 16)
+                lo, hi = CT_SOFT_TISSUE
+                kwargs["metadata"]["ct_window"] = [lo, hi]
             if hi > lo:
                 kwargs["contrast_limits"] = (float(lo), float(hi))
     return img.data, kwargs, kind
 
 
-def _looks_like_labels(img: ImageData, name: str) -> bool:
-    if img.kind == "rgb" or not _LABEL_STEM.search(name):
+#: Folders of label maps (the Medical Segmentation Decathlon's labelsTr / labelsTs, ...).
+_LABEL_DIR = re.compile(r"^(labels?(tr|ts)?|masks?|segmentations?|gt|ground_?truth)$", re.I)
+#: Whole-number grey data with at most this many distinct values (0 among them) is a mask.
+MAX_MASK_VALUES = 8
+
+
+def _looks_like_labels(img: ImageData, name: str, path: Any = None) -> bool:
+    """Labels: whole numbers named like a label map (stem or folder), or a grey integer
+    image of a few values including 0 (a PNG mask, 0/1 or 0/255)."""
+    if img.kind == "rgb":
         return False
     a = img.data
-    if a.dtype.kind in "iub":
+    whole = a.dtype.kind in "iub" or (
+        a.dtype.kind == "f" and bool(np.all(a == np.round(a))) and float(a.min()) >= 0
+    )
+    if not whole:
+        return False
+    folder = Path(path).parent.name if path else ""
+    if _LABEL_STEM.search(name) or _LABEL_DIR.match(folder):
         return True
-    return a.dtype.kind == "f" and bool(np.all(a == np.round(a))) and float(a.min()) >= 0
+    if a.dtype.kind not in "iub" or a.size == 0:
+        return False
+    values = np.unique(a[:: max(1, a.shape[0] // 256)])  # a sample of rows first
+    return (
+        len(values) <= MAX_MASK_VALUES and values[0] == 0 and len(np.unique(a)) <= MAX_MASK_VALUES
+    )
 
 
 def _warn(message: str) -> None:

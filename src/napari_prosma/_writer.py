@@ -20,13 +20,15 @@ from . import io
 from .io.layers import image_data_from_layer
 
 WRITE_SUFFIXES = io.NIFTI_SUFFIXES + io.TIFF_SUFFIXES
+#: Labels may also be saved as PNG (2D, at most 255 classes; io.write_labels says why not).
+LABEL_SUFFIXES = WRITE_SUFFIXES + io.PNG_SUFFIXES
 
 
-def _target(path: str, like: io.ImageData) -> Path:
+def _target(path: str, like: io.ImageData, known: tuple[str, ...] = WRITE_SUFFIXES) -> Path:
     """``path``, with ``.nii.gz`` (NIfTI sources) or ``.tif`` added when it has no suffix
     this writer knows."""
     p = Path(path).expanduser()
-    if io.suffix_of(p) in WRITE_SUFFIXES:
+    if io.suffix_of(p) in known:
         return p
     return p.with_name(p.name + (".nii.gz" if like.format == "nifti" else ".tif"))
 
@@ -42,7 +44,7 @@ def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     """Write one Labels layer; returns the path written."""
     a = _materialise(data)
     like = image_data_from_layer(a, meta, rgb=False)
-    out = io.write_labels(_target(path, like), a, like, overwrite=True)
+    out = io.write_labels(_target(path, like, LABEL_SUFFIXES), a, like, overwrite=True)
     return [str(out)]
 
 

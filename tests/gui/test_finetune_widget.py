@@ -19,6 +19,8 @@ from test_segment_widget import (  # tests/gui is on sys.path under pytest
     segment_widget,
 )
 
+from napari_prosma.report import version_label
+
 pytestmark = pytest.mark.gui
 
 FAST = {"lr": 3e-3, "eval_every": 10, "patience": 10, "batch_size": 4}
@@ -140,7 +142,8 @@ def test_finetune_end_to_end(corrected, qtbot):
     assert widget.progress_bar.value() == 100
     # the versions list
     assert widget.versions_table.rowCount() == 1
-    assert widget.versions_table.item(0, 0).text() == f"★ {vid}"
+    assert widget.versions_table.item(0, 0).text() == f"★ {version_label(vid)}"
+    assert widget.versions_table.item(0, 0).toolTip().startswith(vid)
     assert "→" in widget.versions_table.item(0, 1).text()
     # the corrections were saved with the version
     _, saved = store().load_corrections(versions[0].path / "corrections")
@@ -166,6 +169,8 @@ def test_cancel_mid_run_keeps_the_parent(corrected, qtbot):
     assert widget.model.current_spec() == parent_spec
     assert seg.model.current_spec() == parent_spec
     assert "ancel" in widget.status_label.text()
+    qtbot.wait(200)  # progress reports still queued must not bring the old step back
+    assert "step" not in widget.status_label.text() and widget.progress_bar.value() == 0
     assert [layer.name for layer in viewer.layers] == names  # nothing re-segmented
     np.testing.assert_array_equal(labels.data, truth)
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
@@ -379,7 +384,7 @@ def test_versions_list_activate_and_revert(make_napari_viewer, tmp_path):
     widget = finetune_widget(viewer)
     table = widget.versions_table
     assert table.rowCount() == 2
-    ids = [table.item(r, 0).text() for r in range(2)]
+    ids = [table.item(r, 0).toolTip() for r in range(2)]
     assert set(ids) == {"parent-ft-1", "parent-ft-2"}  # nothing active yet
     assert widget.store_label.text().endswith(str(root))
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from psygnal import Signal
+from qtpy.QtCore import Qt
+from qtpy.QtGui import QBrush, QColor
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -19,6 +21,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import user_message
 from ..inference.gates import fmt_range, parse_sparsity_range
+from ..report import card_summary, kind_words, model_fit
 from . import _core
 from ._common import compact_combo, hub_for, notify_error, notify_warning
 
@@ -40,6 +43,8 @@ class ModelChooser(QWidget):
         super().__init__(parent)
         self._files: list[str] = []
         self._card: Any = None
+        self._kind: str | None = None
+        self._user_choice = False  # the user picked the selected model in the list
         self.combo = QComboBox()
         self.combo.setToolTip("A bundled model, one of your fine-tuned versions, or a file")
         compact_combo(self.combo, 18)
@@ -52,15 +57,21 @@ class ModelChooser(QWidget):
         self.card_text.setLineWrapMode(QPlainTextEdit.LineWrapMode.WidgetWidth)
         self.card_text.setMaximumHeight(130)
         self.card_text.setPlaceholderText("No model: add a checkpoint file with 'File…'")
+        self.full_card_button = QPushButton("Full card…")
+        self.full_card_button.setToolTip("Every field of the model card, as stored (JSON)")
+        self.full_card_button.clicked.connect(self.show_full_card)
+        self.card_dialog: Any = None
         row = QHBoxLayout()
         row.setContentsMargins(0, 0, 0, 0)
         row.addWidget(self.combo, 1)
         row.addWidget(self.browse_button)
+        row.addWidget(self.full_card_button)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addLayout(row)
         lay.addWidget(self.card_text)
         self.combo.currentIndexChanged.connect(self._on_index)
+        self.combo.activated.connect(self._on_user_pick)
         self.browse_button.clicked.connect(self._browse)
         self.refresh()
 
@@ -81,15 +92,99 @@ class ModelChooser(QWidget):
         idx = self.combo.findData(target) if target is not None else -1
         self.combo.setCurrentIndex(idx if idx >= 0 else (0 if choices else -1))
         self.combo.blockSignals(False)
+        self._active = active
+        self._mark_fit()
+        if keep is None and self._kind is not None:
+            self.suit(self._kind)
         self._on_index()
+
+    def suit(self, kind: str | None) -> None:
+        """Fit the chooser to an image of ``kind`` (``"rgb"``, ``"grey"``, ``"volume"``;
+        :func:`napari_prosma.report.image_kind`): mark the models that do not fit it (✗,
+        with the reason as tooltip) and, unless the user picked a model that fits, select
+        the active model when it fits, else the bundled model for that kind."""
+        self._kind = kind
+        self._mark_fit()
+        if kind is None:
+            return
+        spec = self.current_spec()
+        fits = spec is not None and self.fit_reason(spec) == ""
+        if fits and self._user_choice:
+            return
+        from ..models import default_model_name
+
+        for target in (getattr(self, "_active", None), default_model_name(kind)):
+            if target and self.combo.findData(target) >= 0 and self.fit_reason(target) == "":
+                if target != spec:
+                    self.combo.setCurrentIndex(self.combo.findData(target))
+                self._user_choice = False
+                return
+        if not fits:
+            for i in range(self.combo.count()):
+                if self.fit_reason(str(self.combo.itemData(i))) == "":
+                    self.combo.setCurrentIndex(i)
+                    return
+
+    def fit_reason(self, spec: str) -> str:
+        """Why the model ``spec`` does not fit the current image kind ("" when it fits or
+        no image is known; "cannot be read" for a broken card)."""
+        if self._kind is None:
+            return ""
+        try:
+            card = _core.read_model_card(spec)
+        except Exception:
+            return "its card cannot be read"
+        return model_fit(card, self._kind)
+
+    def _mark_fit(self) -> None:
+        """Mark every listed model that does not fit the image kind (✗, greyed, reason)."""
+        for i in range(self.combo.count()):
+            label = self.combo.itemData(i, Qt.ItemDataRole.UserRole + 1)
+            if label is None:
+                label = self.combo.itemText(i)
+                self.combo.setItemData(i, label, Qt.ItemDataRole.UserRole + 1)
+            why = self.fit_reason(str(self.combo.itemData(i)))
+            self.combo.setItemText(i, f"{label}  ✗" if why else label)
+            tip = f"does not fit {kind_words(self._kind)}: {why}" if why else ""
+            self.combo.setItemData(i, tip or None, Qt.ItemDataRole.ToolTipRole)
+            colour = QBrush(QColor("#888888")) if why else None
+            self.combo.setItemData(i, colour, Qt.ItemDataRole.ForegroundRole)
+
+    def _on_user_pick(self, *_: Any) -> None:
+        self._user_choice = True
 
     def select(self, spec: str) -> None:
         """Select ``spec`` (adding it as a file when it is not listed)."""
         select_model(self, spec)
+        self._user_choice = self.current_spec() == spec
 
     def current_spec(self) -> str | None:
         spec = self.combo.currentData()
         return str(spec) if spec is not None else None
+
+    def full_card_text(self) -> str:
+        """The selected model's whole card as indented JSON ("" without a card)."""
+        import json
+
+        if self._card is None:
+            return ""
+        return json.dumps(self._card.to_dict(), indent=2, ensure_ascii=False, default=str)
+
+    def show_full_card(self) -> Any:
+        """Open (or refresh) a window with the whole card; returns it."""
+        from qtpy.QtWidgets import QDialog
+
+        if self.card_dialog is None:
+            self.card_dialog = QDialog(self)
+            self.card_dialog.setWindowTitle("Model card")
+            view = QPlainTextEdit(self.card_dialog)
+            view.setReadOnly(True)
+            QVBoxLayout(self.card_dialog).addWidget(view)
+            self.card_dialog.resize(560, 620)
+            self.card_dialog.view = view
+        self.card_dialog.view.setPlainText(self.full_card_text() or "No model is chosen.")
+        self.card_dialog.show()
+        return self.card_dialog
 
     def current_card(self) -> Any:
         """The selected model's :class:`~napari_prosma.checkpoint.ModelCard`, or None."""
@@ -106,6 +201,7 @@ class ModelChooser(QWidget):
         if p not in self._files:
             self._files.append(p)
         self.refresh(select=p)
+        self._user_choice = True
 
     # -- internals
     def _browse(self) -> None:
@@ -135,17 +231,16 @@ class ModelChooser(QWidget):
 
 
 def card_text(card: Any) -> str:
-    """The card summary, plus a plain note for untrained models and the sparsity range."""
-    text = card.summary()
+    """The readable card summary (:func:`napari_prosma.report.card_summary`), plus the gate
+    sparsity range seen on the training data."""
+    text = card_summary(card)
     extra = []
-    if not card.metrics and not card.training:
-        extra.append("Note       no training record or metrics: results may be meaningless")
     ranges = parse_sparsity_range(card.gate_sparsity_range)
     if ranges:
         spans = ", ".join(
             f"s{stage} {fmt_range(lo, hi)}" for stage, (lo, hi) in sorted(ranges.items())
         )
-        extra.append(f"Sparsity   exact-zero range on training data: {spans}")
+        extra.append(f"Gate zeros, exact-zero range on training data: {spans}")
     return "\n".join([text, *extra])
 
 

@@ -14,6 +14,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QScrollArea,
     QSpinBox,
+    QSplitter,
     QVBoxLayout,
     QWidget,
 )
@@ -94,24 +95,36 @@ class FinetuneForm:
         lay.addWidget(heading("Start from model"))
         lay.addWidget(self.model)
         lay.addLayout(budget)
-        lay.addLayout(button_row(self.run_button, self.cancel_button))
-        for w in (
-            self.progress_bar,
-            self.status_label,
-            self.activate_anyway_button,
-            heading("Training loss and held-out Dice"),
-        ):
-            lay.addWidget(w)
-        lay.addWidget(self.canvas, 1)
         lay.addWidget(heading("Versions"))
         lay.addWidget(self.versions)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         scroll.setWidget(inner)
+        # the run controls, progress, status and plot sit below the scrolled settings, in
+        # a splitter: they stay in view however little room the dock gives (issue 16)
+        self.footer = QWidget()
+        foot = QVBoxLayout(self.footer)
+        foot.setContentsMargins(6, 0, 6, 0)
+        foot.addLayout(button_row(self.run_button, self.cancel_button))
+        for w in (
+            self.progress_bar,
+            self.status_label,
+            self.activate_anyway_button,
+            heading("Training loss and held-out Dice"),
+        ):
+            foot.addWidget(w)
+        self.canvas.setMinimumHeight(140)
+        foot.addWidget(self.canvas, 1)
+        splitter = QSplitter(Qt.Orientation.Vertical)
+        splitter.addWidget(scroll)
+        splitter.addWidget(self.footer)
+        splitter.setChildrenCollapsible(False)
+        splitter.setStretchFactor(0, 1)
+        splitter.setStretchFactor(1, 1)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(scroll)
+        outer.addWidget(splitter)
         self.setMinimumWidth(360)
 
     # ------------------------------------------------------------------ the request

@@ -59,6 +59,15 @@ def grid_of(image: Any) -> tuple[int, ...]:
     return shape[:-1] if getattr(image, "rgb", False) else shape
 
 
+def kind_of(layer: Any) -> str | None:
+    """``"rgb"``, ``"grey"`` or ``"volume"`` for an image layer (None for no layer)."""
+    from ..report import image_kind
+
+    if layer is None:
+        return None
+    return image_kind(len(grid_of(layer)), bool(getattr(layer, "rgb", False)))
+
+
 def image_layers(viewer: Any) -> list[Any]:
     """The viewer's image layers that can be segmented (not this plugin's own maps)."""
     return [
@@ -205,6 +214,8 @@ def keep_as_corrected(layer: Any, prediction: np.ndarray | None) -> None:
         "source": info.get("source"),
         "source_id": info.get("source_id"),
         "model": info.get("model"),
+        "made_by": info.get("made_by"),
+        "class_names": info.get("class_names"),
         "prediction": prediction,
     }
     layer.metadata = {**layer.metadata, META: kept}
@@ -313,10 +324,22 @@ def labels_for(viewer: Any, image: Any) -> Any:
     if image is None:
         return None
     layers = labels_layers(viewer)
+    mine = [x for x in layers if (info_of(x) or {}).get("source_id") == uid(image)]
+    # the Segment labels the user corrected since (after a fine-tune, the new result
+    # they just corrected), else a layer kept for its corrections, else its Segment labels
+    for layer in mine[::-1]:
+        info = info_of(layer) or {}
+        if (
+            info.get("role") == "labels"
+            and not nothing_corrected(
+                np.asarray(layer.data), layer_prediction(info, np.shape(layer.data))
+            )
+            and layer_prediction(info, np.shape(layer.data)) is not None
+        ):
+            return layer
     for role in (CORRECTED_ROLE, "labels"):
-        for layer in layers[::-1]:
-            info = info_of(layer) or {}
-            if info.get("role") == role and info.get("source_id") == uid(image):
+        for layer in mine[::-1]:
+            if (info_of(layer) or {}).get("role") == role:
                 return layer
     same = [layer for layer in layers if tuple(layer.data.shape) == grid_of(image)]
     return same[-1] if same else (layers[-1] if layers else None)
@@ -376,4 +399,7 @@ def keep_corrections(viewer: Any, layer: Any, image: Any, prediction: Any) -> bo
         return False
     keep_as_corrected(layer, prediction)
     layer.name = f"{image.name} corrected"
+    from ._placing import style_labels
+
+    style_labels(layer, info.get("class_names") or [], "truth")
     return True

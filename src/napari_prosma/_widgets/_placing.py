@@ -54,6 +54,8 @@ def place_result(viewer: Any, req: Mapping[str, Any], card: Any, result: SegResu
                 mode=result.plan.mode,
                 options=options,
                 prediction=result.labels if whole else None,
+                made_by=made_by(card, req["spec"]),
+                class_names=list(result.class_names),
             )
         old = find(viewer, image, role, extra.get("class"))
         layer, kept = update_or_add(
@@ -62,8 +64,12 @@ def place_result(viewer: Any, req: Mapping[str, Any], card: Any, result: SegResu
         if role != "labels" and old is not None and uid(old) == uid(layer):
             layer.reset_contrast_limits()
         produced.add(uid(layer))
+        copy_units(image, layer)
         if role == "labels":
             placed = Placed(layer, kept)
+            style_labels(layer, result.class_names, "prediction")
+            if kept is not None:
+                style_labels(kept, result.class_names, "truth")
     _drop_stale_maps(viewer, image, produced)
     labels = placed.labels
     top = len(viewer.layers) - 1
@@ -71,6 +77,42 @@ def place_result(viewer: Any, req: Mapping[str, Any], card: Any, result: SegResu
         viewer.layers.move(viewer.layers.index(labels), top + 1)
     viewer.layers.selection.active = labels
     return placed
+
+
+def copy_units(image: Any, layer: Any) -> None:
+    """Give an output layer the image's units when they are mm (sizes read in mm)."""
+    from ._layers import layer_spacing_mm
+
+    if layer_spacing_mm(image) is not None and layer.ndim == len(image.units or ()):
+        try:
+            layer.units = tuple(image.units)
+        except (ValueError, TypeError):
+            pass
+
+
+def made_by(card: Any, spec: str) -> dict[str, Any]:
+    """What made a result (model, store version, weights hash, date), as plain data."""
+    from ..models import version_id_of
+    from ..report import provenance
+
+    return provenance(card, spec, version_id_of(spec))
+
+
+def style_labels(layer: Any, names: Any, role: str) -> None:
+    """Class names (hovering shows them) and colours on a labels layer: warm colours for a
+    prediction, cool ones for ground truth and corrections (``role`` ``"truth"``)."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    from ..report import class_colours, class_names_for, label_features
+
+    n = max(len(names), int(np.max(layer.data, initial=0)) + 1, 2)
+    names = class_names_for(list(names), n)
+    colours = {**class_colours(n, role), None: (0.6, 0.6, 0.6, 1.0)}
+    layer.colormap = DirectLabelColormap(color_dict=colours)
+    layer.features = label_features(names)
+    info = info_of(layer)
+    if info is not None:
+        info["class_names"] = names
 
 
 def _outputs(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..report import GATE_WORDS
+
 DEVICE = "auto: CUDA GPU, else Apple MPS, else the CPU"
 
 # ---------------------------------------------------------------------------- Segment
@@ -18,16 +20,20 @@ SEGMENT = {
 
 # ---------------------------------------------------------------------------- Gate inspector
 
-GATE_COLUMNS = ("Stage", "Zeros\nscan", "Zeros\nslice", "Train\nrange", "ψ>½", "ψ", "0s")
+GATE_COLUMNS = ("Stage", "Zeros\nscan", "Zeros\nslice", "Train\nrange", "Passes", "ψ", "0s")
 GATE_COLUMN_TIPS = (
     "Decoder stage: 1 works at full resolution, 2 at 1/2, ...",
-    "Exact zeros of z* over the whole scan: how much of the compatibility field the "
-    "proximal step removed",
-    "Exact zeros of z* on the current slice (volumes)",
-    "Range of the exact-zero fraction on the model's training images (from its card)",
-    "Share of the image where ψ passes more than half of the skip signal",
-    "Show ψ of this stage as a layer",
-    "Show the exact-zero fraction of this stage as a layer",
+    "Share of the sparse code z* that is exactly zero over the whole scan. " + GATE_WORDS["z*"],
+    "Share of z* exactly zero on the current slice (volumes)",
+    "Range of the exact-zero share on the model's training images (from its card); a scan "
+    "outside it is unlike the training data",
+    "How much of its detail the skip passes on the current slice: mean ψ × mean c. "
+    + GATE_WORDS["ψ"]
+    + ". "
+    + GATE_WORDS["c"],
+    "Show ψ (where the skip passes detail) of this stage as a layer",
+    "Show the share of latent channels of z* that are exactly zero, per pixel, as a layer. "
+    + GATE_WORDS["latent channel"],
 )
 GATES_NONE = "Run the Segment widget: the gates of its result show here."
 GATES_NO_MAPS = (

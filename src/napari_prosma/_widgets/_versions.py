@@ -22,6 +22,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..report import version_label
 from . import _core
 from ._common import button_row, guarded, hub_for, notify_error, notify_info, notify_warning
 from ._tooltips import VERSION_COLUMNS, VERSIONS
@@ -58,8 +59,12 @@ class VersionsPanel(QWidget):
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         header = self.table.horizontalHeader()
-        header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
-        header.setStretchLastSection(True)
+        # the version name takes what is left (elided, full id as tooltip); Dice, Date and
+        # Parent are never clipped
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        for col in range(1, len(VERSION_COLUMNS)):
+            header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
+        self.table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self.table.setMinimumHeight(110)
         self.activate_button = QPushButton("Activate")
         self.activate_button.setToolTip(VERSIONS["activate"])
@@ -90,7 +95,7 @@ class VersionsPanel(QWidget):
             worse = row.improved is False
             star, active = ("★ ", "  (active)") if row.active else ("", "")
             cells = [
-                (star + row.id, row.id + active),
+                (star + version_label(row.id), row.id + active),
                 (
                     row.dice_text() + ("  ⚠" if worse else ""),
                     "held-out Dice of the parent → the new model"
@@ -104,7 +109,6 @@ class VersionsPanel(QWidget):
                 item.setToolTip(tip)
                 item.setData(Qt.ItemDataRole.UserRole, row.id)
                 self.table.setItem(r, c, item)
-        self.table.resizeColumnsToContents()
         self.activate_button.setEnabled(bool(rows))
         self.revert_button.setEnabled(bool(rows))
         self.store_label.setText(f"Versions are saved in {store.root}")

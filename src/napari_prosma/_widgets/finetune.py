@@ -193,6 +193,7 @@ class FinetuneWidget(FinetuneForm, WorkerHost, QWidget):
 
     def _on_image(self, *_: Any) -> None:
         self._fill_labels(None)
+        self.model.suit(_layers.kind_of(self.current_image()))
 
     def _fill_labels(self, keep: str | None) -> None:
         names = [layer.name for layer in self.labels_layers()]
@@ -235,6 +236,7 @@ class FinetuneWidget(FinetuneForm, WorkerHost, QWidget):
             return None
         req["sync"] = sync
         self._new_cancel()
+        self.last_result = None
         self.history = []
         self.plot.reset()
         self.activate_anyway_button.setVisible(False)
@@ -258,6 +260,8 @@ class FinetuneWidget(FinetuneForm, WorkerHost, QWidget):
 
     @guarded("Showing the fine-tuning progress")
     def _on_progress(self, p: Any) -> None:
+        if self._cancel.is_set() and not self._req.get("sync"):
+            return  # cancelled: a report still queued must not bring back an old step
         self.history.append(p)
         frac = p.step / max(p.max_steps, 1)
         budget = self._req.get("config").time_budget_s if self._req.get("config") else None
@@ -276,7 +280,14 @@ class FinetuneWidget(FinetuneForm, WorkerHost, QWidget):
         if p.phase == "before":
             parts = ["measuring the model before training", *parts[2:]]
         self.status_label.setText("Fine-tuning: " + ", ".join(parts))
+        if self._pbar is not None:  # napari's activity dock says the same
+            self._pbar.set_description("ProSMA fine-tuning: " + ", ".join(parts))
         self.plot.draw()
+
+    def _on_finished(self) -> None:
+        super()._on_finished()
+        if self.last_result is None or self._cancel.is_set():
+            self.progress_bar.setValue(0)
 
     # ------------------------------------------------------------------ finishing
     @guarded("Finishing the fine-tuning")

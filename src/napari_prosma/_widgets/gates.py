@@ -44,13 +44,13 @@ from qtpy.QtWidgets import (
 
 from ..inference.gates import (
     GateStage,
-    describe_gates,
     fmt_range,
     parse_sparsity_range,
     slice_sparsity,
     sparsity_warnings,
 )
 from ..inference.plan import SegResult
+from ..report import GATE_WORDS, gate_line, gate_passes
 from . import _layers, _placing, _plots
 from ._common import HeldResult, compact_combo, guarded, heading, hub_for
 from ._tooltips import GATE_COLUMN_TIPS, GATE_COLUMNS, GATES_NO_MAPS, GATES_NONE
@@ -115,6 +115,7 @@ class GateInspectorWidget(QWidget):
         self.table.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Minimum)
         self.summary_label = QLabel(GATES_NONE)
         self.summary_label.setWordWrap(True)
+        self.summary_label.setToolTip("\n".join(GATE_WORDS.values()))
         self.warning_label = QLabel("")
         self.warning_label.setWordWrap(True)
         self.warning_label.setStyleSheet(f"color: {OUT_OF_RANGE};")
@@ -217,9 +218,7 @@ class GateInspectorWidget(QWidget):
             self.figure.clear()
             self.canvas.draw_idle()
             return
-        self.summary_label.setText(
-            "\n".join(describe_gates(result.gates)) if result.gates else GATES_NO_MAPS
-        )
+        self.summary_label.setText(GATES_NO_MAPS)
         card = self.held.card
         warnings = sparsity_warnings(getattr(card, "gate_sparsity_range", None), result.gates)
         self.warning_label.setText("\n".join(f"⚠ {w}" for w in warnings))
@@ -274,11 +273,15 @@ class GateInspectorWidget(QWidget):
         result = self.result
         if result is None:
             return
+        if result.gates:  # plain words, following the current slice
+            axis, idx = self._volume_axis(), self.slice_index
+            self.summary_label.setText("\n".join(gate_line(g, axis, idx) for g in result.gates))
         ranges = self._ranges()
         for row, g in enumerate(result.gates):
             sl = self._slice_value(g)
             rng = ranges.get(g.stage)
-            passed = g.psi_pass_fraction()
+            psi, c = gate_passes(g, self._volume_axis(), self.slice_index)
+            passed = None if psi is None and c is None else (psi or 1.0) * (c or 1.0)
             cells = [
                 "–" if g.zero_frac_mean is None else f"{g.zero_frac_mean:.0%}",
                 "–" if sl is None else f"{sl:.0%}",
@@ -291,7 +294,7 @@ class GateInspectorWidget(QWidget):
                 "not recorded in the model card"
                 if rng is None
                 else f"training images: {fmt_range(*rng)}",
-                "",
+                "" if passed is None else gate_line(g, self._volume_axis(), self.slice_index),
             ]
             for col, (text, tip) in enumerate(zip(cells, tips), start=1):
                 item = QTableWidgetItem(text)

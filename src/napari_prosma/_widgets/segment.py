@@ -14,9 +14,20 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 from napari.layers import Image, Labels
-from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QVBoxLayout, QWidget
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QLabel,
+    QMessageBox,
+    QVBoxLayout,
+    QWidget,
+)
 
+from .. import report
 from ..inference.plan import InputPlan, SegResult
 from . import _layers, _tooltips
 from ._chooser import ModelChooser, follow_active_model
@@ -78,6 +89,7 @@ class SegmentWidget(WorkerHost, QWidget):
         self.tta_check.toggled.connect(self._on_tta)
         self.image_combo.currentIndexChanged.connect(self._on_image)
         follow_active_model(self.model, self.viewer)
+        self.model.model_changed.connect(self._ct_window)
         watch_layers(self.viewer, self._refresh_layers)
         self._refresh_layers()
 
@@ -103,6 +115,14 @@ class SegmentWidget(WorkerHost, QWidget):
         self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(0)
         self.progress_bar.setTextVisible(True)
+        self.legend_label = QLabel("")
+        self.legend_label.setTextFormat(Qt.TextFormat.RichText)
+        self.legend_label.setWordWrap(True)
+        self.legend_label.setToolTip(
+            "Colours of the result: warm colours for the model's prediction, cool colours "
+            "for ground truth and your corrections"
+        )
+        self._estimate: report.RunEstimate | None = None
 
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
@@ -117,6 +137,7 @@ class SegmentWidget(WorkerHost, QWidget):
         lay.addLayout(button_row(self.run_button, self.cancel_button))
         lay.addWidget(self.progress_bar)
         lay.addWidget(self.status_label)
+        lay.addWidget(self.legend_label)
         lay.addStretch(1)
         self.setMinimumWidth(340)
 
@@ -139,6 +160,22 @@ class SegmentWidget(WorkerHost, QWidget):
         item.setEnabled(is_volume)
         if not is_volume and self.scope_combo.currentData() == "slice":
             self.scope_combo.setCurrentIndex(self.scope_combo.findData("whole"))
+        self.model.suit(_layers.kind_of(layer))
+        self._ct_window()
+
+    def _ct_window(self, *_: Any) -> None:
+        """A CT shown in the reader's soft-tissue window takes the chosen model's CT window
+        when its card has one (a window the user set is left alone)."""
+        layer = self.current_image()
+        meta = getattr(layer, "metadata", None) or {}
+        preset = meta.get("ct_window")
+        if layer is None or preset is None:
+            return
+        if not np.allclose(layer.contrast_limits, preset):
+            return
+        window = report.ct_window(self.model.current_card())
+        layer.contrast_limits = window
+        layer.metadata["ct_window"] = list(window)
 
     def _on_unc(self, on: bool) -> None:
         if on and not self.tta_check.isChecked():
@@ -204,9 +241,13 @@ class SegmentWidget(WorkerHost, QWidget):
         req = self._request()
         if req is None:
             return None
+        warning = self._warning(req)
+        if warning and not self.confirm(warning):
+            self.status_label.setText("Not run: " + warning.removeprefix("Before running: "))
+            return None
         self._new_cancel()
         self._t0 = time.perf_counter()
-        self.status_label.setText(f"Segmenting {req['plan'].describe()}…")
+        self.status_label.setText(f"Segmenting {req['plan'].describe()}: {self._phase(0, 0)}")
         if sync:
             try:
                 card, result = _compute(req, self._cancel, None)
@@ -219,6 +260,54 @@ class SegmentWidget(WorkerHost, QWidget):
         self.progress_bar.setRange(0, 0)  # busy until the first tile batch reports
         return self._launch(_compute, req, "ProSMA segmentation", total=0)
 
+    def confirm(self, text: str) -> bool:
+        """Ask the user whether to go on (tests replace this with an answer)."""
+        box = QMessageBox.question(
+            self,
+            "ProSMA: before running",
+            text + "\n\nRun anyway?",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.Cancel,
+            QMessageBox.StandardButton.Cancel,
+        )
+        return box == QMessageBox.StandardButton.Yes
+
+    def _warning(self, req: dict[str, Any]) -> str:
+        """What the user should know before this run ("" when nothing), with its estimate
+        kept for the progress line."""
+        plan, card = req["plan"], self.model.current_card()
+        axis = plan.slice_axis or 0
+        grid = plan.grid
+        if plan.mode != "image":  # one slice at a time
+            grid = tuple(n for i, n in enumerate(plan.grid) if i != axis)
+        n = plan.grid[axis] if plan.mode == "slices" else 1
+        try:
+            self._estimate = report.estimate_run(
+                card,
+                grid,
+                plan.spacing,
+                device=_device_kind(req["device"]),
+                tta=req["tta"],
+                n_images=n,
+            )
+        except Exception:  # the engine says what is wrong when it runs
+            self._estimate = None
+            return ""
+        is_ct = report.looks_like_ct(plan.data)
+        return report.run_warning(card, grid, plan.spacing, self._estimate, image_is_ct=is_ct)
+
+    def _phase(self, done: int, total: int) -> str:
+        """What the run is doing now, with the time left when it can be told."""
+        est = self._estimate
+        if total <= 0 or done <= 0:
+            if est is not None and est.notes and "resampled" in " ".join(est.notes):
+                return f"resampling to {'×'.join(map(str, est.work_shape))} voxels…"
+            return "preparing…"
+        if done >= total:
+            return "stitching the tiles and putting the result back on the image's grid…"
+        spent = time.perf_counter() - self._t0
+        left = spent / done * (total - done)
+        return f"tile batch {done}/{total}, about {report.fmt_seconds(left)} left"
+
     def _on_returned(self, out: tuple[Any, SegResult]) -> None:
         self._succeeded = True
         self._apply(self._req, *out)
@@ -226,6 +315,8 @@ class SegmentWidget(WorkerHost, QWidget):
     def _on_progress(self, done: int, total: int) -> None:
         self.progress_bar.setRange(0, max(int(total), 1))
         self.progress_bar.setValue(int(done))
+        if self.is_running:
+            self.status_label.setText(f"Segmenting: {self._phase(int(done), int(total))}")
         if self._pbar is not None:
             if self._pbar.total != total:
                 self._pbar.total = int(total)
@@ -251,11 +342,46 @@ class SegmentWidget(WorkerHost, QWidget):
         self.last_labels, self.last_result = placed.labels, result
         self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(1)  # done (a run on this thread reports no progress)
-        n = int((result.labels != 0).sum())
         took = time.perf_counter() - self._t0
+        if self._estimate is not None:
+            report.record_rate(result.device, self._estimate.tile_voxels, took)
+        info = _layers.info_of(placed.labels) or {}
+        names = info.get("class_names") or result.class_names
+        sizes = report.measure_classes(
+            np.asarray(placed.labels.data), names, _layers.spacing_of(image)
+        )
         lines = [
-            f"Done: {result.plan.describe()} in {took:.1f} s on {result.device}; "
-            f"{n} foreground pixel(s)."
+            f"Done: {result.plan.describe()} in {took:.1f} s on {result.device}. "
+            f"{report.measures_summary(sizes)}."
         ]
         self.status_label.setText("\n".join(lines + announce(result, card, placed)))
+        self.legend_label.setText(legend_html(names, info.get("made_by")))
         hub_for(self.viewer).publish(placed.labels, result, card, req["spec"])
+
+
+def legend_html(names: list[str], made_by: Any) -> str:
+    """The legend of a result: one colour swatch per class (prediction colours), the
+    colours of ground truth / corrections, and what made it."""
+    n = max(len(names), 2)
+    pred, truth = report.class_colours(n), report.class_colours(n, "truth")
+    names = report.class_names_for(names, n)
+    sw = '<span style="color:{c}">&#9632;</span>'
+    rows = [f"{sw.format(c=report.hex_colour(pred[k]))} {names[k]}" for k in range(1, n)]
+    gt = "".join(sw.format(c=report.hex_colour(truth[k])) for k in range(1, n))
+    text = "Prediction: " + ", ".join(rows) + f"<br>{gt} ground truth / your corrections"
+    if isinstance(made_by, dict):
+        text += f"<br><small>{report.provenance_text(made_by)}</small>"
+    return text
+
+
+def _device_kind(device: str) -> str:
+    """``"cpu"`` or ``"gpu"`` for an estimate (``auto`` is a GPU only when torch, already
+    loaded, sees one: the main thread never loads torch for this)."""
+    import sys
+
+    if device in ("cuda", "mps"):
+        return "gpu"
+    torch = sys.modules.get("torch")
+    if device == "auto" and torch is not None and torch.cuda.is_available():
+        return "gpu"
+    return "cpu"

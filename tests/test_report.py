@@ -1,0 +1,63 @@
+"""The Qt-free plain-words helpers of the widgets (napari_prosma.report)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_prosma import report
+from napari_prosma.models import read_model_card
+
+
+def test_model_fit_by_kind():
+    busi, kvasir, hippo = (
+        read_model_card(n) for n in ("busi_prosma", "kvasir_prosma", "hippocampus_prosma")
+    )
+    assert report.model_fit(busi, "grey") == "" and report.model_fit(busi, "volume") == ""
+    assert "colour" in report.model_fit(busi, "rgb") or "greyscale" in report.model_fit(busi, "rgb")
+    assert report.model_fit(kvasir, "rgb") == "" and report.model_fit(kvasir, "grey")
+    assert "3D" in report.model_fit(hippo, "grey") and report.model_fit(hippo, "volume") == ""
+
+
+def test_sizes_per_class_in_mm2_ml_or_pixels():
+    lab = np.zeros((4, 5), np.uint8)
+    lab[:2, :2] = 1
+    lab[3, :] = 2
+    m = report.measure_classes(lab, ["bg", "a", "b"], (0.5, 0.2))
+    assert [(x.name, x.count) for x in m] == [("a", 4), ("b", 5)]
+    assert m[0].size == pytest.approx(0.4) and m[0].unit == "mm²"
+    vol = np.ones((10, 10, 10), np.uint8)
+    (v,) = report.measure_classes(vol, ["bg", "organ"], (2.0, 1.0, 1.0))
+    assert v.size == pytest.approx(2.0) and v.unit == "mL"
+    text = report.measures_summary(report.measure_classes(lab, ["bg", "a", "b"], None))
+    assert "4 pixels" in text and "spacing unknown" in text
+
+
+def test_ct_detection_and_window():
+    rng = np.random.default_rng(0)
+    ct = rng.integers(-1024, 1500, size=(8, 32, 32)).astype(np.int16)
+    assert report.looks_like_ct(ct)
+    assert not report.looks_like_ct(rng.random((8, 32, 32)).astype(np.float32))
+    assert not report.looks_like_ct(rng.integers(0, 255, (32, 32)).astype(np.uint8))
+    assert report.ct_window(None) == report.CT_SOFT_TISSUE
+    card = read_model_card("busi_prosma")
+    card.normalization = {"mode": "ct_window", "window": [-100, 200]}
+    assert report.ct_window(card) == (-100.0, 200.0)
+
+
+def test_card_summary_and_mismatch_warning():
+    hippo = read_model_card("hippocampus_prosma")
+    text = report.card_summary(hippo)
+    assert "Modality: MRI" in text and "anterior 0.82 ± 0.15 (n=52)" in text
+    est = report.estimate_run(hippo, (26, 166, 164), (5.0, 0.79, 0.79))
+    assert est.work_shape[0] == 130 and est.n_tiles > 100 and est.seconds > 60
+    warn = report.run_warning(hippo, (26, 166, 164), (5.0, 0.79, 0.79), est, image_is_ct=True)
+    assert "looks like CT" in warn and "26×166×164 → 130×" in warn and "min" in warn
+    near = report.estimate_run(hippo, (35, 50, 35), (1.0, 1.0, 1.0))
+    assert report.run_warning(hippo, (35, 50, 35), (1.0, 1.0, 1.0), near, image_is_ct=False) == ""
+
+
+def test_prediction_and_truth_colours_differ():
+    pred, truth = report.class_colours(3), report.class_colours(3, "truth")
+    assert pred[0][3] == 0 and truth[0][3] == 0
+    assert all(pred[k] != truth[k] for k in (1, 2))
