@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up if needed (scripts/setup.sh), then run `ruff check` and `pytest` from the repo
+# Set up if needed (scripts/setup.sh), then run `ruff check`, `ruff format --check` and
+# `pytest` from the repo
 # root. Extra arguments go to pytest, e.g.  bash scripts/test.sh -x -k smoke
 # The GUI tests run under Xvfb, which pytest-xvfb starts. Both steps always run; the exit
 # status is non-zero if either failed.
@@ -14,9 +15,10 @@ export PYTHONPATH="$repo/src${PYTHONPATH:+:$PYTHONPATH}"
 unset QT_QPA_PLATFORM
 cd "$repo"
 
-echo "== ruff check" >&2
+echo "== ruff check, ruff format --check" >&2
 ruff check .
 ruff_rc=$?
+ruff format --check . || ruff_rc=$?
 
 echo "== pytest $*" >&2
 python -m pytest "$@"
