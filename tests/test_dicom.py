@@ -255,3 +255,18 @@ def test_labels_without_a_dicom_source_are_not_written_as_seg(tmp_path):
             tmp_path / "x.dcm", np.zeros((4, 4), np.uint8), from_array(np.zeros((4, 4))), Card()
         )
     assert not (tmp_path / "x.dcm").exists()
+
+
+def test_dicom_modules_import_without_qt_napari_or_torch():
+    import subprocess
+    import sys
+
+    mods = "napari_prosma.dicom, napari_prosma.dicom._napari, napari_prosma.dicom.predict, "
+    mods += "napari_prosma.oblique"
+    code = (
+        f"import sys, {mods}; "
+        "bad = [m for m in ('torch', 'qtpy', 'PyQt6', 'napari') if m in sys.modules]; "
+        "print(bad); sys.exit(bool(bad))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr

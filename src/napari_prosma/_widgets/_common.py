@@ -141,9 +141,12 @@ def geometry_kwargs(image_layer: Any) -> dict[str, Any]:
         src["kind"] = "grey"
         src["shape"] = tuple(src.get("spatial_shape", ()))
         carried[IO_KEY] = src
+    affine = getattr(getattr(image_layer, "affine", None), "affine_matrix", None)
     return {
         "scale": tuple(image_layer.scale),
         "translate": tuple(image_layer.translate),
+        # an oblique scan is placed by its affine (issue 17): its outputs must be too
+        "affine": None if affine is None else [list(map(float, r)) for r in affine],
         "metadata": carried,
     }
 

@@ -373,6 +373,8 @@ class GateInspectorWidget(QWidget):
         if layer is not None and layer.ndim == arr.ndim:
             layer.data = arr
             layer.scale, layer.translate = geo["scale"], geo["translate"]
+            if geo.get("affine") is not None:
+                layer.affine = geo["affine"]
             layer.visible = True
         else:
             if layer is not None:
@@ -382,7 +384,7 @@ class GateInspectorWidget(QWidget):
                 arr, name=f"{info.get('source')} {symbol} stage {stage}",
                 colormap="magma" if kind == "psi" else "cividis", contrast_limits=(0.0, 1.0),
                 opacity=0.7, blending="additive", scale=geo["scale"],
-                translate=geo["translate"], metadata=meta,
+                translate=geo["translate"], affine=geo.get("affine"), metadata=meta,
             )
             # keep the labels on top
             labels = self._layer

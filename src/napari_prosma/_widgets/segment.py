@@ -329,6 +329,8 @@ class SegmentWidget(WorkerHost, QWidget):
             if layer is not None and layer.ndim == arr.ndim:
                 layer.data = arr
                 layer.scale, layer.translate = geo["scale"], geo["translate"]
+                if geo.get("affine") is not None:
+                    layer.affine = geo["affine"]
                 layer.metadata = {**layer.metadata, **meta}
                 if role != "labels":
                     layer.reset_contrast_limits()
@@ -336,7 +338,7 @@ class SegmentWidget(WorkerHost, QWidget):
                 if layer is not None:
                     self.viewer.layers.remove(layer)
                 kw = {"name": name, "scale": geo["scale"], "translate": geo["translate"],
-                      "metadata": meta}
+                      "affine": geo.get("affine"), "metadata": meta}
                 if role == "labels":
                     layer = self.viewer.add_labels(arr, **kw)
                 elif role == "probability":

@@ -56,6 +56,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--overlap", type=float, default=0.5, help="tile overlap in [0, 1) (default 0.5)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument(  # DICOM (issue 17)
+        "--format",
+        choices=["auto", "dicom-seg"],
+        default="auto",
+        help="labels format: auto (like the input; NIfTI for DICOM volumes) or dicom-seg (a "
+        "DICOM Segmentation referencing the source series; DICOM input only)",
+    )
     return p
 
 
@@ -65,11 +72,15 @@ def collect_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
     Files named explicitly are kept whatever their suffix (a wrong one is reported later);
     inside folders only supported image files are taken, hidden files skipped.
     """
+    from ..dicom.predict import is_dicom_input, series_inputs
     from ..io import is_supported
 
     found: list[tuple[Path, Path]] = []
     for item in inputs:
         p = Path(item).expanduser()
+        if is_dicom_input(p, nested=False):  # a DICOM file or folder: one input per series
+            found += [(s, Path()) for s in series_inputs(p)]
+            continue
         if not p.is_dir():
             found.append((p, Path()))
             continue
@@ -78,6 +89,8 @@ def collect_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
                 continue
             if child.is_file() and is_supported(child):
                 found.append((child, Path()))
+            elif child.is_dir() and is_dicom_input(child):
+                found += [(s, Path(child.name)) for s in series_inputs(child)]
             elif child.is_dir():
                 found += [
                     (f, Path(child.name))
@@ -98,6 +111,8 @@ def output_paths(
     lab_ext = ".nii.gz" if nifti else (".tif" if kind_fmt == "tiff" else ".png")
     map_ext = ".nii.gz" if nifti else ".tif"
     paths = {"labels": out_dir / f"{stem}_labels{lab_ext}"}
+    if getattr(args, "format", "auto") == "dicom-seg":
+        paths["labels"] = out_dir / f"{stem}_seg.dcm"
     if args.probabilities:
         paths["probabilities"] = out_dir / f"{stem}_probabilities{map_ext}"
     if args.tta:
@@ -173,6 +188,8 @@ class _Models:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..dicom import write_seg
+    from ..dicom.predict import output_format, read_input
     from ..errors import user_message
     from ..inference import predict, resolve_device
     from ..io import atomic_write, read_image, write_image, write_labels
@@ -201,10 +218,10 @@ def run(args: argparse.Namespace) -> int:
         written: list[Path] = []
         t0 = time.perf_counter()
         try:
-            img = read_image(src)
+            img = read_input(src) if hasattr(src, "series") else read_image(src)
             name, model, card = models.get(img.kind)
             check_fit(src, img.kind, card.spatial_dims)
-            paths = output_paths(src, img.format, out_root / rel, args)
+            paths = output_paths(src, output_format(img, args.format), out_root / rel, args)
             if any(p in planned for p in paths.values()):  # same stem twice in this run
                 raise UserError(f"another input already writes {paths['labels'].name}; rename one")
             planned.update(paths.values())
@@ -227,7 +244,10 @@ def run(args: argparse.Namespace) -> int:
                 return_gates=args.gates,
             )
             ow = args.overwrite
-            written.append(write_labels(paths["labels"], pred.labels, img, overwrite=ow))
+            if args.format == "dicom-seg":
+                written.append(write_seg(paths["labels"], pred.labels, img, card, overwrite=ow))
+            else:
+                written.append(write_labels(paths["labels"], pred.labels, img, overwrite=ow))
             if "probabilities" in paths:
                 written.append(
                     write_image(paths["probabilities"], pred.probabilities, img, overwrite=ow)

@@ -198,10 +198,11 @@ def write_seg(
             pixels[f - 1] = src[k]
     else:
         sources, pixels = [datasets[i] for i, _ in frames], src
-    values = sorted(
-        {int(v) for v in np.unique(pixels) if v > 0}
-        | set(range(1, len(getattr(card, "class_names", None) or [])))
+    # segment numbers must run 1..n (highdicom, PS3.3 C.8.20.2): label k is segment k
+    top = max(
+        int(pixels.max()) if pixels.size else 0, len(getattr(card, "class_names", None) or []) - 1
     )
+    values = list(range(1, top + 1))
     if not values:
         raise InputError("the labels are empty and the model names no class: nothing to save")
     name = str(getattr(card, "name", "") or "manual")

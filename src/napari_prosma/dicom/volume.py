@@ -134,8 +134,11 @@ def _refuse_spacing(series: Series, steps: np.ndarray) -> None:
 
 
 def _dtype(datasets: Sequence[Any]) -> np.dtype:
-    """float32 when a modality transform applies, else the stored integer type."""
+    """float32 when a modality transform applies (or may, per frame), else the stored
+    integer type."""
     for ds in datasets:
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            return np.dtype(np.float32)
         slope = float(ds.get("RescaleSlope", 1) or 1)
         inter = float(ds.get("RescaleIntercept", 0) or 0)
         if slope != 1 or inter != 0 or "ModalityLUTSequence" in ds:
