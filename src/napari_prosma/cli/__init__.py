@@ -1,5 +1,5 @@
 """The ``prosma`` command line: ``predict``, ``train``, ``finetune``, ``evaluate``, ``info``,
-``demo``.
+``demo``, ``export``.
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and
 ``run(args) -> int``; heavy imports (torch) happen inside ``run`` so ``--help`` is instant.
@@ -26,6 +26,7 @@ COMMANDS = {
     "evaluate": ".evaluate",
     "info": ".info",
     "demo": ".demo",
+    "export": ".export",
 }
 
 
