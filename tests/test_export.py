@@ -186,3 +186,18 @@ def test_bundled_3d_model_exports_to_a_valid_package(tmp_path):
     assert "test_model passed" in result.notes[0]
     text = (result.path / "README.md").read_text()
     assert "84270b4343b17ce7" in text and "hippocampus" in text.lower()
+
+
+def test_a_package_that_fails_its_own_test_is_not_kept(tmp_path, monkeypatch):
+    from napari_prosma.export import _bioimageio
+
+    real = _bioimageio.reference_output
+
+    def wrong(net, card, raw):  # a test output the network does not produce
+        x, prob = real(net, card, raw)
+        return x, prob[:, ::-1].copy()
+
+    monkeypatch.setattr(_bioimageio, "reference_output", wrong)
+    with pytest.raises(InputError, match="failed its own test"):
+        export_model(tiny(tmp_path), "bioimageio", tmp_path / "pkg")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
