@@ -1,5 +1,5 @@
 """The ``prosma`` command line: ``predict``, ``train``, ``finetune``, ``evaluate``, ``info``,
-``demo``.
+``demo``, ``export``.
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and
 ``run(args) -> int``; heavy imports (torch) happen inside ``run`` so ``--help`` is instant.
@@ -31,6 +31,7 @@ COMMANDS = {
     "evaluate": ".evaluate",
     "info": ".info",
     "demo": ".demo",
+    "export": ".export",
 }
 
 

@@ -43,8 +43,13 @@ MANIFEST_FORMAT = 1
 
 def output_format(src: Path) -> str | None:
     """The format the reader will give ``src`` (by suffix): ``"nifti"``, ``"tiff"``,
-    ``"png"``, ``"jpeg"`` or None."""
+    ``"png"``, ``"jpeg"`` or None. A DICOM series gives NIfTI (with the scanner's affine)
+    when it is a volume, PNG for a single image."""
     from ..io import JPEG_SUFFIXES, NIFTI_SUFFIXES, PNG_SUFFIXES, TIFF_SUFFIXES, suffix_of
+
+    series = getattr(src, "series", None)
+    if series is not None:
+        return "nifti" if len(series.headers) > 1 else "png"
 
     suf = suffix_of(src)
     for fmt, sufs in (
@@ -66,6 +71,7 @@ def output_paths(
     probabilities: bool = False,
     tta: bool = False,
     gates: bool = False,
+    dicom_seg: bool = False,
 ) -> dict[str, Path]:
     """Where the outputs of ``src`` go: labels always, the rest when asked for.
 
@@ -79,6 +85,8 @@ def output_paths(
     lab_ext = ".nii.gz" if nifti else (".tif" if kind_fmt == "tiff" else ".png")
     map_ext = ".nii.gz" if nifti else ".tif"
     paths = {"labels": out_dir / f"{stem}_labels{lab_ext}"}
+    if dicom_seg:  # a DICOM Segmentation referencing the source series (issue 17)
+        paths["labels"] = out_dir / f"{stem}_seg.dcm"
     if probabilities:
         paths["probabilities"] = out_dir / f"{stem}_probabilities{map_ext}"
     if tta:
@@ -109,7 +117,7 @@ def refuse_outputs_over_inputs(plans: Iterable[tuple[Path, dict[str, Path]]]) ->
     from ..errors import UserError
     from .text import printable
 
-    plans = list(plans)
+    plans = [(Path(os.fspath(src)), paths) for src, paths in plans]  # DICOM series: a path
     inputs = {}
     for src, _ in plans:
         inputs[_identity(src)] = src
@@ -245,6 +253,7 @@ def collect_inputs(inputs: list[str]) -> Inputs:
     inside folders only supported image files are taken, hidden files skipped. Files that
     an earlier ``prosma predict`` wrote (see the module docstring) are skipped everywhere.
     """
+    from ..dicom.predict import is_dicom_input, series_inputs
     from ..io import is_supported
 
     def image(f: Path) -> bool:
@@ -253,12 +262,17 @@ def collect_inputs(inputs: list[str]) -> Inputs:
     lister = _Lister()
     for item in inputs:
         p = Path(item).expanduser()
+        if is_dicom_input(p, nested=False):  # a DICOM file or folder: one input per series
+            lister.found.files += [(s, Path()) for s in series_inputs(p)]
+            continue
         if not p.is_dir():
             lister.add(p, Path())
             continue
         for child in sorted(p.iterdir()):
             if image(child):
                 lister.add(child, Path())
+            elif child.is_dir() and is_dicom_input(child):
+                lister.found.files += [(s, Path(child.name)) for s in series_inputs(child)]
             elif child.is_dir() and not child.name.startswith("."):
                 for f in sorted(child.iterdir()):
                     if image(f):

@@ -83,6 +83,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="replace outputs of an earlier prosma predict run (never other files)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress and no per-file lines")
+    p.add_argument(  # DICOM (issue 17)
+        "--format",
+        choices=["auto", "dicom-seg"],
+        default="auto",
+        help="labels format: auto (like the input; NIfTI for DICOM volumes) or dicom-seg (a "
+        "DICOM Segmentation referencing the source series; DICOM input only)",
+    )
     return p
 
 
@@ -185,7 +192,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _wanted(args: argparse.Namespace) -> dict[str, bool]:
-    return {"probabilities": args.probabilities, "tta": args.tta, "gates": args.gates}
+    return {
+        "probabilities": args.probabilities,
+        "tta": args.tta,
+        "gates": args.gates,
+        "dicom_seg": getattr(args, "format", "auto") == "dicom-seg",
+    }
 
 
 def _p(text: Any) -> str:
@@ -243,6 +255,7 @@ def _segment_file(
 ) -> bool:
     """Segment one file and write its outputs; on failure, one line on stderr and none
     of its outputs left behind. Returns whether it succeeded."""
+    from ..dicom.predict import output_format, read_input
     from ..errors import user_message
     from ..inference.gates import sparsity_warnings
     from ..io import read_image
@@ -254,7 +267,8 @@ def _segment_file(
     t0 = time.perf_counter()
     progress = Progress(_p(src.name), unit, quiet=args.quiet)
     try:
-        img = read_image(src)
+        img = read_input(src) if hasattr(src, "series") else read_image(src)
+        output_format(img, getattr(args, "format", "auto"))  # dicom-seg needs DICOM input
         name, model, card = models.get(img.kind)
         plan = _plan(src, img, card, args.slice_axis)
         if any(p in planned for p in paths.values()):  # same stem twice in this run
@@ -264,7 +278,8 @@ def _segment_file(
         res = _run(plan, model, card, args, progress)
         progress.close()
         warnings = sparsity_warnings(card.gate_sparsity_range, res.gates)
-        _write_outputs(paths, res, img, name, src, warnings, args.overwrite, written)
+        seg_card = card if getattr(args, "format", "auto") == "dicom-seg" else None
+        _write_outputs(paths, res, img, name, src, warnings, args.overwrite, written, seg_card)
         record_outputs(paths["labels"].parent, written, src, str(name))
     except KeyboardInterrupt:
         progress.close()
@@ -323,14 +338,21 @@ def _write_outputs(
     warnings: list[str],
     ow: bool,
     written: list[Path],
+    seg_card: Any = None,
 ) -> None:
     """Write the labels and the maps asked for, appending each file to ``written`` as
-    soon as it is on disk (so that a failure can remove them)."""
+    soon as it is on disk (so that a failure can remove them). With ``seg_card`` (the
+    model's card) the labels are a DICOM Segmentation of the source series."""
     import numpy as np
 
     from ..io import atomic_write, write_image, write_labels
 
-    written.append(write_labels(paths["labels"], res.labels, img, overwrite=ow))
+    if seg_card is not None:
+        from ..dicom import write_seg
+
+        written.append(write_seg(paths["labels"], res.labels, img, seg_card, overwrite=ow))
+    else:
+        written.append(write_labels(paths["labels"], res.labels, img, overwrite=ow))
     if "probabilities" in paths:
         written.append(write_image(paths["probabilities"], res.probabilities, img, overwrite=ow))
     if "uncertainty" in paths:
