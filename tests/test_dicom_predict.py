@@ -46,7 +46,11 @@ def test_predict_writes_a_seg_of_the_series(tmp_path, capsys):
     )
     text = capsys.readouterr()
     assert rc == 0, text.err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["study_seg.dcm"]
+    # the SEG and prosma predict's record of what it wrote (cli/outputs.py)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "prosma_outputs.json",
+        "study_seg.dcm",
+    ]
     img = dicom.read_dicom(tmp_path / "study")[0][0]
     back = dicom.read_seg(tmp_path / "out" / "study_seg.dcm", img)
     assert back.shape == img.data.shape and set(np.unique(back)) <= {0, 1, 2}
@@ -104,6 +108,7 @@ def test_predict_reads_each_series_of_a_folder(tmp_path, capsys):
     )
     assert rc == 0, capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "prosma_outputs.json",
         "study_series1_2_seg.dcm",
         "study_series1_seg.dcm",
     ]

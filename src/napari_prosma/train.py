@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import ModelCard
-from .errors import cancel_check
+from .errors import Cancelled, cancel_check  # noqa: F401  (Cancelled: re-exported)
 
 try:
     import tomllib
