@@ -61,7 +61,10 @@ def test_label_files_open_as_labels():
     assert "rgb" not in kwargs
 
 
-def test_rotated_nifti_warns_and_keeps_the_full_affine(tmp_path, warned):
+def test_rotated_nifti_is_shown_rotated_and_keeps_the_full_affine(tmp_path, warned):
+    """Issue 17: a rotated NIfTI is placed by the layer's affine where the scanner put it
+    (was: spacing and origin only, with a warning); napari can show an in-plane rotation,
+    so nothing is said; labels drawn on it are written back with the source affine."""
     import nibabel as nib
 
     a = np.deg2rad(20)
@@ -77,8 +80,11 @@ def test_rotated_nifti_warns_and_keeps_the_full_affine(tmp_path, warned):
 
     (data, kwargs, _), = _reader.read_layers(str(path))
 
-    assert len(warned) == 1 and "rotated or sheared" in warned[0] and "rotated.nii.gz" in warned[0]
-    np.testing.assert_allclose(kwargs["scale"], (2.5, 1.0, 1.0))
+    assert not warned
+    shown = np.asarray(kwargs["affine"])
+    assert not np.allclose(shown[:3, :3], np.diag(np.diag(shown[:3, :3])))  # rotated
+    # the voxel sizes survive in the layer's affine: columns of 2.5, 1, 1 mm
+    np.testing.assert_allclose(np.linalg.norm(shown[:3, :3], axis=0), (2.5, 1.0, 1.0))
     assert not np.allclose(kwargs["metadata"]["affine"], np.diag(np.diag(
         kwargs["metadata"]["affine"])))
     # writing labels drawn on it gives the rotated affine back

@@ -4,8 +4,8 @@ The NIfTI affine becomes the layer's ``scale`` and ``translate`` (napari axis or
 full affine, the source affine and the header are kept in the layer's metadata under
 ``"prosma_io"`` so that :mod:`napari_prosma._writer` can give labels and maps drawn on the
 layer the same geometry back. A scan stored rotated or sheared relative to the scanner axes
-cannot be shown rotated in napari without breaking the label layers' alignment: it is shown
-with its voxel spacing and origin only, and a warning says so.
+is placed by the layer's ``affine`` where the scanner put it (:mod:`napari_prosma.oblique`);
+a warning remains only where napari cannot show it (a tilt in 2D views).
 
 TIFF files keep their resolution (XResolution/YResolution, ImageJ spacing, OME
 PhysicalSizeX/Y/Z) as the scale; a TIFF holding several image series opens as one layer per
@@ -71,7 +71,7 @@ def read_layers(path: str | Sequence[str]) -> list[LayerData]:
         if len(images) > 1:
             _warn(f"{Path(p).name} holds {len(images)} image series: one layer each")
         for k, img in enumerate(images):
-            for w in img.warnings:
+            for w in _shown_warnings(img):
                 _warn(f"{Path(p).name}: {w}")
             name = f"{stem_of(p)} [series {k}]" if len(images) > 1 else None
             out.append(layer_data(img, name))
@@ -84,6 +84,7 @@ def layer_data(img: ImageData, name: str | None = None) -> LayerData:
     Whole-number data whose file name says label/seg/mask open as a Labels layer.
     """
     kwargs = img.layer_kwargs()
+    kwargs.update(_oblique_geometry(img)[0])
     kwargs["name"] = name or (stem_of(img.path) if img.path else "image")
     kwargs["metadata"][IO_KEY] = source_metadata(img)
     if img.unit == "mm":  # napari shows sizes and the scale bar in mm
@@ -104,6 +105,33 @@ def layer_data(img: ImageData, name: str | None = None) -> LayerData:
             if hi > lo:
                 kwargs["contrast_limits"] = (float(lo), float(hi))
     return img.data, kwargs, kind
+
+
+_NOT_ROTATED = "the scan is stored rotated or sheared relative to the scanner axes"
+
+
+def _oblique_geometry(img: ImageData) -> tuple[dict[str, Any], list[str]]:
+    """A NIfTI's layer geometry from its own affine (issue 17): axis-aligned scans keep
+    ``scale``/``translate``; a rotated or sheared one is placed by the layer's ``affine``
+    where the scanner put it. Returns ``({}, [])`` for other formats."""
+    if img.format != "nifti" or img.source_affine is None:
+        return {}, []
+    from .oblique import nifti_layer_geometry
+
+    n = img.spatial_dims
+    rev = np.eye(n)[::-1]
+    lin = rev @ np.asarray(img.source_affine, dtype=float)[:n, :n] @ rev
+    unit_scale = float(img.spacing[0]) / float(np.linalg.norm(lin[:, 0]))  # mm per file unit
+    return nifti_layer_geometry(img.source_affine, n, unit_scale)
+
+
+def _shown_warnings(img: ImageData) -> list[str]:
+    """The reader's warnings as napari shows the layer: a rotated NIfTI is shown rotated,
+    so only what napari cannot show (a tilt in 2D views) is said."""
+    kwargs, tilt = _oblique_geometry(img)
+    if "affine" not in kwargs:
+        return list(img.warnings)
+    return [w for w in img.warnings if not w.startswith(_NOT_ROTATED)] + tilt
 
 
 #: Folders of label maps (the Medical Segmentation Decathlon's labelsTr / labelsTs, ...).
