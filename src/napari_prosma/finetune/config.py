@@ -52,7 +52,7 @@ class FinetuneConfig:
     trainable: str = "decoder_gates"
     max_steps: int = 300
     time_budget_s: float | None = 120.0
-    lr: float = 3e-4
+    lr: float = 3e-5
     weight_decay: float = 1e-4
     batch_size: int = 4
     patch_size: Sequence[int] | None = None
