@@ -235,6 +235,7 @@ def show_gate_layer(
         metadata=meta,
         **gate_style(kind),
     )
+    copy_units(labels, layer)
     viewer.layers.move(viewer.layers.index(labels), len(viewer.layers))  # labels on top
     return layer
 
