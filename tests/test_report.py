@@ -45,7 +45,8 @@ def test_ct_detection_and_window():
     assert report.ct_window(card) == (-100.0, 200.0)
 
 
-def test_card_summary_and_mismatch_warning():
+def test_card_summary_and_mismatch_warning(monkeypatch):
+    monkeypatch.setattr(report, "_MEASURED", {})  # no rate measured by earlier runs
     hippo = read_model_card("hippocampus_prosma")
     text = report.card_summary(hippo)
     assert "Modality: MRI" in text and "anterior 0.82 ± 0.15 (n=52)" in text

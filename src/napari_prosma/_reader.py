@@ -142,7 +142,7 @@ MAX_MASK_VALUES = 8
 
 def _looks_like_labels(img: ImageData, name: str, path: Any = None) -> bool:
     """Labels: whole numbers named like a label map (stem or folder), or a grey integer
-    image of a few values including 0 (a PNG mask, 0/1 or 0/255)."""
+    PNG of a few values, 0 among them (a mask, 0/1 or 0/255)."""
     if img.kind == "rgb":
         return False
     a = img.data
@@ -154,12 +154,10 @@ def _looks_like_labels(img: ImageData, name: str, path: Any = None) -> bool:
     folder = Path(path).parent.name if path else ""
     if _LABEL_STEM.search(name) or _LABEL_DIR.match(folder):
         return True
-    if a.dtype.kind not in "iub" or a.size == 0:
-        return False
-    values = np.unique(a[:: max(1, a.shape[0] // 256)])  # a sample of rows first
-    return (
-        len(values) <= MAX_MASK_VALUES and values[0] == 0 and len(np.unique(a)) <= MAX_MASK_VALUES
-    )
+    if img.format != "png" or a.dtype.kind not in "iub" or a.size == 0:
+        return False  # by content only for PNG (a mask there is 0/1 or 0/255)
+    values = np.unique(a)
+    return 2 <= len(values) <= MAX_MASK_VALUES and values[0] == 0
 
 
 def _warn(message: str) -> None:

@@ -248,8 +248,10 @@ def card_summary(card: Any) -> str:
     names = class_names_for(card.class_names, max(len(card.class_names), card.out_channels, 2))[1:]
     lines.append(f"Classes: {', '.join(names)}")
     data = (card.training or {}).get("data")
-    if data:
+    if isinstance(data, str) and data:
         lines.append(f"Trained on: {data}")
+    elif isinstance(data, list) and data:  # a fine-tuned version: the corrections
+        lines.append(f"Fine-tuned on: {len(data)} corrected image(s) or volume(s)")
     dice = _test_dice(card)
     lines.append("Test Dice: " + "; ".join(dice) if dice else "Test Dice: not recorded")
     if not card.metrics and not card.training:

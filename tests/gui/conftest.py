@@ -49,3 +49,14 @@ def pytest_pycollect_makemodule(module_path, parent):
     if _skip_reason() is not None:
         return _SkippedModule.from_parent(parent, path=module_path)
     return None
+
+
+@pytest.fixture(autouse=True)
+def _answer_before_run_questions(monkeypatch):
+    """The Segment widget asks before a mismatched or long run (a modal question that would
+    hang a test): answered "go on" here; tests of the question set ``widget.confirm``."""
+    try:
+        from napari_prosma._widgets.segment import SegmentWidget
+    except Exception:  # the module is skipped anyway
+        return
+    monkeypatch.setattr(SegmentWidget, "confirm", lambda self, text: True)

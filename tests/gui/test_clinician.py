@@ -47,6 +47,11 @@ def test_chooser_picks_the_model_that_fits_the_layer(make_napari_viewer):
     # ... but one that cannot run on it is not
     widget.image_combo.setCurrentIndex(widget.image_combo.findData("photo"))
     assert chooser.current_spec() == "kvasir_prosma"
+    # a model set from a script that fits stays chosen when a layer is added (a result)
+    widget.image_combo.setCurrentIndex(widget.image_combo.findData("mri"))
+    chooser.combo.setCurrentIndex(_item(chooser, "busi_prosma"))
+    viewer.add_labels(np.zeros((8, 40, 50), np.uint8), name="mri labels")
+    assert chooser.current_spec() == "busi_prosma"
 
 
 def test_card_summary_is_readable_with_the_full_card_one_click_away(make_napari_viewer):

@@ -65,11 +65,11 @@ class ModelChooser(QWidget):
         row.setContentsMargins(0, 0, 0, 0)
         row.addWidget(self.combo, 1)
         row.addWidget(self.browse_button)
-        row.addWidget(self.full_card_button)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addLayout(row)
         lay.addWidget(self.card_text)
+        lay.addWidget(self.full_card_button, alignment=Qt.AlignmentFlag.AlignRight)
         self.combo.currentIndexChanged.connect(self._on_index)
         self.combo.activated.connect(self._on_user_pick)
         self.browse_button.clicked.connect(self._browse)
@@ -103,14 +103,15 @@ class ModelChooser(QWidget):
         :func:`napari_prosma.report.image_kind`): mark the models that do not fit it (✗,
         with the reason as tooltip) and, unless the user picked a model that fits, select
         the active model when it fits, else the bundled model for that kind."""
+        same = kind == self._kind
         self._kind = kind
         self._mark_fit()
         if kind is None:
             return
         spec = self.current_spec()
         fits = spec is not None and self.fit_reason(spec) == ""
-        if fits and self._user_choice:
-            return
+        if fits and (self._user_choice or same):
+            return  # a layer was added or renamed: a model that fits stays chosen
         from ..models import default_model_name
 
         for target in (getattr(self, "_active", None), default_model_name(kind)):

@@ -59,7 +59,7 @@ def place_result(viewer: Any, req: Mapping[str, Any], card: Any, result: SegResu
             )
         old = find(viewer, image, role, extra.get("class"))
         layer, kept = update_or_add(
-            viewer, image, role, arr, info, geo, _adder(viewer, role, arr), name
+            viewer, image, role, arr, info, geo, _adder(viewer, role, arr, image), name
         )
         if role != "labels" and old is not None and uid(old) == uid(layer):
             layer.reset_contrast_limits()
@@ -143,16 +143,20 @@ def _outputs(
     return out
 
 
-def _adder(viewer: Any, role: str, arr: np.ndarray) -> Callable[..., Any]:
-    """How a new output layer of ``role`` is added (labels, or a styled hidden map)."""
+def _adder(viewer: Any, role: str, arr: np.ndarray, image: Any) -> Callable[..., Any]:
+    """How a new output layer of ``role`` is added (labels, or a styled hidden map), with
+    the image's units (napari warns of mixed units otherwise)."""
+    units = tuple(image.units)
     if role == "labels":
-        return viewer.add_labels
+        return functools.partial(viewer.add_labels, units=units)
     if role == "probability":
         style = {"colormap": "viridis", "contrast_limits": (0.0, 1.0), "opacity": 0.6}
     else:
         hi = float(arr.max()) if arr.size and arr.max() > 0 else 1.0
         style = {"colormap": "inferno", "contrast_limits": (0.0, hi), "opacity": 0.7}
-    return functools.partial(viewer.add_image, blending="additive", visible=False, **style)
+    return functools.partial(
+        viewer.add_image, blending="additive", visible=False, units=units, **style
+    )
 
 
 def _drop_stale_maps(viewer: Any, image: Any, produced: set[str]) -> None:
@@ -233,6 +237,7 @@ def show_gate_layer(
         translate=geo["translate"],
         affine=geo.get("affine"),
         metadata=meta,
+        units=tuple(labels.units),  # added with them: napari warns of mixed units otherwise
         **gate_style(kind),
     )
     viewer.layers.move(viewer.layers.index(labels), len(viewer.layers))  # labels on top

@@ -344,7 +344,8 @@ class SegmentWidget(WorkerHost, QWidget):
         self.progress_bar.setValue(1)  # done (a run on this thread reports no progress)
         took = time.perf_counter() - self._t0
         if self._estimate is not None:
-            report.record_rate(result.device, self._estimate.tile_voxels, took)
+            # the engine's own time (model loading excluded)
+            report.record_rate(result.device, self._estimate.tile_voxels, result.seconds or took)
         info = _layers.info_of(placed.labels) or {}
         names = info.get("class_names") or result.class_names
         sizes = report.measure_classes(
