@@ -130,32 +130,55 @@ def stand_in(seconds: float, device: str, folder: Path) -> Path:
         return path
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    net = build_model("prosma_unet", spatial_dims=2, in_channels=3, out_channels=1,
-                      widths="small")
+    net = build_model("prosma_unet", spatial_dims=2, in_channels=3, out_channels=1, widths="small")
     card = ModelCard(
-        architecture="prosma_unet", arch_kwargs=dict(net.config),
-        name="kvasir_prosma (stand-in)", class_names=["background", "polyp"],
-        normalization=dict(KVASIR_NORM), patch_size=[256, 256],
+        architecture="prosma_unet",
+        arch_kwargs=dict(net.config),
+        name="kvasir_prosma (stand-in)",
+        class_names=["background", "polyp"],
+        normalization=dict(KVASIR_NORM),
+        patch_size=[256, 256],
         intended_use="Benchmark stand-in for kvasir_prosma until trained weights are bundled.",
         extra={"input_size": [256, 256]},
     )
     ids = split("kvasir_seed0")["train"][:200]
-    print(f"training a stand-in on {len(ids)} Kvasir-SEG images for {seconds:.0f} s ...",
-          file=sys.stderr)
+    print(
+        f"training a stand-in on {len(ids)} Kvasir-SEG images for {seconds:.0f} s ...",
+        file=sys.stderr,
+    )
     imgs, masks = kvasir(ids, 256)
-    cfg = FinetuneConfig(trainable="all", max_steps=10**6, time_budget_s=seconds, lr=1e-3,
-                         batch_size=4, patch_size=(256, 256), holdout_fraction=0.0,
-                         replay_fraction=0.0, device=device)
+    cfg = FinetuneConfig(
+        trainable="all",
+        max_steps=10**6,
+        time_budget_s=seconds,
+        lr=1e-3,
+        batch_size=4,
+        patch_size=(256, 256),
+        holdout_fraction=0.0,
+        replay_fraction=0.0,
+        device=device,
+    )
     res = finetune(net, card, imgs, masks, config=cfg)
-    card.training = {"stand_in": True, "data": "Kvasir-SEG train split seed 0, first 200",
-                     "steps": res.steps, "seconds": round(res.seconds, 1), "device": device}
+    card.training = {
+        "stand_in": True,
+        "data": "Kvasir-SEG train split seed 0, first 200",
+        "steps": res.steps,
+        "seconds": round(res.seconds, 1),
+        "device": device,
+    }
     save(res.model, path.with_suffix(""), card)
     print(f"stand-in parent: {path} ({res.steps} steps)", file=sys.stderr)
     return path
 
 
-def mean_dice(model: Any, card: ModelCard, images: list[np.ndarray], masks: list[np.ndarray],
-              device: str, batch: int = 8) -> list[float]:
+def mean_dice(
+    model: Any,
+    card: ModelCard,
+    images: list[np.ndarray],
+    masks: list[np.ndarray],
+    device: str,
+    batch: int = 8,
+) -> list[float]:
     """Foreground Dice per image through the inference engine (same-shape batches)."""
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for k, a in enumerate(images):
@@ -163,7 +186,7 @@ def mean_dice(model: Any, card: ModelCard, images: list[np.ndarray], masks: list
     scores: dict[int, float] = {}
     for idx in by_shape.values():
         for s in range(0, len(idx), batch):
-            part = idx[s:s + batch]
+            part = idx[s : s + batch]
             preds = predict_batch([images[k] for k in part], model, card, device=device)
             for k, p in zip(part, preds):
                 scores[k] = dice(p.labels > 0, masks[k] > 0)
@@ -204,11 +227,19 @@ def kvasir_glas(args: argparse.Namespace, rng: np.random.Generator) -> Case:
     test_ids = sorted(gsplit["testA"], key=lambda s: int(s.split("_")[-1]))[: args.n_eval]
     src_ids = split("kvasir_seed0")["test"][: args.n_source] if args.n_source else []
     return Case(
-        "kvasir-glas", args.model or "kvasir_prosma", "GlaS testA", "Kvasir-SEG test",
-        train_ids, glas(train_ids), glas(test_ids), kvasir(src_ids) if src_ids else ([], []),
-        {"new_domain": "GlaS gland histology (RGB, 512x512), official split: corrected = "
-         f"{len(train_ids)} of the train part, evaluated = {len(test_ids)} testA images",
-         "source_domain": f"{len(src_ids)} Kvasir-SEG test images (split seed 0)"},
+        "kvasir-glas",
+        args.model or "kvasir_prosma",
+        "GlaS testA",
+        "Kvasir-SEG test",
+        train_ids,
+        glas(train_ids),
+        glas(test_ids),
+        kvasir(src_ids) if src_ids else ([], []),
+        {
+            "new_domain": "GlaS gland histology (RGB, 512x512), official split: corrected = "
+            f"{len(train_ids)} of the train part, evaluated = {len(test_ids)} testA images",
+            "source_domain": f"{len(src_ids)} Kvasir-SEG test images (split seed 0)",
+        },
     )
 
 
@@ -236,18 +267,25 @@ def busi_hippocampus(args: argparse.Namespace, rng: np.random.Generator) -> Case
     def busi(stems: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         from PIL import Image
 
-        imgs = [np.asarray(Image.open(broot / "images" / f"{s}.png").convert("L"))
-                for s in stems]
+        imgs = [np.asarray(Image.open(broot / "images" / f"{s}.png").convert("L")) for s in stems]
         return imgs, [read_mask(broot / "masks" / f"{s}.png") for s in stems]
 
     return Case(
-        "busi-hippocampus", args.model or "busi_prosma", "hippocampus MRI slices", "BUSI test",
-        train_ids, pairs(train_ids), pairs(test_ids), busi(bsplit) if bsplit else ([], []),
-        {"new_domain": "MSD Task04 hippocampus T1 MRI (grey), split seed 0; one slice per "
-         "volume (along the first array axis, the one with the largest hippocampus area), "
-         "anterior + posterior as one class: corrected = "
-         f"{len(train_ids)} train volumes, evaluated = {len(test_ids)} test volumes",
-         "source_domain": f"{len(bsplit)} BUSI test images (split seed 0)"},
+        "busi-hippocampus",
+        args.model or "busi_prosma",
+        "hippocampus MRI slices",
+        "BUSI test",
+        train_ids,
+        pairs(train_ids),
+        pairs(test_ids),
+        busi(bsplit) if bsplit else ([], []),
+        {
+            "new_domain": "MSD Task04 hippocampus T1 MRI (grey), split seed 0; one slice per "
+            "volume (along the first array axis, the one with the largest hippocampus area), "
+            "anterior + posterior as one class: corrected = "
+            f"{len(train_ids)} train volumes, evaluated = {len(test_ids)} test volumes",
+            "source_domain": f"{len(bsplit)} BUSI test images (split seed 0)",
+        },
     )
 
 
@@ -260,34 +298,73 @@ def main(argv: list[str] | None = None) -> int:
     from napari_prosma.inference import resolve_device
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--case", nargs="+", default=list(CASES), choices=list(CASES),
-                    help="domain shifts to run (default: both)")
-    ap.add_argument("--model", default=None,
-                    help="parent: bundled name or checkpoint (default: kvasir_prosma for "
-                    "kvasir-glas, busi_prosma for busi-hippocampus)")
-    ap.add_argument("--stand-in", type=float, default=None, metavar="SECONDS",
-                    help="if kvasir_prosma is not available, train a Kvasir stand-in this long")
-    ap.add_argument("--stand-in-dir", type=Path,
-                    default=Path(tempfile.gettempdir()) / "prosma-bench-standin")
+    ap.add_argument(
+        "--case",
+        nargs="+",
+        default=list(CASES),
+        choices=list(CASES),
+        help="domain shifts to run (default: both)",
+    )
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="parent: bundled name or checkpoint (default: kvasir_prosma for "
+        "kvasir-glas, busi_prosma for busi-hippocampus)",
+    )
+    ap.add_argument(
+        "--stand-in",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="if kvasir_prosma is not available, train a Kvasir stand-in this long",
+    )
+    ap.add_argument(
+        "--stand-in-dir", type=Path, default=Path(tempfile.gettempdir()) / "prosma-bench-standin"
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    ap.add_argument("--trainable", nargs="+", default=["decoder_gates", "all", "gates"],
-                    choices=["decoder_gates", "all", "gates"])
+    ap.add_argument(
+        "--trainable",
+        nargs="+",
+        default=["decoder_gates", "all", "gates"],
+        choices=["decoder_gates", "all", "gates"],
+    )
     ap.add_argument("--n-train", type=int, default=8, help="corrected images of the new domain")
     ap.add_argument("--n-eval", type=int, default=60, help="new-domain images to evaluate on")
-    ap.add_argument("--n-source", type=int, default=40,
-                    help="images of the parent's domain to evaluate on (forgetting); 0: skip")
-    ap.add_argument("--time-budget", type=float, default=None,
-                    help="seconds of training (default 100 on the CPU, 15 on CUDA)")
-    ap.add_argument("--max-steps", type=int, default=None,
-                    help="default 300 on the CPU, 1000 on CUDA")
-    ap.add_argument("--lr", type=float, default=FinetuneConfig().lr,
-                    help="AdamW learning rate (default: the widget's, 3e-4)")
-    ap.add_argument("--patience", type=int, default=FinetuneConfig().patience,
-                    help="held-out evaluations without improvement before stopping")
+    ap.add_argument(
+        "--n-source",
+        type=int,
+        default=40,
+        help="images of the parent's domain to evaluate on (forgetting); 0: skip",
+    )
+    ap.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds of training (default 100 on the CPU, 15 on CUDA)",
+    )
+    ap.add_argument(
+        "--max-steps", type=int, default=None, help="default 300 on the CPU, 1000 on CUDA"
+    )
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=FinetuneConfig().lr,
+        help="AdamW learning rate (default: the widget's, 3e-4)",
+    )
+    ap.add_argument(
+        "--patience",
+        type=int,
+        default=FinetuneConfig().patience,
+        help="held-out evaluations without improvement before stopping",
+    )
     ap.add_argument("--batch-size", type=int, default=FinetuneConfig().batch_size)
-    ap.add_argument("--replay", default="none", choices=["none", "auto", "both"],
-                    help="replay the parent's training images: none (default), auto (the "
-                    "data set its card names, when available), or both, one row each")
+    ap.add_argument(
+        "--replay",
+        default="none",
+        choices=["none", "auto", "both"],
+        help="replay the parent's training images: none (default), auto (the "
+        "data set its card names, when available), or both, one row each",
+    )
     ap.add_argument("--replay-fraction", type=float, default=FinetuneConfig().replay_fraction)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -298,15 +375,24 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = str(resolve_device(args.device))
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
-    budget = args.time_budget if args.time_budget is not None else (
-        15.0 if dev_type == "cuda" else 100.0)
+    budget = (
+        args.time_budget
+        if args.time_budget is not None
+        else (15.0 if dev_type == "cuda" else 100.0)
+    )
     max_steps = args.max_steps or (1000 if dev_type == "cuda" else 300)
     out = args.out or ROOT / "benchmarks" / "results" / f"finetune_{dev_type}.json"
-    settings = {"time_budget_s": budget, "max_steps": max_steps, "lr": args.lr,
-                "patience": args.patience, "batch_size": args.batch_size, "seed": args.seed,
-                "replay_fraction": args.replay_fraction,
-                "replay_samples": FinetuneConfig().replay_samples,
-                "labels": "ground-truth masks stand for the user's corrections"}
+    settings = {
+        "time_budget_s": budget,
+        "max_steps": max_steps,
+        "lr": args.lr,
+        "patience": args.patience,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "replay_fraction": args.replay_fraction,
+        "replay_samples": FinetuneConfig().replay_samples,
+        "labels": "ground-truth masks stand for the user's corrections",
+    }
 
     reports = []
     for name in args.case:
@@ -316,10 +402,16 @@ def main(argv: list[str] | None = None) -> int:
             resolve(parent_spec)
         except Exception:
             if name != "kvasir-glas" or args.stand_in is None:
-                print(f"{name}: the parent {parent_spec!r} is not available (bundled: "
-                      f"{list_bundled()}); skipped" + (
-                          " (--stand-in SECONDS trains a Kvasir stand-in)"
-                          if name == "kvasir-glas" else ""), file=sys.stderr)
+                print(
+                    f"{name}: the parent {parent_spec!r} is not available (bundled: "
+                    f"{list_bundled()}); skipped"
+                    + (
+                        " (--stand-in SECONDS trains a Kvasir stand-in)"
+                        if name == "kvasir-glas"
+                        else ""
+                    ),
+                    file=sys.stderr,
+                )
                 continue
             parent_spec = str(stand_in(args.stand_in, device, args.stand_in_dir))
             is_stand_in = True
@@ -340,8 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_case(case: Case, parent_spec: str, is_stand_in: bool, args: argparse.Namespace,
-             device: str, settings: dict[str, Any]) -> dict[str, Any]:
+def run_case(
+    case: Case,
+    parent_spec: str,
+    is_stand_in: bool,
+    args: argparse.Namespace,
+    device: str,
+    settings: dict[str, Any],
+) -> dict[str, Any]:
     import torch
 
     parent, card = load(resolve(parent_spec))
@@ -349,8 +447,11 @@ def run_case(case: Case, parent_spec: str, is_stand_in: bool, args: argparse.Nam
     tr_imgs, tr_masks = case.train
     te_imgs, te_masks = case.test
     src_imgs, src_masks = case.source_test
-    print(f"{case.name}: parent {card.name} on {device_name(device)}; {len(tr_imgs)} corrected, "
-          f"{len(te_imgs)} {case.target}, {len(src_imgs)} {case.source}", file=sys.stderr)
+    print(
+        f"{case.name}: parent {card.name} on {device_name(device)}; {len(tr_imgs)} corrected, "
+        f"{len(te_imgs)} {case.target}, {len(src_imgs)} {case.source}",
+        file=sys.stderr,
+    )
     trivial = statistics.fmean(dice(np.ones_like(m, bool), m > 0) for m in te_masks)
     load_start = _loadavg()
     t = time.perf_counter()
@@ -364,18 +465,30 @@ def run_case(case: Case, parent_spec: str, is_stand_in: bool, args: argparse.Nam
         store = ModelStore(tmp)
         modes = ["none", "auto"] if args.replay == "both" else [args.replay]
         for trainable, replay in [(t, m) for t in args.trainable for m in modes]:
-            cfg = FinetuneConfig(trainable=trainable, max_steps=settings["max_steps"],
-                                 time_budget_s=settings["time_budget_s"], lr=args.lr,
-                                 patience=args.patience, batch_size=args.batch_size,
-                                 replay_fraction=args.replay_fraction,
-                                 device=args.device, seed=args.seed)
+            cfg = FinetuneConfig(
+                trainable=trainable,
+                max_steps=settings["max_steps"],
+                time_budget_s=settings["time_budget_s"],
+                lr=args.lr,
+                patience=args.patience,
+                batch_size=args.batch_size,
+                replay_fraction=args.replay_fraction,
+                device=args.device,
+                seed=args.seed,
+            )
             if cuda:
                 torch.cuda.synchronize()
             st0 = _cpu_stat()
             t0, c0 = time.perf_counter(), time.process_time()
-            result, vid = run_finetune(parent_spec, tr_imgs, tr_masks, store=store, config=cfg,
-                                       replay=None if replay == "none" else replay,
-                                       activate="never")
+            result, vid = run_finetune(
+                parent_spec,
+                tr_imgs,
+                tr_masks,
+                store=store,
+                config=cfg,
+                replay=None if replay == "none" else replay,
+                activate="never",
+            )
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             busy_other, steal = _others(st0, _cpu_stat(), cpu)
             model, new_card = load(store.get(vid).checkpoint)
@@ -412,11 +525,17 @@ def run_case(case: Case, parent_spec: str, is_stand_in: bool, args: argparse.Nam
                 "source_dice_after": _r(statistics.fmean(src_after)) if src_imgs else None,
             }
             rows.append(row)
-            src_txt = ("" if not src_imgs else f"; source {row['source_dice_before']:.3f} -> "
-                       f"{row['source_dice_after']:.3f}")
-            print(f"  {trainable:13s} replay {replay:4s} {row['target_dice_before']:.3f} -> "
-                  f"{row['target_dice_after']:.3f}{src_txt} in {wall:.1f} s ({result.steps} "
-                  f"steps, {result.stopped}; {rec.get('message')})", file=sys.stderr)
+            src_txt = (
+                ""
+                if not src_imgs
+                else f"; source {row['source_dice_before']:.3f} -> {row['source_dice_after']:.3f}"
+            )
+            print(
+                f"  {trainable:13s} replay {replay:4s} {row['target_dice_before']:.3f} -> "
+                f"{row['target_dice_after']:.3f}{src_txt} in {wall:.1f} s ({result.steps} "
+                f"steps, {result.stopped}; {rec.get('message')})",
+                file=sys.stderr,
+            )
     return {
         "case": case.name,
         "parent": {
@@ -428,9 +547,12 @@ def run_case(case: Case, parent_spec: str, is_stand_in: bool, args: argparse.Nam
         },
         "target": case.target,
         "source": case.source,
-        "design": {**case.design, "corrected": case.corrected_ids,
-                   "target_dice_all_foreground": _r(trivial),
-                   "eval_before_s": round(eval_s, 1)},
+        "design": {
+            **case.design,
+            "corrected": case.corrected_ids,
+            "target_dice_all_foreground": _r(trivial),
+            "eval_before_s": round(eval_s, 1),
+        },
         "loadavg_1min_start_end": [load_start, _loadavg()],
         "rows": rows,
     }
@@ -485,12 +607,21 @@ def table(report: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in c["rows"]:
-            src = ("–" if r["source_dice_before"] is None
-                   else f"{r['source_dice_before']:.3f} → {r['source_dice_after']:.3f}")
-            hold = ("–" if r["holdout_dice_before"] is None
-                    else f"{r['holdout_dice_before']:.3f} → {r['holdout_dice_after']:.3f}")
-            replay = (f"{r['replay_samples']} images, {r['replay_patches']} patches"
-                      if r.get("replay_used") else r.get("replay", "none"))
+            src = (
+                "–"
+                if r["source_dice_before"] is None
+                else f"{r['source_dice_before']:.3f} → {r['source_dice_after']:.3f}"
+            )
+            hold = (
+                "–"
+                if r["holdout_dice_before"] is None
+                else f"{r['holdout_dice_before']:.3f} → {r['holdout_dice_after']:.3f}"
+            )
+            replay = (
+                f"{r['replay_samples']} images, {r['replay_patches']} patches"
+                if r.get("replay_used")
+                else r.get("replay", "none")
+            )
             lines.append(
                 f"| {r['trainable']} | {replay} | {r['wall_s']:.0f} | {r['steps']} "
                 f"({r['stopped']}) | "

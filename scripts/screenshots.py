@@ -61,7 +61,9 @@ def _model(
     torch.manual_seed(0)  # the same stand-in every time
     net = build_model("prosma_unet", widths="small", **arch).eval()
     card = ModelCard(
-        architecture="prosma_unet", arch_kwargs=net.config, name=f"{name} (placeholder)",
+        architecture="prosma_unet",
+        arch_kwargs=net.config,
+        name=f"{name} (placeholder)",
         class_names=class_names,
         intended_use="Placeholder with random weights, for screenshots of the widgets only.",
     )
@@ -136,12 +138,19 @@ def _finetune(viewer, spec: str, steps: int = 40) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs", help="output folder")
-    parser.add_argument("--model-2d", type=Path, help="checkpoint for the BUSI ultrasound "
-                        "(default: bundled busi_prosma)")
-    parser.add_argument("--model-3d", type=Path, help="checkpoint for the hippocampus MRI "
-                        "(default: bundled hippocampus_prosma)")
-    parser.add_argument("--finetune-steps", type=int, default=60,
-                        help="optimiser steps of the fine-tuning shot")
+    parser.add_argument(
+        "--model-2d",
+        type=Path,
+        help="checkpoint for the BUSI ultrasound (default: bundled busi_prosma)",
+    )
+    parser.add_argument(
+        "--model-3d",
+        type=Path,
+        help="checkpoint for the hippocampus MRI (default: bundled hippocampus_prosma)",
+    )
+    parser.add_argument(
+        "--finetune-steps", type=int, default=60, help="optimiser steps of the fine-tuning shot"
+    )
     args = parser.parse_args(argv)
     _ensure_display()
     os.environ.pop("QT_QPA_PLATFORM", None)
@@ -155,8 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     placeholders = []
 
     # 1-2: a 2D ultrasound image, segmented; then its gates
-    busi, ph = _model("busi_prosma", tmp, ["background", "lesion"], args.model_2d,
-                      spatial_dims=2, in_channels=1, out_channels=1)
+    busi, ph = _model(
+        "busi_prosma",
+        tmp,
+        ["background", "lesion"],
+        args.model_2d,
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=1,
+    )
     placeholders += ["busi_prosma"] if ph else []
     viewer = napari.Viewer(show=True, title="napari-prosma: Segment")
     _window(viewer)
@@ -180,13 +196,21 @@ def main(argv: list[str] | None = None) -> int:
     viewer.close()
 
     # 3-4: a 3D MRI volume with a 3D model; then its gates, following the slice
-    hip, ph = _model("hippocampus_prosma", tmp, ["background", "anterior", "posterior"],
-                     args.model_3d, spatial_dims=3, in_channels=1, out_channels=3)
+    hip, ph = _model(
+        "hippocampus_prosma",
+        tmp,
+        ["background", "anterior", "posterior"],
+        args.model_3d,
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=3,
+    )
     placeholders += ["hippocampus_prosma"] if ph else []
     viewer = napari.Viewer(show=True, title="napari-prosma: Segment a volume")
     _window(viewer)
-    viewer.open(str(REPO / "src/napari_prosma/_samples/hippocampus_mri.nii.gz"),
-                plugin="napari-prosma")
+    viewer.open(
+        str(REPO / "src/napari_prosma/_samples/hippocampus_mri.nii.gz"), plugin="napari-prosma"
+    )
     viewer.dims.set_current_step(0, 17)
     seg_dock, _ = _segment(viewer, hip)
     _shot(viewer, out / "segment_3d.png")

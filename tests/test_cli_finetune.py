@@ -20,8 +20,12 @@ def _tiny(folder: Path, training: dict | None = None) -> Path:
     torch.manual_seed(0)
     net = build_model(spatial_dims=2, in_channels=1, out_channels=1, widths=[4, 8, 8])
     card = ModelCard(
-        "prosma_unet", net.config, name="tiny", normalization={"mode": "zscore"},
-        class_names=["background", "thing"], training=training or {},
+        "prosma_unet",
+        net.config,
+        name="tiny",
+        normalization={"mode": "zscore"},
+        class_names=["background", "thing"],
+        training=training or {},
     )
     return save(net, folder / "tiny", card)
 
@@ -59,8 +63,21 @@ def test_cli_finetune_with_and_without_replay(tmp_path, capsys):
     assert v.card.training["replay"]["used"] is False
 
     base_images, _ = _png_pairs(tmp_path / "base", 3)
-    assert _run(str(images), str(masks), "--model", str(ckpt), "-o", str(store),
-                "--replay", str(base_images.parent), "--replay-fraction", "0.5") == 0
+    assert (
+        _run(
+            str(images),
+            str(masks),
+            "--model",
+            str(ckpt),
+            "-o",
+            str(store),
+            "--replay",
+            str(base_images.parent),
+            "--replay-fraction",
+            "0.5",
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"note: replaying 3 samples from {base_images.parent}" in out
     new = [v for v in ModelStore(store).versions() if v.card.training["replay"]["used"]]
@@ -76,8 +93,16 @@ def test_cli_finetune_with_and_without_replay(tmp_path, capsys):
 def test_cli_finetune_bad_replay_folder_is_one_plain_line(tmp_path, capsys):
     ckpt = _tiny(tmp_path / "m")
     images, masks = _png_pairs(tmp_path / "user", 2)
-    rc = _run(str(images), str(masks), "--model", str(ckpt), "-o", str(tmp_path / "s"),
-              "--replay", str(tmp_path / "nowhere"))
+    rc = _run(
+        str(images),
+        str(masks),
+        "--model",
+        str(ckpt),
+        "-o",
+        str(tmp_path / "s"),
+        "--replay",
+        str(tmp_path / "nowhere"),
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "replay folder" in err and "does not exist" in err
     assert "Traceback" not in err
@@ -93,13 +118,28 @@ def test_cli_finetune_slices_along_the_chosen_axis(tmp_path, capsys):
     lab[4:8, 4:8, :] = 1  # every slice along one axis; 4 slices along another
     for name, data in (("vol", vol), ("lab", lab)):
         (tmp_path / name).mkdir()
-        nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0])),
-                 tmp_path / name / "case.nii.gz")
+        nib.save(
+            nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0])), tmp_path / name / "case.nii.gz"
+        )
     counts = {}
     for axis in ("0", "2"):
-        assert _run(str(tmp_path / "vol"), str(tmp_path / "lab"), "--model", str(ckpt),
-                    "-o", str(tmp_path / f"s{axis}"), "--slice-axis", axis,
-                    "--replay", "none", "--holdout-fraction", "0") == 0
+        assert (
+            _run(
+                str(tmp_path / "vol"),
+                str(tmp_path / "lab"),
+                "--model",
+                str(ckpt),
+                "-o",
+                str(tmp_path / f"s{axis}"),
+                "--slice-axis",
+                axis,
+                "--replay",
+                "none",
+                "--holdout-fraction",
+                "0",
+            )
+            == 0
+        )
         (v,) = ModelStore(tmp_path / f"s{axis}").versions()
         counts[axis] = v.card.training["n_train_units"] + v.card.training["n_holdout_units"]
         assert v.card.training["data"][0]["spacing"] == [2.0, 1.0, 1.0]
@@ -135,24 +175,33 @@ def test_files_pair_by_stem_and_suffix_never_by_order(tmp_path):
     ns = argparse.Namespace(images=tmp_path / "im", labels=tmp_path / "lab")
     got = {i.name: lab.name for i, lab in _pair(ns)}
     assert got == {
-        "case1.png": "case1_Seg.png", "case10.png": "case10_mask.png",
+        "case1.png": "case1_Seg.png",
+        "case10.png": "case10_mask.png",
         "case2.png": "case2_labels.png",
     }
     # one folder holding both
     _touch_pngs(tmp_path / "both", ["a.png", "a_mask.png", "b.png", "b_label.png"])
     ns = argparse.Namespace(images=tmp_path / "both", labels=tmp_path / "both")
     assert {i.name: lab.name for i, lab in _pair(ns)} == {
-        "a.png": "a_mask.png", "b.png": "b_label.png"
+        "a.png": "a_mask.png",
+        "b.png": "b_label.png",
     }
 
 
 def test_unmatched_or_ambiguous_files_are_refused_by_name(tmp_path, capsys):
     ckpt = _tiny(tmp_path / "m")
     _touch_pngs(tmp_path / "im", ["case1.png", "case10.png", "case3.png"])
-    _touch_pngs(tmp_path / "lab", ["case1_mask.png", "case1_seg.png", "case10_mask.png",
-                                   "case4_mask.png"])
-    rc = _run(str(tmp_path / "im"), str(tmp_path / "lab"), "--model", str(ckpt),
-              "-o", str(tmp_path / "store"))
+    _touch_pngs(
+        tmp_path / "lab", ["case1_mask.png", "case1_seg.png", "case10_mask.png", "case4_mask.png"]
+    )
+    rc = _run(
+        str(tmp_path / "im"),
+        str(tmp_path / "lab"),
+        "--model",
+        str(ckpt),
+        "-o",
+        str(tmp_path / "store"),
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "no label file for case3.png" in err
@@ -171,16 +220,26 @@ def test_cli_takes_0_255_masks_as_binary_and_refuses_fractional_labels(tmp_path,
     images, masks = _png_pairs(tmp_path / "user", 2)
     for f in masks.iterdir():
         Image.fromarray((np.asarray(Image.open(f)) * 255).astype(np.uint8)).save(f)
-    assert _run(str(images), str(masks), "--model", str(ckpt), "-o", str(tmp_path / "s"),
-                "--replay", "none") == 0
+    assert (
+        _run(
+            str(images),
+            str(masks),
+            "--model",
+            str(ckpt),
+            "-o",
+            str(tmp_path / "s"),
+            "--replay",
+            "none",
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "note: the labels are stored as 0 and 255: taken as 0 = background" in out
     (tmp_path / "flt").mkdir()
     for f in masks.iterdir():
         lab = (np.asarray(Image.open(f)) > 0) * np.float32(0.6)
         tifffile.imwrite(tmp_path / "flt" / f"{f.stem}.tif", lab.astype(np.float32))
-    rc = _run(str(images), str(tmp_path / "flt"), "--model", str(ckpt),
-              "-o", str(tmp_path / "s2"))
+    rc = _run(str(images), str(tmp_path / "flt"), "--model", str(ckpt), "-o", str(tmp_path / "s2"))
     err = capsys.readouterr().err
     assert rc == 1 and "fractional values (0.6)" in err and "Traceback" not in err
     assert not (tmp_path / "s2").exists() or ModelStore(tmp_path / "s2").versions() == []
@@ -190,8 +249,16 @@ def test_cli_finetune_shows_progress_on_stderr_unless_quiet(tmp_path, capsys):
     """Issue 12 #14: long CLI work was silent; now steps done and time left go to stderr."""
     ckpt = _tiny(tmp_path / "m")
     images, masks = _png_pairs(tmp_path / "user", 2)
-    args = [str(images), str(masks), "--model", str(ckpt), "--replay", "none",
-            "--holdout-fraction", "0"]
+    args = [
+        str(images),
+        str(masks),
+        "--model",
+        str(ckpt),
+        "--replay",
+        "none",
+        "--holdout-fraction",
+        "0",
+    ]
     assert _run(*args, "-o", str(tmp_path / "s1")) == 0
     err = capsys.readouterr().err
     assert "[train ] step 1/2, loss " in err and "s left" in err, err

@@ -186,11 +186,20 @@ MAX_FUNCTION_LINES = 80
 #: was written: finetune.py (1016 lines; ``finetune`` 191), train.py (613; ``train``
 #: 322), _widgets/gates.py (402), _widgets/finetune.py (400, at the limit).
 ALLOWED = {
-    "napari_prosma/finetune*": "fine-tune helper: finetune.py -> finetune/ (part 3)",
-    "napari_prosma/train*": "science helper: train.py -> train/ (part 6)",
-    "napari_prosma/_widgets/*": "widgets helper: thin widgets, _layers, _plots (part 2)",
-    "napari_prosma/cli/predict.py": "CLI helper: cli/predict.run (part 4)",
-    "napari_prosma/inference/engine.py": "CLI helper: engine -> window, _run's options (part 4)",
+    # The exceptions kept at the end of session 4 (issue 13 stays open for them), each with
+    # why; every other file is held to the limits. Tighten this list, never widen it.
+    # ~400 lines: a few lines over after ruff format; splitting them further would break a
+    # widget's one class (finetune, gates) or the one update-or-add room (_layers) in two.
+    "napari_prosma/_widgets/_layers.py": "405 lines",
+    "napari_prosma/_widgets/finetune.py": "411 lines",
+    "napari_prosma/_widgets/gates.py": "405 lines",
+    "napari_prosma/cli/predict.py": "405 lines (DICOM inputs joined late in the session)",
+    # Too long, to split next: the fine-tune outcome, the protocol report, the stacked
+    # training loop (train_many/finish_run), and report.py (sizes, colours, card summary).
+    "napari_prosma/finetune/run.py": "run_finetune() 87 lines",
+    "napari_prosma/metrics.py": "report() 87 lines",
+    "napari_prosma/train_stack.py": "train_many() 105, finish_run() 83 lines",
+    "napari_prosma/report.py": "464 lines",
 }
 
 

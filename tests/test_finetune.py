@@ -182,8 +182,9 @@ def test_corrected_slices_along_any_axis():
     lab = prev.copy()
     lab[1:4, 2:5, 7] = 1  # painted on sagittal slice x = 7
     lab[2, 6, 9] = 1  # and one voxel on x = 9
-    units = corrected_units([vol], [lab], card, previous=[prev], slice_axis=2,
-                            spacing=[(3.0, 0.8, 0.7)])
+    units = corrected_units(
+        [vol], [lab], card, previous=[prev], slice_axis=2, spacing=[(3.0, 0.8, 0.7)]
+    )
     assert len(units) == 2
     assert units[0].image.shape == (6, 10) and units[0].labels.sum() == 9
     np.testing.assert_array_equal(units[0].image, vol[:, :, 7])
@@ -292,9 +293,7 @@ def _by_role(selection, report):
     return fake, calls
 
 
-def test_guard_decides_on_the_report_part_not_on_the_selection_part(
-    parent, tmp_path, monkeypatch
-):
+def test_guard_decides_on_the_report_part_not_on_the_selection_part(parent, tmp_path, monkeypatch):
     """The selection part improves (so early stopping keeps a trained state) while the
     report part gets worse: the guard must fire. Had it used the selection part, it
     would have activated the new model."""
@@ -310,8 +309,13 @@ def test_guard_decides_on_the_report_part_not_on_the_selection_part(
     result, vid = run_finetune(
         parent, images, labels, store=store, config=_cfg(max_steps=4, eval_every=2)
     )
-    assert calls == [("selection", 2), ("report", 2), ("selection", 2), ("selection", 2),
-                     ("report", 2)]
+    assert calls == [
+        ("selection", 2),
+        ("report", 2),
+        ("selection", 2),
+        ("selection", 2),
+        ("report", 2),
+    ]
     assert result.independent_report and result.n_select == 2 and result.n_report == 2
     assert result.selection_before == 0.2 and result.selection_after == 0.9
     assert (result.dice_before, result.dice_after) == (0.8, 0.4)
@@ -383,12 +387,18 @@ def test_replay_is_trained_on_and_recorded(parent, tmp_path):
     images, labels = _disc_images(4)
     base_i, base_l = _disc_images(3, seed=7)
     replay = ReplaySet(
-        [(i, lab, None) for i, lab in zip(base_i, base_l)], "discs (test)", "replaying 3",
+        [(i, lab, None) for i, lab in zip(base_i, base_l)],
+        "discs (test)",
+        "replaying 3",
         ["a", "b", "c"],
     )
     store = ModelStore(tmp_path / "store")
     result, vid = run_finetune(
-        parent, images, labels, store=store, replay=replay,
+        parent,
+        images,
+        labels,
+        store=store,
+        replay=replay,
         config=_cfg(max_steps=3, batch_size=4, replay_fraction=0.5, holdout_fraction=0.0),
     )  # nothing held out: 3 steps on a random model need not beat it (no version then)
     assert result.replay["patches"] == 6  # 2 of 4 patches in each of 3 steps
@@ -399,7 +409,11 @@ def test_replay_is_trained_on_and_recorded(parent, tmp_path):
     assert "replaying 3" in result.notes
     # nothing to replay for this card ('auto'): said plainly, and training goes on
     result, vid = run_finetune(
-        parent, images, labels, store=store, replay="auto",
+        parent,
+        images,
+        labels,
+        store=store,
+        replay="auto",
         config=_cfg(max_steps=2, holdout_fraction=0.0),
     )
     assert result.replay["used"] is False and result.replay["patches"] == 0
@@ -472,7 +486,11 @@ def test_finetune_trains_and_measures_on_the_card_grid(tmp_path, monkeypatch):
     monkeypatch.setattr(ft, "_sample_patch", sample)
     monkeypatch.setattr(inference, "predict", predict)
     result = finetune(
-        net, card, vols, labs, spacing=[(2.0, 1.0, 1.0)] * 2,
+        net,
+        card,
+        vols,
+        labs,
+        spacing=[(2.0, 1.0, 1.0)] * 2,
         config=_cfg(max_steps=2, batch_size=1, holdout_fraction=0.5),
     )
     assert set(seen_shapes) == {(8, 24, 24)}, seen_shapes  # slab 2..5: 4 slices, 8 at 1 mm
@@ -501,7 +519,7 @@ def test_cancel_or_crash_in_any_phase_leaves_the_parent_and_no_files(
     store.activate("parent-name")
     parent_hash = file_sha256(parent)
     images, labels = _disc_images(8)  # 2 held out: predict calls 0-1 before, 2-3 at step
-    stop = threading.Event()          # 2, 4-5 at step 4, 6-7 on the kept state
+    stop = threading.Event()  # 2, 4-5 at step 4, 6-7 on the kept state
     cfg = _cfg(max_steps=4, eval_every=2)
     seen: list[tuple[str, int]] = []
     calls = [0]
@@ -539,8 +557,12 @@ def test_cancel_or_crash_in_any_phase_leaves_the_parent_and_no_files(
     # it stopped where it was meant to
     last = seen[-1] if seen else None
     want_last = {
-        "before": None, "train": ("train", 1), "eval": ("train", 2), "after": ("eval", 4),
-        "save": ("done", 4), "save_crash": ("done", 4),
+        "before": None,
+        "train": ("train", 1),
+        "eval": ("train", 2),
+        "after": ("eval", 4),
+        "save": ("done", 4),
+        "save_crash": ("done", 4),
     }[phase]
     assert last == want_last, seen
     assert store.versions() == []
@@ -550,7 +572,8 @@ def test_cancel_or_crash_in_any_phase_leaves_the_parent_and_no_files(
     assert left == [".incoming", "active.json"], left
     (kept,) = list((store.root / ".incoming").iterdir())
     assert sorted(p.name for p in kept.iterdir()) == [
-        "index.json", *(f"pair_{k:03d}.npz" for k in range(8))
+        "index.json",
+        *(f"pair_{k:03d}.npz" for k in range(8)),
     ]
 
 
@@ -584,8 +607,9 @@ def test_label_values_binary_masks_mapped_negative_and_fractional_refused():
     from napari_prosma.finetune import check_labels
 
     net = build_model(spatial_dims=2, widths="tiny")  # out_channels 2
-    card = ModelCard(architecture="prosma_unet", arch_kwargs=net.config,
-                     class_names=["background", "polyp"])
+    card = ModelCard(
+        architecture="prosma_unet", arch_kwargs=net.config, class_names=["background", "polyp"]
+    )
     img = np.zeros((8, 8), np.float32)
     mask = np.zeros((8, 8), np.uint8)
     mask[2:5, 2:5] = 255
@@ -606,8 +630,9 @@ def test_label_values_binary_masks_mapped_negative_and_fractional_refused():
         corrected_units([img], [frac], card)
     with pytest.raises(InputError, match="NaN"):
         check_labels(np.full((4, 4), np.nan), card)
-    three = dataclasses.replace(card, arch_kwargs={**net.config, "out_channels": 3},
-                                class_names=["bg", "a", "b"])
+    three = dataclasses.replace(
+        card, arch_kwargs={**net.config, "out_channels": 3}, class_names=["bg", "a", "b"]
+    )
     with pytest.raises(InputError, match="use class 255 but the model knows 3"):
         check_labels(mask, three)  # not binary: 255 is no class it knows
     with pytest.raises(InputError, match="values found: 0, 1, 255"):
@@ -634,8 +659,9 @@ def test_a_finetuned_versions_card_is_hash_checked(parent, tmp_path):
 
     store = ModelStore(tmp_path / "store")
     images, labels = _disc_images(2)
-    _, vid = run_finetune(parent, images, labels, store=store, config=_cfg(max_steps=2),
-                          activate="always")
+    _, vid = run_finetune(
+        parent, images, labels, store=store, config=_cfg(max_steps=2), activate="always"
+    )
     v = store.get(vid)
     card_file = v.path / "model.json"
     data = json.loads(card_file.read_text())
@@ -664,8 +690,9 @@ def test_no_version_when_nothing_beats_the_parent(parent, tmp_path, monkeypatch)
     scores = iter([0.758, 0.59, 0.707, 0.689, 0.758])  # the last: the kept state again
     monkeypatch.setattr(ft, "holdout_dice", lambda *a, **k: next(scores))
     with pytest.raises(InputError) as info:
-        run_finetune(parent, images, labels, store=store,
-                     config=_cfg(max_steps=6, eval_every=2, patience=5))
+        run_finetune(
+            parent, images, labels, store=store, config=_cfg(max_steps=6, eval_every=2, patience=5)
+        )
     text = str(info.value)
     assert text.startswith("the corrections did not improve the model; nothing was saved")
     assert "0.758 before training, at best 0.707 in 3 evaluation(s)" in text
@@ -689,8 +716,9 @@ def test_refusals_after_training_say_where_the_corrections_are(parent, tmp_path)
             stop.set()
 
     with pytest.raises(Cancelled) as info:
-        run_finetune(parent, images, labels, store=store, config=_cfg(), progress=progress,
-                     cancel=stop)
+        run_finetune(
+            parent, images, labels, store=store, config=_cfg(), progress=progress, cancel=stop
+        )
     (kept,) = (store.root / ".incoming").iterdir()
     assert str(info.value).endswith(f"your corrections are kept in {kept}")
     assert "previous model stays active" in str(info.value)
@@ -714,15 +742,27 @@ def test_finetune_rooms_import_without_torch_or_qt():
     import subprocess
     import sys
 
-    mods = ["napari_prosma.finetune", "napari_prosma.finetune.config",
-            "napari_prosma.finetune.units", "napari_prosma.finetune.net",
-            "napari_prosma.finetune.loop", "napari_prosma.finetune.lineage",
-            "napari_prosma.finetune.run", "napari_prosma.finetune.replay",
-            "napari_prosma.replay", "napari_prosma.versions", "napari_prosma.locking",
-            "napari_prosma.pairing", "napari_prosma.checkpoint", "napari_prosma.cli.finetune"]
-    code = (f"import importlib, sys; [importlib.import_module(m) for m in {mods!r}]; "
-            "bad = [m for m in ('torch', 'qtpy', 'PyQt6', 'PyQt5', 'napari') if m in sys.modules]; "
-            "print(bad); sys.exit(bool(bad))")
+    mods = [
+        "napari_prosma.finetune",
+        "napari_prosma.finetune.config",
+        "napari_prosma.finetune.units",
+        "napari_prosma.finetune.net",
+        "napari_prosma.finetune.loop",
+        "napari_prosma.finetune.lineage",
+        "napari_prosma.finetune.run",
+        "napari_prosma.finetune.replay",
+        "napari_prosma.replay",
+        "napari_prosma.versions",
+        "napari_prosma.locking",
+        "napari_prosma.pairing",
+        "napari_prosma.checkpoint",
+        "napari_prosma.cli.finetune",
+    ]
+    code = (
+        f"import importlib, sys; [importlib.import_module(m) for m in {mods!r}]; "
+        "bad = [m for m in ('torch', 'qtpy', 'PyQt6', 'PyQt5', 'napari') if m in sys.modules]; "
+        "print(bad); sys.exit(bool(bad))"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
 
@@ -732,8 +772,9 @@ def _kvasir(root, ids):
 
     images, masks = [], []
     for i in ids:
-        images.append(np.asarray(Image.open(root / "kvasir-seg" / "images" / f"{i}.jpg")
-                                 .convert("RGB")))
+        images.append(
+            np.asarray(Image.open(root / "kvasir-seg" / "images" / f"{i}.jpg").convert("RGB"))
+        )
         m = np.asarray(Image.open(root / "kvasir-seg" / "masks" / f"{i}.jpg").convert("L"))
         masks.append((m > 127).astype(np.uint8))
     return images, masks
@@ -743,8 +784,14 @@ def _mean_dice(net, card, images, masks):
     from napari_prosma.inference import predict
     from napari_prosma.metrics import dice
 
-    return float(np.mean([dice(predict(i, net, card, device="cpu").labels > 0, m > 0)
-                          for i, m in zip(images, masks)]))
+    return float(
+        np.mean(
+            [
+                dice(predict(i, net, card, device="cpu").labels > 0, m > 0)
+                for i, m in zip(images, masks)
+            ]
+        )
+    )
 
 
 @pytest.mark.data
@@ -762,13 +809,18 @@ def test_a_good_model_fits_its_corrections_and_is_not_broken_by_the_first_steps(
 
     model, card = load("kvasir_prosma")
     split = json.loads((REPO / "training" / "splits" / "kvasir_seed0.json").read_text())
-    fix = ["cju2y5zas8m7f0801d34g5owq", "cju2qtee81yd708787bsjr75d",
-           "cju0sxqiclckk08551ycbwhno", "cju1cj3f0qi5n0993ut8f49rj"]  # test part, 0.71-0.80
+    fix = [
+        "cju2y5zas8m7f0801d34g5owq",
+        "cju2qtee81yd708787bsjr75d",
+        "cju0sxqiclckk08551ycbwhno",
+        "cju1cj3f0qi5n0993ut8f49rj",
+    ]  # test part, 0.71-0.80
     assert set(fix) <= set(split["test"])
     rest_i, rest_m = _kvasir(shared_data, [i for i in split["test"] if i not in fix][:8])
     rest_before = _mean_dice(model, card, rest_i, rest_m)
-    cfg = FinetuneConfig(max_steps=20, holdout_fraction=0.0, time_budget_s=None,
-                         device="cpu", seed=0)
+    cfg = FinetuneConfig(
+        max_steps=20, holdout_fraction=0.0, time_budget_s=None, device="cpu", seed=0
+    )
 
     own_i, own_m = _kvasir(shared_data, split["train"][:4])
     res = finetune(model, card, own_i, own_m, config=cfg)
@@ -778,8 +830,9 @@ def test_a_good_model_fits_its_corrections_and_is_not_broken_by_the_first_steps(
     assert rest[1] > rest[0] - 0.02, rest
 
     fix_i, fix_m = _kvasir(shared_data, fix)
-    res = finetune(model, card, fix_i, fix_m,
-                   config=dataclasses.replace(cfg, max_steps=30, trainable="gates"))
+    res = finetune(
+        model, card, fix_i, fix_m, config=dataclasses.replace(cfg, max_steps=30, trainable="gates")
+    )
     fixed = (_mean_dice(model, card, fix_i, fix_m), _mean_dice(res.model, card, fix_i, fix_m))
     rest = (rest_before, _mean_dice(res.model, card, rest_i, rest_m))
     assert fixed[1] > fixed[0] + 0.01, fixed

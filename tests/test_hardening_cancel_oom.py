@@ -63,8 +63,9 @@ def test_batch_cancel_between_images_of_a_volume():
             stop.set()
 
     with pytest.raises(Cancelled):
-        predict_batch(list(vol), model, card, device="cpu", tile_size=16, progress=progress,
-                      cancel=stop)
+        predict_batch(
+            list(vol), model, card, device="cpu", tile_size=16, progress=progress, cancel=stop
+        )
 
 
 def test_segment_job_cancel_before_and_after_loading_the_model(tmp_path, monkeypatch):
@@ -75,8 +76,14 @@ def test_segment_job_cancel_before_and_after_loading_the_model(tmp_path, monkeyp
 
     ckpt = save_tiny(tmp_path)
     plan = plan_input(smooth_image((32, 32)), rgb=False, spatial_dims=2)
-    req = {"spec": str(ckpt), "device": "cpu", "plan": plan, "tta": False,
-           "probabilities": False, "gates": True}
+    req = {
+        "spec": str(ckpt),
+        "device": "cpu",
+        "plan": plan,
+        "tta": False,
+        "probabilities": False,
+        "gates": True,
+    }
     before = threading.Event()
     before.set()
     with pytest.raises(Cancelled):
@@ -99,8 +106,17 @@ def test_segment_job_cancel_before_and_after_loading_the_model(tmp_path, monkeyp
 
 
 def _cfg(**kw) -> FinetuneConfig:
-    base = dict(max_steps=6, time_budget_s=None, lr=3e-3, batch_size=2, eval_every=2,
-                patience=10, trainable="all", device="cpu", holdout_fraction=0.25)
+    base = dict(
+        max_steps=6,
+        time_budget_s=None,
+        lr=3e-3,
+        batch_size=2,
+        eval_every=2,
+        patience=10,
+        trainable="all",
+        device="cpu",
+        holdout_fraction=0.25,
+    )
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -139,8 +155,9 @@ def test_finetune_cancel_at_every_phase(ft_setup, phase):
             stop.set()
 
     with pytest.raises(Cancelled):
-        run_finetune(parent, images, labels, store=store, config=_cfg(), progress=progress,
-                     cancel=stop)
+        run_finetune(
+            parent, images, labels, store=store, config=_cfg(), progress=progress, cancel=stop
+        )
     assert phase in seen
     _assert_nothing_kept(store, parent, parent_bytes)
 
@@ -164,8 +181,7 @@ def test_finetune_cancel_during_the_final_evaluation(ft_setup, monkeypatch):
 
     monkeypatch.setattr(ft, "holdout_dice", measure)
     with pytest.raises(Cancelled):
-        run_finetune(parent, images, labels, store=store, config=_cfg(max_steps=2),
-                     cancel=stop)
+        run_finetune(parent, images, labels, store=store, config=_cfg(max_steps=2), cancel=stop)
     _assert_nothing_kept(store, parent, parent_bytes)
 
 
@@ -214,8 +230,15 @@ def test_oom_mid_run_retries_and_the_result_is_complete(monkeypatch):
     monkeypatch.setattr(devmod, "is_gpu", lambda d: True)  # pretend the CPU is a GPU
     _oom_after(model, good_calls=3, times=1, wrap=True)
     progress = []
-    pred = predict(img, model, card, device="cpu", tile_size=32, return_probabilities=True,
-                   progress=lambda d, t: progress.append((d, t)))
+    pred = predict(
+        img,
+        model,
+        card,
+        device="cpu",
+        tile_size=32,
+        return_probabilities=True,
+        progress=lambda d, t: progress.append((d, t)),
+    )
     assert any("smaller tiles" in n for n in pred.notes), pred.notes
     assert pred.tile_size == (16, 16)
     assert pred.labels.shape == img.shape
@@ -266,8 +289,7 @@ def test_finetune_that_diverges_saves_nothing(ft_setup, monkeypatch):
     parent_bytes = parent.read_bytes()
     monkeypatch.setattr(ft, "_loss_fn", lambda card: lambda logits, y: logits.sum() * np.nan)
     with pytest.raises(InputError, match="diverged") as info:
-        run_finetune(parent, images[:1], labels[:1], store=store,
-                     config=_cfg(holdout_fraction=0.0))
+        run_finetune(parent, images[:1], labels[:1], store=store, config=_cfg(holdout_fraction=0.0))
     assert "previous model stays active" in user_message(info.value)
     _assert_nothing_kept(store, parent, parent_bytes)
 
@@ -287,8 +309,19 @@ def test_cli_ctrl_c_removes_the_outputs_of_the_file_in_progress(tmp_path, monkey
         raise KeyboardInterrupt
 
     monkeypatch.setattr(io_mod, "write_image", interrupted)
-    rc = main(["predict", str(sample_path("busi_benign")), "-o", str(out), "--model",
-               str(model), "--device", "cpu", "--probabilities"])
+    rc = main(
+        [
+            "predict",
+            str(sample_path("busi_benign")),
+            "-o",
+            str(out),
+            "--model",
+            str(model),
+            "--device",
+            "cpu",
+            "--probabilities",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 130 and err == ["prosma: interrupted"]
     assert list(out.rglob("*")) == []

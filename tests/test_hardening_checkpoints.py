@@ -209,8 +209,18 @@ def test_predict_with_a_broken_model_writes_nothing(tmp_path, good, capsys):
     out = tmp_path / "out"
     from napari_prosma._samples import sample_path
 
-    rc = main(["predict", str(sample_path("busi_benign")), "-o", str(out), "--model", str(good),
-               "--device", "cpu"])
+    rc = main(
+        [
+            "predict",
+            str(sample_path("busi_benign")),
+            "-o",
+            str(out),
+            "--model",
+            str(good),
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "only partly written" in err[0], err
     assert not out.exists() or not any(out.iterdir())
@@ -272,7 +282,8 @@ def test_bundled_and_golden_cards_carry_valid_hashes():
     assert set(names) >= {"busi_prosma", "kvasir_prosma", "hippocampus_prosma"}
     here = Path(__file__).parent / "data"
     for path in [bundled_dir() / f"{n}.json" for n in names] + [
-        here / "golden_2d.json", here / "golden_3d.json"
+        here / "golden_2d.json",
+        here / "golden_3d.json",
     ]:
         data = json.loads(path.read_text())
         assert data["card_sha256"] == card_digest(data), path

@@ -54,8 +54,17 @@ def grey_model(tmp_path) -> Path:
 
 
 def _predict_args(out: Path, model: Path, *extra: str) -> list[str]:
-    return ["predict", str(sample_path("busi_benign")), "-o", str(out), "--model", str(model),
-            "--device", "cpu", *extra]
+    return [
+        "predict",
+        str(sample_path("busi_benign")),
+        "-o",
+        str(out),
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 # ---------------------------------------------------------------------------- read-only
@@ -92,8 +101,9 @@ def test_checkpoint_and_labels_into_a_read_only_folder(tmp_path):
 
 
 def _ft_config() -> FinetuneConfig:
-    return FinetuneConfig(max_steps=2, time_budget_s=None, batch_size=2, eval_every=2,
-                          trainable="all", device="cpu")
+    return FinetuneConfig(
+        max_steps=2, time_budget_s=None, batch_size=2, eval_every=2, trainable="all", device="cpu"
+    )
 
 
 def test_finetune_into_a_read_only_store(tmp_path):
@@ -202,7 +212,10 @@ def test_cli_predict_hits_a_real_file_size_limit(tmp_path, grey_model):
     env.pop("PROSMA_DEBUG", None)
     run = subprocess.run(
         [sys.executable, "-c", code, *_predict_args(out, grey_model, "--probabilities")],
-        capture_output=True, text=True, env=env, preexec_fn=_limit_file_size(64 * 1024),
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=_limit_file_size(64 * 1024),
         timeout=300,
     )
     line = _one_plain_line(run.stderr)
@@ -241,7 +254,10 @@ def _kill_during(task: str, pattern: str, tmp_path: Path) -> str:
     env = {**os.environ, "PYTHONPATH": SRC}
     proc = subprocess.Popen(
         [sys.executable, "-c", _PAUSE_AT_FSYNC + task, str(marker), pattern],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 300
@@ -376,8 +392,9 @@ def test_next_finetune_run_says_it_recovered_a_killed_run(tmp_path):
     (stage / "owner.json").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
 
     images, labels = disc_images(3)
-    cfg = FinetuneConfig(max_steps=1, time_budget_s=None, batch_size=2, device="cpu",
-                         holdout_fraction=0.0)  # nothing held out: the run always saves
+    cfg = FinetuneConfig(
+        max_steps=1, time_budget_s=None, batch_size=2, device="cpu", holdout_fraction=0.0
+    )  # nothing held out: the run always saves
     result, _ = run_finetune(str(parent), images, labels, store=store, config=cfg)
 
     assert not stage.exists()

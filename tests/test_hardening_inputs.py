@@ -58,13 +58,14 @@ def test_empty_arrays_are_refused(m2, m3, shape):
 
 
 @pytest.mark.parametrize(
-    ("shape", "dims"), [((1, 1), 2), ((1, 9), 2), ((9, 1), 2), ((1, 1, 1), 3), ((1, 20, 20), 3),
-                        ((20, 1, 20), 3)],
+    ("shape", "dims"),
+    [((1, 1), 2), ((1, 9), 2), ((9, 1), 2), ((1, 1, 1), 3), ((1, 20, 20), 3), ((20, 1, 20), 3)],
 )
 def test_one_pixel_and_one_slice_images_segment(m2, m3, shape, dims):
     model, card = m2 if dims == 2 else m3
-    pred = predict(smooth_image(shape), model, card, device="cpu", return_probabilities=True,
-                   return_gates=True)
+    pred = predict(
+        smooth_image(shape), model, card, device="cpu", return_probabilities=True, return_gates=True
+    )
     assert pred.labels.shape == shape
     assert np.isfinite(pred.probabilities).all()
     assert pred.probabilities.shape == (2, *shape)
@@ -96,8 +97,9 @@ def test_huge_but_finite_values_are_normalised_first(norm):
     model, card = tiny_model(2, normalization={"mode": norm})
     img = smooth_image((16, 16))
     ref = predict(img, model, card, device="cpu", return_probabilities=True)
-    big = predict(img.astype(np.float64) * 1e30, model, card, device="cpu",
-                  return_probabilities=True)
+    big = predict(
+        img.astype(np.float64) * 1e30, model, card, device="cpu", return_probabilities=True
+    )
     np.testing.assert_allclose(big.probabilities, ref.probabilities, atol=1e-4)
 
 
@@ -140,8 +142,7 @@ def test_uint16_ct_and_signed_hounsfield_units(tmp_path):
     hu = rng.integers(-1024, 3071, (8, 24, 24)).astype(np.int16)
     pred = predict(hu, model, card, device="cpu", return_probabilities=True)
     assert pred.labels.shape == hu.shape and np.isfinite(pred.probabilities).all()
-    clipped = predict(np.clip(hu, -160, 240), model, card, device="cpu",
-                      return_probabilities=True)
+    clipped = predict(np.clip(hu, -160, 240), model, card, device="cpu", return_probabilities=True)
     np.testing.assert_allclose(pred.probabilities, clipped.probabilities, atol=1e-5)
     # the same scan as uint16 (HU + 1024), written and read back as NIfTI
     path = tmp_path / "ct_uint16.nii.gz"
@@ -190,11 +191,17 @@ def test_rgba_drops_alpha_and_says_so():
 
 
 def test_channel_count_that_does_not_match_the_model(m2):
-    _refused(np.zeros((16, 16, 2), np.float32), *m2, "greyscale (1 channel)", "2 channel(s)",
-             channel_axis=-1)
+    _refused(
+        np.zeros((16, 16, 2), np.float32),
+        *m2,
+        "greyscale (1 channel)",
+        "2 channel(s)",
+        channel_axis=-1,
+    )
     rgb_model, rgb_card = tiny_model(2, in_channels=3, normalization={"mode": "fixed"})
-    _refused(np.zeros((16, 16), np.float32), rgb_model, rgb_card, "expects colour",
-             "choose a model")
+    _refused(
+        np.zeros((16, 16), np.float32), rgb_model, rgb_card, "expects colour", "choose a model"
+    )
     model5, card5 = tiny_model(2, in_channels=5)
     _refused(np.zeros((16, 16, 3), np.uint8), model5, card5, "5 channels")
 
@@ -220,8 +227,9 @@ def test_cli_keeps_a_flipped_or_oblique_affine_exactly(tmp_path, kind, capsys):
     src = tmp_path / f"{kind}.nii.gz"
     vox = smooth_image((20, 18, 6))
     nib.save(nib.Nifti1Image(vox, _affine(kind)), src)
-    rc = main(["predict", str(src), "-o", str(tmp_path / "out"), "--model", str(model),
-               "--device", "cpu"])
+    rc = main(
+        ["predict", str(src), "-o", str(tmp_path / "out"), "--model", str(model), "--device", "cpu"]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert ("rotated or sheared" in out) == (kind == "oblique")  # said, not hidden
@@ -239,8 +247,21 @@ def test_2d_nifti_round_trips_through_the_cli(tmp_path):
         ("slice3d", smooth_image((30, 20, 1)), np.diag([0.5, 0.7, 3.0, 1.0])),
     ):
         nib.save(nib.Nifti1Image(arr, aff), tmp_path / f"{name}.nii.gz")
-        assert main(["predict", str(tmp_path / f"{name}.nii.gz"), "-o", str(tmp_path / "o"),
-                     "--model", str(model), "--device", "cpu"]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    str(tmp_path / f"{name}.nii.gz"),
+                    "-o",
+                    str(tmp_path / "o"),
+                    "--model",
+                    str(model),
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
         lab = nib.load(tmp_path / "o" / f"{name}_labels.nii.gz")
         assert lab.shape == arr.shape
         np.testing.assert_array_equal(lab.affine, nib.load(tmp_path / f"{name}.nii.gz").affine)
@@ -248,10 +269,21 @@ def test_2d_nifti_round_trips_through_the_cli(tmp_path):
 
 def test_4d_nifti_is_refused_in_one_line(tmp_path, capsys):
     model = save_tiny(tmp_path / "models", "vol", spatial_dims=3)
-    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4, 3), np.float32), np.eye(4)),
-             tmp_path / "fmri.nii.gz")
-    rc = main(["predict", str(tmp_path / "fmri.nii.gz"), "-o", str(tmp_path / "out"),
-               "--model", str(model), "--device", "cpu"])
+    nib.save(
+        nib.Nifti1Image(np.zeros((8, 8, 4, 3), np.float32), np.eye(4)), tmp_path / "fmri.nii.gz"
+    )
+    rc = main(
+        [
+            "predict",
+            str(tmp_path / "fmri.nii.gz"),
+            "-o",
+            str(tmp_path / "out"),
+            "--model",
+            str(model),
+            "--device",
+            "cpu",
+        ]
+    )
     line = _one_line(capsys.readouterr().err)
     assert rc == 1 and "4D NIfTI" in line and "split the time points" in line
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -303,8 +335,9 @@ def test_cli_reports_each_corrupt_file_in_one_line_and_writes_nothing(tmp_path, 
     files = _corrupt_files(tmp_path)
     for name, data in files.items():
         (src / name).write_bytes(data)
-    rc = main(["predict", str(src), "-o", str(tmp_path / "out"), "--model", str(model),
-               "--device", "cpu"])
+    rc = main(
+        ["predict", str(src), "-o", str(tmp_path / "out"), "--model", str(model), "--device", "cpu"]
+    )
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert rc == 1 and "Traceback" not in err
@@ -338,8 +371,21 @@ def test_labels_of_another_shape_are_refused_everywhere(tmp_path, capsys):
     iio.imwrite(labs / "a.png", np.ones((32, 30), np.uint8))
     store = ModelStore(tmp_path / "store")
     store.activate("parent-name")
-    rc = main(["finetune", str(imgs), str(labs), "--model", str(parent), "-o", str(store.root),
-               "--device", "cpu", "--max-steps", "2"])
+    rc = main(
+        [
+            "finetune",
+            str(imgs),
+            str(labs),
+            "--model",
+            str(parent),
+            "-o",
+            str(store.root),
+            "--device",
+            "cpu",
+            "--max-steps",
+            "2",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
     assert "do not match the image" in err
@@ -360,10 +406,16 @@ def test_cli_refuses_bad_content_one_line_per_file(tmp_path, capsys):
     tifffile.imwrite(src / "complex.tif", np.zeros((16, 16), np.complex64))
     tifffile.imwrite(src / "series.tif", np.zeros((2, 3, 16, 16), np.uint8))
     tifffile.imwrite(src / "empty.tif", np.zeros((0, 16), np.uint8))
-    expect = {"nan.nii.gz": "NaN", "huge.tif": "too large", "complex.tif": "not numbers",
-              "series.tif": "4 dimensions", "empty.tif": "empty"}
-    rc = main(["predict", str(src), "-o", str(tmp_path / "out"), "--model", str(model),
-               "--device", "cpu"])
+    expect = {
+        "nan.nii.gz": "NaN",
+        "huge.tif": "too large",
+        "complex.tif": "not numbers",
+        "series.tif": "4 dimensions",
+        "empty.tif": "empty",
+    }
+    rc = main(
+        ["predict", str(src), "-o", str(tmp_path / "out"), "--model", str(model), "--device", "cpu"]
+    )
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert rc == 1 and "Traceback" not in err and len(lines) == len(expect) + 1, err
@@ -391,8 +443,9 @@ def test_cli_refuses_an_image_the_model_cannot_take(tmp_path, capsys, kind, dims
     else:
         src = tmp_path / "vol.nii.gz"
         nib.save(nib.Nifti1Image(smooth_image((24, 24, int(kind[-1]))), np.eye(4)), src)
-    rc = main(["predict", str(src), "-o", str(tmp_path / "out"), "--model", str(model),
-               "--device", "cpu"])
+    rc = main(
+        ["predict", str(src), "-o", str(tmp_path / "out"), "--model", str(model), "--device", "cpu"]
+    )
     line = _one_line(capsys.readouterr().err)
     assert rc == 1 and words in line, line
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

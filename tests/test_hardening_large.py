@@ -63,7 +63,10 @@ def test_tiled_inference_peak_memory_is_bounded(shape, tile, record_property):
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
         [sys.executable, "-c", _MEASURE, json.dumps(list(shape)), json.dumps(tile)],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr
     m = json.loads(run.stdout.strip().splitlines()[-1])

@@ -30,8 +30,7 @@ from napari_prosma.io import (
 from napari_prosma.nets import soft_threshold, theta_for_lambda
 from napari_prosma.preprocess import InputError
 
-SETTINGS = settings(max_examples=50, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # ---------------------------------------------------------------------------- soft threshold
 
@@ -93,8 +92,9 @@ def test_soft_threshold_is_nonexpansive_and_monotone(ul, data):
     lo, hi = torch.minimum(u, v), torch.maximum(u, v)
     assert torch.all(soft_threshold(lo, lam) <= soft_threshold(hi, lam))
     # a larger threshold never adds a non-zero
-    more = lam + torch.from_numpy(data.draw(hnp.arrays(np.float64, tuple(lam.shape),
-                                                       elements=_lam)))
+    more = lam + torch.from_numpy(
+        data.draw(hnp.arrays(np.float64, tuple(lam.shape), elements=_lam))
+    )
     assert torch.all((soft_threshold(u, more) != 0) <= (zu != 0))
 
 
@@ -151,7 +151,8 @@ def volumes(draw) -> np.ndarray:
     shape = tuple(draw(st.lists(st.integers(2, 7), min_size=ndim, max_size=ndim)))
     dtype = draw(_dtypes)
     elems = (
-        st.floats(-1e4, 1e4, width=32) if dtype == np.float32
+        st.floats(-1e4, 1e4, width=32)
+        if dtype == np.float32
         else st.integers(int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
     )
     return draw(hnp.arrays(dtype, shape, elements=elems))
@@ -170,9 +171,13 @@ def test_nifti_labels_and_images_round_trip_exactly(vox, affine, suffix, data):
         nib.save(img0, src)
         img = read_image(src)
         n_labels = data.draw(st.integers(1, 300))
-        labels = data.draw(hnp.arrays(np.uint16 if n_labels > 255 else np.uint8,
-                                      img.spatial_shape,
-                                      elements=st.integers(0, n_labels)))
+        labels = data.draw(
+            hnp.arrays(
+                np.uint16 if n_labels > 255 else np.uint8,
+                img.spatial_shape,
+                elements=st.integers(0, n_labels),
+            )
+        )
         out = write_labels(Path(d) / f"labels{suffix}", labels, img)
         back = read_image(out)
         np.testing.assert_array_equal(back.data, labels)
@@ -206,8 +211,9 @@ def test_geometry_without_a_source_file_round_trips(shape, spacing, origin, data
     aff = np.eye(n + 1)
     aff[:n, :n] = np.diag(sp)
     aff[:n, n] = org
-    like = ImageData(np.zeros(shape, np.uint8), "volume" if n == 3 else "grey", sp, org, aff,
-                     unit="mm")
+    like = ImageData(
+        np.zeros(shape, np.uint8), "volume" if n == 3 else "grey", sp, org, aff, unit="mm"
+    )
     labels = data.draw(hnp.arrays(np.uint8, tuple(shape), elements=st.integers(0, 5)))
     with tempfile.TemporaryDirectory() as d:
         back = read_image(write_labels(Path(d) / "l.nii.gz", labels, like))

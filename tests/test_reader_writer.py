@@ -23,9 +23,13 @@ def warned(monkeypatch) -> list[str]:
 def as_layer(tuple_: tuple) -> tuple[np.ndarray, dict]:
     """What napari hands a writer: the data and the layer's attributes."""
     data, kwargs, _ = tuple_
-    attrs = {"scale": kwargs["scale"], "translate": kwargs["translate"],
-             "metadata": kwargs["metadata"], "rgb": kwargs.get("rgb", False),
-             "name": kwargs["name"]}
+    attrs = {
+        "scale": kwargs["scale"],
+        "translate": kwargs["translate"],
+        "metadata": kwargs["metadata"],
+        "rgb": kwargs.get("rgb", False),
+        "name": kwargs["name"],
+    }
     return data, attrs
 
 
@@ -42,7 +46,7 @@ def test_get_reader_claims_nifti_and_tiff_only():
 def test_nifti_affine_becomes_scale_and_translate(warned):
     import nibabel as nib
 
-    (data, kwargs, kind), = _reader.read_layers(str(CT))
+    ((data, kwargs, kind),) = _reader.read_layers(str(CT))
     affine = nib.load(str(CT)).affine
     assert kind == "image" and data.shape == (26, 166, 164)
     np.testing.assert_allclose(kwargs["scale"], np.diag(affine)[:3][::-1])
@@ -55,7 +59,7 @@ def test_nifti_affine_becomes_scale_and_translate(warned):
 
 
 def test_label_files_open_as_labels():
-    (data, kwargs, kind), = _reader.read_layers(str(SAMPLES / "spleen_ct_label.nii.gz"))
+    ((data, kwargs, kind),) = _reader.read_layers(str(SAMPLES / "spleen_ct_label.nii.gz"))
     assert kind == "labels"
     assert data.dtype.kind in "iu" and set(np.unique(data)) <= {0, 1}
     assert "rgb" not in kwargs
@@ -68,28 +72,35 @@ def test_rotated_nifti_is_shown_rotated_and_keeps_the_full_affine(tmp_path, warn
     import nibabel as nib
 
     a = np.deg2rad(20)
-    affine = np.array([
-        [np.cos(a), -np.sin(a), 0, 10],
-        [np.sin(a), np.cos(a), 0, -5],
-        [0, 0, 2.5, 30],
-        [0, 0, 0, 1],
-    ])
+    affine = np.array(
+        [
+            [np.cos(a), -np.sin(a), 0, 10],
+            [np.sin(a), np.cos(a), 0, -5],
+            [0, 0, 2.5, 30],
+            [0, 0, 0, 1],
+        ]
+    )
     path = tmp_path / "rotated.nii.gz"
-    nib.save(nib.Nifti1Image(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6), affine),
-             str(path))
+    nib.save(
+        nib.Nifti1Image(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6), affine), str(path)
+    )
 
-    (data, kwargs, _), = _reader.read_layers(str(path))
+    ((data, kwargs, _),) = _reader.read_layers(str(path))
 
     assert not warned
     shown = np.asarray(kwargs["affine"])
     assert not np.allclose(shown[:3, :3], np.diag(np.diag(shown[:3, :3])))  # rotated
     # the voxel sizes survive in the layer's affine: columns of 2.5, 1, 1 mm
     np.testing.assert_allclose(np.linalg.norm(shown[:3, :3], axis=0), (2.5, 1.0, 1.0))
-    assert not np.allclose(kwargs["metadata"]["affine"], np.diag(np.diag(
-        kwargs["metadata"]["affine"])))
+    assert not np.allclose(
+        kwargs["metadata"]["affine"], np.diag(np.diag(kwargs["metadata"]["affine"]))
+    )
     # writing labels drawn on it gives the rotated affine back
-    out = _writer.write_labels(str(tmp_path / "lab.nii.gz"), (data > 50).astype(np.uint8),
-                               as_layer((data, kwargs, "image"))[1])
+    out = _writer.write_labels(
+        str(tmp_path / "lab.nii.gz"),
+        (data > 50).astype(np.uint8),
+        as_layer((data, kwargs, "image"))[1],
+    )
     np.testing.assert_allclose(nib.load(out[0]).affine, affine)
 
 
@@ -97,9 +108,10 @@ def test_tiff_resolution_becomes_scale(tmp_path):
     import tifffile
 
     path = tmp_path / "cells.tif"
-    tifffile.imwrite(path, np.zeros((20, 30), np.uint16), resolution=(2.0, 4.0),
-                     resolutionunit=3)  # pixels per cm -> 5 mm (x), 2.5 mm (y)
-    (data, kwargs, kind), = _reader.read_layers(str(path))
+    tifffile.imwrite(
+        path, np.zeros((20, 30), np.uint16), resolution=(2.0, 4.0), resolutionunit=3
+    )  # pixels per cm -> 5 mm (x), 2.5 mm (y)
+    ((data, kwargs, kind),) = _reader.read_layers(str(path))
     assert kind == "image" and data.shape == (20, 30)
     np.testing.assert_allclose(kwargs["scale"], (2.5, 5.0))
     assert kwargs["metadata"]["unit"] == "mm"
@@ -142,8 +154,11 @@ def test_writer_falls_back_to_the_source_file(tmp_path):
     from napari_prosma._samples import spleen_ct
 
     _image, gt = spleen_ct()
-    attrs = {"scale": gt[1]["scale"], "translate": gt[1]["translate"],
-             "metadata": gt[1]["metadata"]}
+    attrs = {
+        "scale": gt[1]["scale"],
+        "translate": gt[1]["translate"],
+        "metadata": gt[1]["metadata"],
+    }
     assert "prosma_io" not in attrs["metadata"]
     (out,) = _writer.write_labels(str(tmp_path / "gt.nii.gz"), gt[0], attrs)
     src = nib.load(str(CT))
@@ -167,14 +182,18 @@ def test_image_writer_tiff_keeps_resolution(tmp_path):
     import tifffile
 
     src = tmp_path / "in.tif"
-    tifffile.imwrite(src, np.arange(600, dtype=np.uint16).reshape(20, 30),
-                     resolution=(2.0, 4.0), resolutionunit=3)
+    tifffile.imwrite(
+        src,
+        np.arange(600, dtype=np.uint16).reshape(20, 30),
+        resolution=(2.0, 4.0),
+        resolutionunit=3,
+    )
     data, attrs = as_layer(_reader.read_layers(str(src))[0])
     prob = np.linspace(0, 1, data.size, dtype=np.float32).reshape(data.shape)
 
     (out,) = _writer.write_image(str(tmp_path / "prob.tif"), prob, attrs)
 
-    (back, kwargs, _), = _reader.read_layers(out)
+    ((back, kwargs, _),) = _reader.read_layers(out)
     np.testing.assert_allclose(back, prob)
     np.testing.assert_allclose(kwargs["scale"], (2.5, 5.0))
 

@@ -27,8 +27,9 @@ def _card(training=None, in_channels=1, out_channels=1, dims=2):
 def test_the_card_names_the_data_set_through_its_lineage():
     assert card_dataset(_card()) is None
     assert card_dataset(_card({"dataset": "busi"})) == "busi"
-    child = _card({"finetuned_from": "x", "parent_training": {"parent_training": {
-        "dataset": "glas"}}})
+    child = _card(
+        {"finetuned_from": "x", "parent_training": {"parent_training": {"dataset": "glas"}}}
+    )
     assert card_dataset(child) == "glas"
 
 
@@ -36,7 +37,8 @@ def test_nothing_to_replay_is_said_plainly(tmp_path):
     empty = load_replay(_card(), "auto")
     assert not empty.found and "does not name" in empty.message
     assert replay_status(_card(), "auto") == (
-        False, "the model card does not name the data set the model was trained on"
+        False,
+        "the model card does not name the data set the model was trained on",
     )
     missing = load_replay(_card({"dataset": "busi"}), "auto", data_root=tmp_path)
     assert not missing.found and "not on this computer" in missing.message

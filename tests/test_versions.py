@@ -155,7 +155,10 @@ def test_two_processes_finetuning_into_one_store_get_two_versions(tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _CHILD, str(parent), str(store), str(go)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         for _ in range(2)
     ]

@@ -44,9 +44,14 @@ def main() -> None:
             stage = w.split(":")[0]
             per_stage[stage] = per_stage.get(stage, 0) + 1
     out = {
-        "model": args.model, "dataset": args.dataset, "split": args.split,
-        "n_test_images": len(data), "n_warned": len(flagged), "per_stage": per_stage,
-        "warned_ids": flagged, "range_from": card.extra.get("gate_sparsity_range_from"),
+        "model": args.model,
+        "dataset": args.dataset,
+        "split": args.split,
+        "n_test_images": len(data),
+        "n_warned": len(flagged),
+        "per_stage": per_stage,
+        "warned_ids": flagged,
+        "range_from": card.extra.get("gate_sparsity_range_from"),
     }
     print(f"{args.model}: {len(flagged)} of {len(data)} held-out test images warned {per_stage}")
     if args.json:

@@ -61,8 +61,6 @@ NORMALIZATION: dict[str, dict[str, Any]] = {
 }
 
 
-
-
 @dataclass
 class TrainConfig:
     """A training recipe (``training/recipes/*.toml`` holds these fields at top level)."""
