@@ -217,7 +217,7 @@ def test_regression_guard_warns_and_keeps_the_parent(corrected, qtbot, monkeypat
 def test_resegmenting_never_writes_into_an_edited_layer(corrected, monkeypatch):
     """Issue 12.1, Fine-tune side: fine-tuning on a hand-drawn layer, then segmenting again
     with the new model, leaves the edited Segment labels layer as the user left it."""
-    import napari_prosma.finetune as ft
+    import napari_prosma.finetune.loop as ft
 
     c = corrected
     scores = iter([0.1] + [0.9] * 20)  # it improves: the new model is activated
