@@ -95,12 +95,36 @@ def write_seg_layer(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     a = np.asarray(data[0] if isinstance(data, list | tuple) else data)
     like = image_data_from_layer(a, meta, rgb=False)
     info = (meta.get("metadata") or {}).get("prosma") or {}
-    card = info.get("card") if isinstance(info, dict) else None
+    # a card handed in by a script, else the one named by the layer's plain metadata
+    card = (info.get("card") or _card_of(info)) if isinstance(info, dict) else None
+    made = info.get("made_by") if isinstance(info, dict) else None
+    version = made.get("version") if isinstance(made, dict) else None
     target = Path(path)
     if not target.name.lower().endswith(".dcm"):
         target = target.with_name(target.name + ".dcm")
-    out = write_seg(target, a, like, card, algorithm_type="SEMIAUTOMATIC", overwrite=True)
+    out = write_seg(
+        target, a, like, card, version=version, algorithm_type="SEMIAUTOMATIC", overwrite=True
+    )
     return [str(out)]
+
+
+def _card_of(info: dict[str, Any]) -> Any:
+    """The card of the model that made a labels layer: the layer's metadata holds plain data
+    only (the model spec and its weights hash), so the card is read again (hash-checked) and
+    used only when its weights are the ones that made the layer; else None (labels painted
+    by hand are written as such)."""
+    from ..models import read_model_card
+
+    spec = info.get("model")
+    if not spec:
+        return None
+    try:
+        card = read_model_card(str(spec))
+    except Exception:  # the model is gone or changed: the SEG says "manual"
+        return None
+    made = info.get("made_by")
+    want = made.get("weights_sha256") if isinstance(made, dict) else None
+    return card if want in (None, card.weights_sha256) else None
 
 
 def _notify(message: str, warning: bool = False) -> None:
