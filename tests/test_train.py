@@ -258,7 +258,7 @@ def _sparsity_warnings():
     try:
         from napari_prosma.inference.gates import sparsity_warnings  # type: ignore[import-not-found]
     except ImportError:
-        from napari_prosma._widgets._core import sparsity_warnings
+        from napari_prosma.inference.gates import sparsity_warnings
     return sparsity_warnings
 
 
@@ -341,9 +341,9 @@ def test_a_stack_trains_exactly_what_its_runs_train_alone(tmp_path, shared_data)
 @pytest.mark.data
 @pytest.mark.slow
 def test_prosma_train_writes_a_sparsity_range_the_plugin_reads_and_warns_on(tmp_path, shared_data):
-    from napari_prosma._widgets._core import parse_sparsity_range
     from napari_prosma.datasets import read_dataset
     from napari_prosma.inference import predict
+    from napari_prosma.inference.gates import parse_sparsity_range
 
     out = tmp_path / "cli"
     args = ["train", str(RECIPE), "--data-root", str(shared_data), "--out", str(out)]

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_prosma._widgets._core import _from_stage, sparsity_warnings
 from napari_prosma.datasets import read_dataset
 from napari_prosma.inference import load_model, predict
+from napari_prosma.inference.gates import _from_stage, sparsity_warnings
 
 
 def main() -> None:
