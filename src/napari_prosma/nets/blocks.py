@@ -53,3 +53,15 @@ class UpConv(nn.Module):
     def forward(self, g: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
         g = F.interpolate(g, size=size, mode=self.mode, align_corners=False)
         return self.act(self.norm(self.conv(g)))
+
+
+def pad_to(x: torch.Tensor, padded: tuple[int, ...]) -> torch.Tensor:
+    """``x`` ``(N, C, *S)`` zero-padded at the end of each spatial axis to ``padded``
+    (the networks' padded input size; one helper for 2D and 3D)."""
+    size = tuple(x.shape[2:])
+    if tuple(padded) == size:
+        return x
+    pad: list[int] = []
+    for s, p in zip(reversed(size), reversed(padded)):
+        pad += [0, p - s]
+    return F.pad(x, pad)

@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .blocks import pad_to
 
 #: Architecture name -> MONAI class name.
 MONAI_ARCHITECTURES = {"monai_unet": "UNet", "monai_attention_unet": "AttentionUnet"}
@@ -111,11 +112,7 @@ class MonaiNet(nn.Module):
             )
         size = tuple(x.shape[2:])
         padded = self.padded_shape(size)
-        if padded != size:
-            pad: list[int] = []
-            for s, p in zip(reversed(size), reversed(padded)):
-                pad += [0, p - s]
-            x = F.pad(x, pad)
+        x = pad_to(x, padded)
         logits = self.net(x)
         if padded != size:
             logits = logits[(..., *(slice(0, s) for s in size))]

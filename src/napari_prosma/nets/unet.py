@@ -17,10 +17,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .blocks import ResBlock, UpConv
+from .blocks import ResBlock, UpConv, pad_to
 from .factories import NORMS, conv, maxpool
 from .gate import GATE_MODES, GateMaps, SkipGate
 
@@ -192,11 +191,7 @@ class ProSMAUNet(nn.Module):
             )
         size = tuple(x.shape[2:])
         padded = self.padded_shape(size)
-        if padded != size:
-            pad: list[int] = []
-            for s, p in zip(reversed(size), reversed(padded)):
-                pad += [0, p - s]
-            x = F.pad(x, pad)
+        x = pad_to(x, padded)
 
         skips = []
         h = x
