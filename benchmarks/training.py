@@ -70,7 +70,7 @@ def plain_images_per_s(train_ds, epochs: int = 3, workers: int = 4) -> dict:  # 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     norm = NORMALIZATION["busi"]
-    ds = PlainDataset(train_ds.images, train_ds.masks, norm["mean"][0], norm["std"][0])
+    ds = PlainDataset(train_ds.images, train_ds.labels, norm["mean"][0], norm["std"][0])
     dl = torch.utils.data.DataLoader(
         ds,
         batch_size=8,

@@ -31,10 +31,10 @@ SPLITS = REPO / "training" / "splits"
 def test_read_2d(shared_data, name, channels, size):
     ds = read_dataset(name, shared_data, limit=2)
     assert ds.images.shape == (2, channels, size, size)
-    assert ds.images.dtype == np.uint8 and ds.masks.dtype == np.uint8
-    assert ds.masks.shape == (2, size, size)
-    assert set(np.unique(ds.masks)) <= {0, 1}
-    assert ds.masks.any(axis=(1, 2)).all()  # every image has a lesion / polyp / gland
+    assert ds.images.dtype == np.uint8 and ds.labels.dtype == np.uint8
+    assert ds.labels.shape == (2, size, size)
+    assert set(np.unique(ds.labels)) <= {0, 1}
+    assert ds.labels.any(axis=(1, 2)).all()  # every image has a lesion / polyp / gland
 
 
 @pytest.mark.data
@@ -59,7 +59,7 @@ def test_pack_roundtrip(shared_data, tmp_path):
         assert back.ids == ds.ids
         if name == "kvasir":
             np.testing.assert_array_equal(back.images, ds.images)
-            np.testing.assert_array_equal(back.masks, ds.masks)
+            np.testing.assert_array_equal(back.labels, ds.labels)
             assert back.meta["decoded_identical"]
         else:
             for a, b in zip(back.images + back.labels, ds.images + ds.labels):
@@ -197,7 +197,7 @@ def test_busi_with_normal_reads_both_folders_and_the_script_reproduces_the_files
     ds = read_dataset("busi_with_normal", shared_data)
     assert len(ds) == 714 and ds.images.shape[1:] == (1, 256, 256)
     normal = [i for i, k in enumerate(ds.ids) if k.startswith("normal")]
-    assert len(normal) == 67 and not ds.masks[normal].any() and ds.masks[:10].any()
+    assert len(normal) == 67 and not ds.labels[normal].any() and ds.labels[:10].any()
     import subprocess
     import sys
 

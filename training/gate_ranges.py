@@ -49,16 +49,10 @@ def main() -> None:
     idx = [i for i, s in enumerate(ds.ids) if s in train]
     if args.limit and len(idx) > args.limit:
         idx = [idx[round(j)] for j in np.linspace(0, len(idx) - 1, args.limit)]
-    images = ds.images if hasattr(ds, "images") else None
     t0 = time.perf_counter()
     preds = []
     for i in idx:
-        img = images[i]
-        if img.ndim == 3 and card.spatial_dims == 2 and img.shape[0] in (1, 3):
-            img = np.moveaxis(img, 0, -1)  # packed 2D images are channel-first
-        if img.ndim == 3 and img.shape[-1] == 1:
-            img = img[..., 0]
-        preds.append(predict(img, model, card, device="cpu", return_gates=True))
+        preds.append(predict(ds.image(i), model, card, device="cpu", return_gates=True))
     rng = gate_sparsity_range(preds)
     _weights, card_path = checkpoint_paths(resolve(args.model))
     data = json.loads(card_path.read_text())

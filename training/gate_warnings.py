@@ -14,8 +14,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from napari_prosma.datasets import read_dataset
 from napari_prosma.inference import load_model, predict
 from napari_prosma.inference.gates import _from_stage, sparsity_warnings
@@ -34,9 +32,7 @@ def main() -> None:
     per_stage: dict[str, int] = {}
     flagged = []
     for i, cid in enumerate(data.ids):
-        x = data.images[i]
-        img = np.moveaxis(x, 0, -1) if x.shape[0] == 3 else x[0]
-        pred = predict(img, model, card, device="cpu", return_gates=True)
+        pred = predict(data.image(i), model, card, device="cpu", return_gates=True)
         warns = sparsity_warnings(card.gate_sparsity_range, [_from_stage(g) for g in pred.gates])
         if warns:
             flagged.append(cid)

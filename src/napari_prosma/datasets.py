@@ -2,11 +2,11 @@
 
 Every reader returns arrays exactly as training and evaluation see them:
 
-- 2D sets (:class:`Dataset2D`): ``images`` uint8 ``(N, C, H, W)`` (C = 1 grey or 3 RGB),
-  ``masks`` uint8 ``(N, H, W)`` with values {0, 1}, ``ids`` the file stems.
+- 2D sets (:class:`Dataset`): ``images`` uint8 ``(N, C, H, W)`` (C = 1 grey or 3 RGB),
+  ``labels`` uint8 ``(N, H, W)`` with values {0, 1}, ``ids`` the file stems.
   Kvasir-SEG is resized here to 256×256 (images bilinear with antialiasing, masks
   thresholded at > 127 then nearest), BUSI (256²) and GlaS (512²) come resized already.
-- Hippocampus (:class:`Dataset3D`): lists of uint8 volumes and labels {0, 1, 2}, axes
+- Hippocampus (the same :class:`Dataset`): lists of uint8 volumes and labels {0, 1, 2}, axes
   ``(k, j, i)`` (the NIfTI array transposed, as :mod:`napari_prosma.io` reads volumes for
   napari and inference), spacing 1 mm.
 
@@ -95,31 +95,24 @@ def default_data_root() -> Path:
 
 
 @dataclass
-class Dataset2D:
+class Dataset:
+    """Labelled cases of one dataset, 2D or 3D, as training and evaluation see them.
+
+    Attributes:
+        name: the dataset's name (a key of :data:`DATASETS`).
+        images: 2D, one uint8 array ``(N, C, H, W)`` (the layout the GPU-side batches
+            gather from); 3D, a list of volumes ``(k, j, i)``.
+        labels: 2D, uint8 ``(N, H, W)`` in {0, 1}; 3D, a list of uint8 volumes of the
+            images' shapes, {0, 1, 2}. ``labels[i]`` is case ``i``'s labels either way.
+        ids: the case ids (file stems), in order.
+        spacing: per case ``[sk, sj, si]`` in mm (3D); empty when not known (2D).
+        meta: anything else (``size``; keys starting with ``_`` are dropped by
+            :meth:`subset`).
+    """
+
     name: str
-    images: np.ndarray  # (N, C, H, W) uint8
-    masks: np.ndarray  # (N, H, W) uint8 {0, 1}
-    ids: list[str]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def subset(self, ids: Sequence[str]) -> Dataset2D:
-        index = {k: i for i, k in enumerate(self.ids)}
-        missing = [k for k in ids if k not in index]
-        if missing:
-            raise KeyError(f"{self.name}: {len(missing)} id(s) not in the data, e.g. {missing[0]}")
-        sel = np.array([index[k] for k in ids], dtype=np.int64)
-        meta = {k: v for k, v in self.meta.items() if not k.startswith("_")}
-        return Dataset2D(self.name, self.images[sel], self.masks[sel], list(ids), meta)
-
-
-@dataclass
-class Dataset3D:
-    name: str
-    images: list[np.ndarray]  # (k, j, i) uint8 each
-    labels: list[np.ndarray]  # same shapes, {0, 1, 2}
+    images: Any
+    labels: Any
     ids: list[str]
     spacing: list[list[float]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
@@ -127,20 +120,42 @@ class Dataset3D:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def subset(self, ids: Sequence[str]) -> Dataset3D:
+    @property
+    def dims(self) -> int:
+        """2 for a stack of images, 3 for a list of volumes."""
+        return 2 if isinstance(self.images, np.ndarray) else 3
+
+    def image(self, i: int) -> np.ndarray:
+        """Case ``i`` as napari and inference see it: ``(H, W)`` grey, ``(H, W, 3)`` RGB,
+        or the volume ``(k, j, i)``."""
+        img = self.images[i]
+        if self.dims == 2:
+            return img[0] if img.shape[0] == 1 else np.moveaxis(img, 0, -1)
+        return img
+
+    def spacing_of(self, i: int) -> list[float] | None:
+        """Case ``i``'s voxel spacing in mm, or None when not known."""
+        return self.spacing[i] if self.spacing else None
+
+    def subset(self, ids: Sequence[str]) -> Dataset:
+        """The cases ``ids``, in that order (a copy)."""
         index = {k: i for i, k in enumerate(self.ids)}
         missing = [k for k in ids if k not in index]
         if missing:
             raise KeyError(f"{self.name}: {len(missing)} id(s) not in the data, e.g. {missing[0]}")
         sel = [index[k] for k in ids]
-        sp = [self.spacing[i] for i in sel] if self.spacing else []
-        return Dataset3D(
+        if self.dims == 2:
+            rows = np.array(sel, dtype=np.int64)
+            images, labels = self.images[rows], self.labels[rows]
+        else:
+            images, labels = [self.images[i] for i in sel], [self.labels[i] for i in sel]
+        return Dataset(
             self.name,
-            [self.images[i] for i in sel],
-            [self.labels[i] for i in sel],
+            images,
+            labels,
             list(ids),
-            sp,
-            dict(self.meta),
+            [self.spacing[i] for i in sel] if self.spacing else [],
+            {k: v for k, v in self.meta.items() if not k.startswith("_")},
         )
 
 
@@ -194,12 +209,25 @@ def _stems(folder: Path, suffix: str) -> list[str]:
     return sorted(p.stem for p in folder.glob(f"*{suffix}"))
 
 
+def _read_packed(path: Path, limit: int | None, ids: Sequence[str] | None) -> Dataset | None:
+    """``path`` read by :func:`load_packed` (the ``ids`` given, then the first ``limit``),
+    or None when there is no such file."""
+    if not path.exists():
+        return None
+    ds = load_packed(path)
+    if ids is not None:
+        ds = ds.subset(list(ids))
+    if limit:
+        ds = ds.subset(ds.ids[:limit])
+    return ds
+
+
 def read_2d(
     name: str,
     root: str | os.PathLike[str] | None = None,
     limit: int | None = None,
     ids: Sequence[str] | None = None,
-) -> Dataset2D:
+) -> Dataset:
     """Read one of the 2D datasets (``busi``, ``kvasir``, ``glas``) from the original files,
     or from ``root/NAME.npz`` if a packed copy lies there.
 
@@ -213,15 +241,9 @@ def read_2d(
     if info["dims"] != 2:
         raise ValueError(f"{name} is not a 2D dataset")
     root = Path(root) if root is not None else default_data_root()
-    packed = root / f"{name}.npz"
-    if packed.exists():
-        ds = load_packed(packed)
-        assert isinstance(ds, Dataset2D)
-        if ids is not None:
-            ds = ds.subset(list(ids))
-        if limit:
-            ds = ds.subset(ds.ids[:limit])
-        return ds
+    packed = _read_packed(root / f"{name}.npz", limit, ids)
+    if packed is not None:
+        return packed
     folders = [root / f for f in _FOLDERS.get(name, (_FOLDER[name],))]
     for folder in folders:
         if not folder.is_dir():
@@ -241,7 +263,7 @@ def read_2d(
     masks = np.stack(
         [_finish_mask((home[s] / "masks" / f"{s}{mask_suffix}").read_bytes(), size) for s in ids]
     )
-    ds = Dataset2D(name, images, masks, ids, {"size": size})
+    ds = Dataset(name, images, masks, ids, meta={"size": size})
     ds.meta["_encoded"] = encoded  # kept for pack(); dropped by subset()
     return ds
 
@@ -250,19 +272,13 @@ def read_hippocampus(
     root: str | os.PathLike[str] | None = None,
     limit: int | None = None,
     ids: Sequence[str] | None = None,
-) -> Dataset3D:
+) -> Dataset:
     """Read MSD Task04 Hippocampus (``imagesTr``/``labelsTr``) or ``root/hippocampus.npz``
     (all volumes, the first ``limit``, or the ``ids`` given)."""
     root = Path(root) if root is not None else default_data_root()
-    packed = root / "hippocampus.npz"
-    if packed.exists():
-        ds = load_packed(packed)
-        assert isinstance(ds, Dataset3D)
-        if ids is not None:
-            ds = ds.subset(list(ids))
-        if limit:
-            ds = ds.subset(ds.ids[:limit])
-        return ds
+    packed = _read_packed(root / "hippocampus.npz", limit, ids)
+    if packed is not None:
+        return packed
     import nibabel as nib
 
     folder = root / "hippocampus"
@@ -285,7 +301,7 @@ def read_hippocampus(
         images.append(np.clip(np.rint(a), 0, 255).astype(np.uint8))
         labels.append(b.astype(np.uint8))
         spacing.append([float(s) for s in im.header.get_zooms()[:3]][::-1])
-    return Dataset3D("hippocampus", images, labels, ids, spacing)
+    return Dataset("hippocampus", images, labels, ids, spacing)
 
 
 def read_dataset(
@@ -293,7 +309,7 @@ def read_dataset(
     root: str | os.PathLike[str] | None = None,
     limit: int | None = None,
     ids: Sequence[str] | None = None,
-) -> Dataset2D | Dataset3D:
+) -> Dataset:
     """Read any of the four datasets by name (all of it, the first ``limit`` ids, or the
     ``ids`` given)."""
     if name not in DATASETS:
@@ -306,7 +322,7 @@ def read_dataset(
 # ---------------------------------------------------------------------------- packing
 
 
-def pack(ds: Dataset2D | Dataset3D, path: str | os.PathLike[str]) -> Path:
+def pack(ds: Dataset, path: str | os.PathLike[str]) -> Path:
     """Write ``ds`` to one ``.npz``; returns the path.
 
     2D sets read from the original files keep their images as the original PNG/JPEG bytes
@@ -319,14 +335,14 @@ def pack(ds: Dataset2D | Dataset3D, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {}
-    if isinstance(ds, Dataset2D):
+    if ds.dims == 2:
         encoded = ds.meta.get("_encoded")
         meta = {
             "kind": "2d",
             "name": ds.name,
             "ids": ds.ids,
             "meta": {k: v for k, v in ds.meta.items() if not k.startswith("_")},
-            "mask_shape": list(ds.masks.shape),
+            "mask_shape": list(ds.labels.shape),
             "channels": int(ds.images.shape[1]),
             "images_sha256": hashlib.sha256(np.ascontiguousarray(ds.images)).hexdigest(),
         }
@@ -335,7 +351,7 @@ def pack(ds: Dataset2D | Dataset3D, path: str | os.PathLike[str]) -> Path:
             arrays["encoded"] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
         else:
             arrays["images"] = ds.images
-        arrays["masks"] = np.packbits(ds.masks.astype(bool), axis=None)
+        arrays["masks"] = np.packbits(ds.labels.astype(bool), axis=None)
     else:
         meta = {
             "kind": "3d",
@@ -356,7 +372,7 @@ def pack(ds: Dataset2D | Dataset3D, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def load_packed(path: str | os.PathLike[str]) -> Dataset2D | Dataset3D:
+def load_packed(path: str | os.PathLike[str]) -> Dataset:
     """Read a file written by :func:`pack` (2D images are decoded and resized here; the
     result's ``meta["decoded_identical"]`` says whether they match the packing machine's)."""
     import hashlib
@@ -379,7 +395,7 @@ def load_packed(path: str | os.PathLike[str]) -> Dataset2D | Dataset3D:
             m = dict(meta["meta"])
             digest = hashlib.sha256(np.ascontiguousarray(images)).hexdigest()
             m["decoded_identical"] = digest == meta["images_sha256"]
-            return Dataset2D(meta["name"], images, masks, meta["ids"], m)
+            return Dataset(meta["name"], images, masks, meta["ids"], meta=m)
         flat_i, flat_l = z["images"], z["labels"]
     images, labels, off = [], [], 0
     for s in meta["shapes"]:
@@ -387,4 +403,4 @@ def load_packed(path: str | os.PathLike[str]) -> Dataset2D | Dataset3D:
         images.append(flat_i[off : off + n].reshape(s))
         labels.append(flat_l[off : off + n].reshape(s))
         off += n
-    return Dataset3D(meta["name"], images, labels, meta["ids"], meta["spacing"], meta["meta"])
+    return Dataset(meta["name"], images, labels, meta["ids"], meta["spacing"], meta["meta"])

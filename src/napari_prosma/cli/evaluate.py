@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         ds = ds.subset(read_split(args.split)[args.subset])
     if args.limit:
         ds = ds.subset(ds.ids[: args.limit])
-    res = evaluate(model, card, ds, device=device, with_hd95=not args.no_hd95, engine="auto")
+    res = evaluate(model, card, ds, device=device, with_hd95=not args.no_hd95)
     s = res["summary"]
     print(
         f"{printable(card.name)} on {ds.name}: {s['n_cases']} cases, {res['seconds']:.1f} s "

@@ -235,7 +235,7 @@ def _all_ids(name: str, root: Path) -> list[str]:
 def _from_dataset(
     name: str, card: ModelCard, n: int, seed: int, data_root: str | os.PathLike[str] | None
 ) -> ReplaySet:
-    from ..datasets import DATASETS, default_data_root, read_dataset
+    from ..datasets import default_data_root, read_dataset
 
     root = Path(data_root) if data_root is not None else default_data_root()
     split_path = _split_file(card, name)
@@ -251,14 +251,9 @@ def _from_dataset(
     pick = sorted(rng.choice(candidates, size=min(n, len(candidates)), replace=False).tolist())
     ds = read_dataset(name, root, ids=pick)
     units: list[tuple[np.ndarray, np.ndarray, tuple[float, ...] | None]] = []
-    if DATASETS[name]["dims"] == 2:
-        for img, mask in zip(ds.images, ds.masks):
-            napari = img[0] if img.shape[0] == 1 else np.moveaxis(img, 0, -1)
-            units.append((np.ascontiguousarray(napari), mask, None))
-    else:
-        sp = ds.spacing or [None] * len(ds.ids)
-        for img, lab, s in zip(ds.images, ds.labels, sp):
-            units.append((img, lab, tuple(s) if s else None))
+    for i in range(len(ds)):
+        s = ds.spacing_of(i)
+        units.append((np.ascontiguousarray(ds.image(i)), ds.labels[i], tuple(s) if s else None))
     units = _fit_classes(units, card)
     source = f"{name} ({part})"
     return ReplaySet(

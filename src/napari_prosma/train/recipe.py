@@ -39,7 +39,7 @@ try:
     import tomllib
 except ImportError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
-from ..datasets import DATASETS, Dataset2D, random_split, read_dataset, read_split
+from ..datasets import DATASETS, random_split, read_dataset, read_split
 
 #: Normalisation of each dataset (stored in the card; inference applies the same).
 NORMALIZATION: dict[str, dict[str, Any]] = {
@@ -101,7 +101,6 @@ class TrainConfig:
     final_eval: bool = True
     hd95: bool = True
     sparsity_images: int = 64  # training cases for the card's gate_sparsity_range
-    eval_engine: str = "auto"  # the inference engine if importable, else the internal path
     limit: int | None = None  # read only this many cases (tests)
     size: int | None = None  # 2D: resize to this size instead of the dataset's (tests)
     intended_use: str = ""
@@ -202,14 +201,14 @@ def load_data(cfg: TrainConfig) -> tuple[Any, Any, Any, dict[str, Any]]:
         s = random_split(ds.ids, seed)
         split_desc = {"file": None, "seed": seed, "rule": "datasets.random_split 80/20"}
     split_desc.update(n_train=len(s["train"]), n_val=len(s.get("val") or []), n_test=len(s["test"]))
-    if cfg.size and isinstance(ds, Dataset2D) and cfg.size != ds.images.shape[-1]:
+    if cfg.size and ds.dims == 2 and cfg.size != ds.images.shape[-1]:
         from ..datasets import resize_image, resize_mask
 
         hwc = [np.ascontiguousarray(a.transpose(1, 2, 0)) for a in ds.images]
         imgs = [resize_image(a[..., 0] if a.shape[-1] == 1 else a, cfg.size) for a in hwc]
         imgs = [a if a.ndim == 3 else a[..., None] for a in imgs]
         ds.images = np.stack(imgs).transpose(0, 3, 1, 2).copy()
-        ds.masks = np.stack([resize_mask(m, cfg.size) for m in ds.masks])
+        ds.labels = np.stack([resize_mask(m, cfg.size) for m in ds.labels])
         ds.meta["size"] = cfg.size
     val = ds.subset(s["val"]) if s.get("val") else None
     return ds.subset(s["train"]), val, ds.subset(s["test"]), split_desc
@@ -322,9 +321,7 @@ def evaluate_shipped(model: Any, card: ModelCard, test: Any, device: Any, cfg: T
     """Evaluate the shipped (float16-stored) model file through the inference path."""
     from ..evaluation import evaluate
 
-    return evaluate(
-        model, card, test, device=str(device), with_hd95=cfg.hd95, engine=cfg.eval_engine
-    )
+    return evaluate(model, card, test, device=str(device), with_hd95=cfg.hd95)
 
 
 def overrides_from_strings(items: list[str]) -> dict[str, Any]:

@@ -57,7 +57,7 @@ def setup_run(cfg: Any, device: Any, world: int, rank: int, say: Callable[[str],
     lr0 = torch.tensor(cfg.lr, device=device) if device.type == "cuda" else cfg.lr
     opt = make_optimizer(model, cfg.optimizer, lr0, cfg.weight_decay, device)
     if cfg.dims == 2:
-        data = Data2D(train_ds.images, train_ds.masks, card.normalization, device)
+        data = Data2D(train_ds.images, train_ds.labels, card.normalization, device)
     else:
         data = Data3D(
             train_ds.images,

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..checkpoint import ModelCard
-from ..datasets import Dataset2D
+from ..datasets import Dataset
 from ..fs import atomic_write_bytes
 
 
@@ -158,7 +158,7 @@ def quick_validate(model: Any, val: Any, card: ModelCard, device: Any, amp: bool
     model.eval()
     ac = torch.autocast(device.type, torch.bfloat16, enabled=amp)
     with torch.inference_mode(), ac:
-        if isinstance(val, Dataset2D):
+        if val.dims == 2:
             out = _validate_2d(model, val, card, device, Normalizer2D)
         else:
             out = _validate_3d(model, val, card, device)
@@ -166,7 +166,7 @@ def quick_validate(model: Any, val: Any, card: ModelCard, device: Any, amp: bool
     return out
 
 
-def _validate_2d(model: Any, val: Dataset2D, card: ModelCard, device: Any, Norm: Any) -> dict:
+def _validate_2d(model: Any, val: Dataset, card: ModelCard, device: Any, Norm: Any) -> dict:
     import torch
 
     from ..metrics import batch_dice_iou
@@ -178,7 +178,7 @@ def _validate_2d(model: Any, val: Dataset2D, card: ModelCard, device: Any, Norm:
     )
     for i in range(0, len(val), 16):
         x = norm(torch.from_numpy(val.images[i : i + 16]).to(device))
-        y = torch.from_numpy(val.masks[i : i + 16]).to(device).bool()
+        y = torch.from_numpy(val.labels[i : i + 16]).to(device).bool()
         if sparse:
             logits, maps = model(x, return_gates=True)
             zf.append(torch.stack([m.zero_frac.float().mean(1) for m in maps], 1).cpu())
@@ -261,12 +261,7 @@ def sparsity_range(model: Any, card: ModelCard, train: Any, device: Any, n: int 
     idx = np.unique(np.linspace(0, len(train) - 1, min(n, len(train))).round().astype(int))
     preds = []
     for i in idx:
-        if isinstance(train, Dataset2D):
-            img = train.images[i]
-            img = img[0] if img.shape[0] == 1 else np.moveaxis(img, 0, -1)
-            sp = None
-        else:
-            img, sp = train.images[i], (train.spacing[i] if train.spacing else None)
+        img, sp = train.image(i), train.spacing_of(i)
         kw = {"spacing": sp} if sp is not None else {}
         preds.append(
             predict(img, model, card, device=str(device), precision="fp32", return_gates=True, **kw)
