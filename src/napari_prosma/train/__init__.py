@@ -22,8 +22,8 @@ from .recipe import (
     lr_at,
     overrides_from_strings,
     train,
-    train_many,
 )
+from .stack import train_many
 
 __all__ = [
     "NORMALIZATION",

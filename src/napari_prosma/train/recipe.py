@@ -299,22 +299,9 @@ def train(
         time_limit: likewise, stop (with a resume checkpoint) at the end of the first epoch
             that would otherwise end more than this many seconds after the call began.
     """
+    from .stack import train_many
+
     return train_many([cfg], progress, cancel, log, command, max_epochs, time_limit)[0]
-
-
-def train_many(
-    cfgs: list[TrainConfig],
-    progress: Callable[[TrainProgress], None] | None = None,
-    cancel: Any = None,
-    log: Callable[[str], None] | None = print,
-    command: str | None = None,
-    max_epochs: int | None = None,
-    time_limit: float | None = None,
-) -> list[TrainResult]:
-    """Train a stack of recipes together in this process (see :mod:`.loop`)."""
-    from .stack import train_many as _many
-
-    return _many(cfgs, progress, cancel, log, command, max_epochs, time_limit)
 
 
 def evaluate_shipped(model: Any, card: ModelCard, test: Any, device: Any, cfg: TrainConfig):  # type: ignore[no-untyped-def]
