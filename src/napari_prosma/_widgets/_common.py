@@ -209,6 +209,22 @@ class Relay(QObject):
     progress = QtSignal(int, int)
 
 
+def start_worker(host: Any, compute: Callable[..., Any], *args: Any) -> Any:
+    """Run ``compute(*args)`` in napari's worker thread: its outcome goes to ``host``'s
+    ``_on_returned`` / ``_on_error`` / ``_on_finished``, and ``host.worker`` holds the
+    worker while it runs. Returns the worker."""
+    from napari.qt.threading import create_worker
+
+    worker = create_worker(compute, *args, _start_thread=False, _ignore_errors=True)
+    # bound methods: Qt drops these connections if the widget is closed meanwhile
+    worker.returned.connect(host._on_returned)
+    worker.errored.connect(host._on_error)
+    worker.finished.connect(host._on_finished)
+    host.worker = worker
+    worker.start()
+    return worker
+
+
 class WorkerHost:
     """One background run at a time in napari's worker thread, with Cancel: the part the
     Segment and Fine-tune widgets share (a mixin for a ``QWidget``).
@@ -246,28 +262,13 @@ class WorkerHost:
     ) -> Any:
         """Start ``compute(req, cancel, progress)`` in a worker, with a napari progress bar
         of ``total`` steps (0: busy); returns the worker."""
-        from napari.qt.threading import create_worker
         from napari.utils import progress
 
         self._pbar = progress(total=total, desc=desc)
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        worker = create_worker(
-            compute,
-            req,
-            self._cancel,
-            self._relay.progress.emit,
-            _start_thread=False,
-            _ignore_errors=True,
-        )
         self._req = req
-        # bound methods: Qt drops these connections if the widget is closed meanwhile
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
-        self.worker = worker
-        worker.start()
-        return worker
+        return start_worker(self, compute, req, self._cancel, self._relay.progress.emit)
 
     def cancel(self) -> None:
         """Ask the running worker to stop at its next check."""

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _core, _layers
-from ._common import announce, hub_for, notify_error, notify_warning, segment_job
+from ._common import announce, hub_for, notify_error, notify_warning, segment_job, start_worker
 from ._placing import place_result
 
 #: What is produced when the image's earlier run does not say (its labels layer records
@@ -73,17 +73,7 @@ class Resegmenter:
             except Exception as exc:
                 return self._on_error(exc)
             return self._on_returned(out)
-        from napari.qt.threading import create_worker
-
-        worker = create_worker(
-            segment_job, req, cancel, None, _start_thread=False, _ignore_errors=True
-        )
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
-        self.worker = worker
-        worker.start()
-        return worker
+        return start_worker(self, segment_job, req, cancel, None)
 
     def _on_returned(self, out: tuple[Any, Any]) -> Any:
         card, result = out
