@@ -100,14 +100,12 @@ class Dataset:
 
     Attributes:
         name: the dataset's name (a key of :data:`DATASETS`).
-        images: 2D, one uint8 array ``(N, C, H, W)`` (the layout the GPU-side batches
-            gather from); 3D, a list of volumes ``(k, j, i)``.
-        labels: 2D, uint8 ``(N, H, W)`` in {0, 1}; 3D, a list of uint8 volumes of the
-            images' shapes, {0, 1, 2}. ``labels[i]`` is case ``i``'s labels either way.
+        images: 2D, uint8 ``(N, C, H, W)`` (as the GPU-side batches gather them); 3D, a
+            list of volumes ``(k, j, i)``.
+        labels: 2D, uint8 ``(N, H, W)`` {0, 1}; 3D, a list of uint8 volumes {0, 1, 2}.
         ids: the case ids (file stems), in order.
-        spacing: per case ``[sk, sj, si]`` in mm (3D); empty when not known (2D).
-        meta: anything else (``size``; keys starting with ``_`` are dropped by
-            :meth:`subset`).
+        spacing: per case ``[sk, sj, si]`` in mm; empty when not known (2D).
+        meta: anything else (``size``); keys starting with ``_`` are dropped by ``subset``.
     """
 
     name: str
@@ -149,14 +147,9 @@ class Dataset:
             images, labels = self.images[rows], self.labels[rows]
         else:
             images, labels = [self.images[i] for i in sel], [self.labels[i] for i in sel]
-        return Dataset(
-            self.name,
-            images,
-            labels,
-            list(ids),
-            [self.spacing[i] for i in sel] if self.spacing else [],
-            {k: v for k, v in self.meta.items() if not k.startswith("_")},
-        )
+        spacing = [self.spacing[i] for i in sel] if self.spacing else []
+        meta = {k: v for k, v in self.meta.items() if not k.startswith("_")}
+        return Dataset(self.name, images, labels, list(ids), spacing, meta)
 
 
 # ---------------------------------------------------------------------------- resizing
