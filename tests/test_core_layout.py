@@ -20,6 +20,38 @@ SRC = PKG.parent
 #: Top-level packages that the core must never need (napari and every Qt binding).
 BLOCKED = ("napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui", "superqt")
 
+#: Core modules that must not import torch either when imported (it is imported lazily,
+#: where a model runs): reading and writing files, choosing a model, the CLI's faces.
+TORCH_FREE = (
+    "napari_prosma.fs",
+    "napari_prosma.errors",
+    "napari_prosma.preprocess",
+    "napari_prosma.models",
+    "napari_prosma.io",
+    "napari_prosma.io.image",
+    "napari_prosma.io.checks",
+    "napari_prosma.io.tiff",
+    "napari_prosma.io.nifti",
+    "napari_prosma.io.read",
+    "napari_prosma.io.write",
+    "napari_prosma.io.layers",
+    "napari_prosma._reader",
+    "napari_prosma._writer",
+    "napari_prosma.inference",
+    "napari_prosma.inference.engine",
+    "napari_prosma.inference.window",
+    "napari_prosma.inference.bundled",
+    "napari_prosma.cli",
+    "napari_prosma.cli.predict",
+    "napari_prosma.cli.outputs",
+    "napari_prosma.cli.progress",
+    "napari_prosma.cli.text",
+    "napari_prosma.cli.info",
+    "napari_prosma.cli.evaluate",
+    "napari_prosma.cli.train",
+    "napari_prosma.train",
+)
+
 
 def _core_modules() -> list[str]:
     """Every module under ``src/napari_prosma`` except the Qt package ``_widgets/``."""
@@ -44,6 +76,7 @@ class Block:
 sys.meta_path.insert(0, Block())
 importlib.import_module({module!r})
 print(sorted(m for m in BLOCKED if m in sys.modules))
+print("torch" in sys.modules)
 """
 
 
@@ -60,14 +93,20 @@ def test_core_module_list_is_complete():
     ):
         assert name in mods
     assert not [m for m in mods if "_widgets" in m]
+    assert set(TORCH_FREE) <= set(mods)
 
 
 @pytest.mark.parametrize("module", _core_modules())
 def test_every_core_module_imports_with_napari_and_qt_blocked(module):
+    """Every core module imports with napari and Qt blocked; those of :data:`TORCH_FREE`
+    without importing torch."""
     code = _IMPORT_BLOCKED.format(blocked=BLOCKED, module=module)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip().splitlines()[-1] == "[]"
+    loaded, torch_loaded = run.stdout.strip().splitlines()[-2:]
+    assert loaded == "[]"
+    if module in TORCH_FREE:
+        assert torch_loaded == "False", f"{module} imports torch when imported"
 
 
 # ---------------------------------------------------------------------------- errors
