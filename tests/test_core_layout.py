@@ -220,25 +220,19 @@ MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 80
 
 #: Paths (relative to ``src/``, ``fnmatch`` patterns) allowed over the limits FOR NOW, and
-#: why. Each is being split by another helper of the redesign in parallel; the lead
-#: tightens this list when their branches are merged. Over the limits on the day this
-#: was written: finetune.py (1016 lines; ``finetune`` 191), train.py (613; ``train``
-#: 322), _widgets/gates.py (402), _widgets/finetune.py (400, at the limit).
+#: why; the lead tightens this list as the branches that hold them are merged.
 ALLOWED = {
-    # The exceptions kept at the end of session 4 (issue 13 stays open for them), each with
-    # why; every other file is held to the limits. Tighten this list, never widen it.
-    # ~400 lines: a few lines over after ruff format; splitting them further would break a
-    # widget's one class (finetune, gates) or the one update-or-add room (_layers) in two.
-    "napari_prosma/_widgets/_layers.py": "405 lines",
+    # The exceptions that remain (issue 13), each with why; every other file is held to the
+    # limits. Tighten this list, never widen it.
+    # Owned by the `finetune` helper in session 5 (being reshaped on its branch; split
+    # there, not here, to keep the merge clean):
     "napari_prosma/_widgets/finetune.py": "411 lines",
-    "napari_prosma/_widgets/gates.py": "405 lines",
-    "napari_prosma/cli/predict.py": "405 lines (DICOM inputs joined late in the session)",
-    # Too long, to split next: the fine-tune outcome, the protocol report, the stacked
-    # training loop (train_many/finish_run), and report.py (sizes, colours, card summary).
     "napari_prosma/finetune/run.py": "run_finetune() 87 lines",
-    "napari_prosma/metrics.py": "report() 87 lines",
+    # Being split on the `scale` helper's branch (session 5: device choice out of predict):
+    "napari_prosma/cli/predict.py": "405 lines (DICOM inputs joined late in session 4)",
+    # The stacked training loop: the `threed` helper changes this file in session 5 (3D
+    # recipe); it is split into setup / epochs / finish after that branch is merged.
     "napari_prosma/train/stack.py": "train_many() 105, finish_run() 83 lines",
-    "napari_prosma/report.py": "464 lines",
 }
 
 
@@ -274,3 +268,9 @@ def test_no_source_file_or_function_over_the_limits():
         if not _allowed(rel) and (found := _over_limits(path)):
             over[rel] = found
     assert over == {}
+
+
+def test_every_exception_is_still_needed():
+    """An allowed file that shrank within the limits (or is gone) leaves the list."""
+    stale = [rel for rel in ALLOWED if not (SRC / rel).exists() or not _over_limits(SRC / rel)]
+    assert stale == []

@@ -1,11 +1,11 @@
-"""The Qt-free plain-words helpers of the widgets (napari_prosma.report)."""
+"""The Qt-free plain-words helpers of the widgets (napari_prosma.report, .preflight)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from napari_prosma import report
+from napari_prosma import preflight, report
 from napari_prosma.models import read_model_card
 
 
@@ -46,16 +46,17 @@ def test_ct_detection_and_window():
 
 
 def test_card_summary_and_mismatch_warning(monkeypatch):
-    monkeypatch.setattr(report, "_MEASURED", {})  # no rate measured by earlier runs
+    monkeypatch.setattr(preflight, "_MEASURED", {})  # no rate measured by earlier runs
     hippo = read_model_card("hippocampus_prosma")
     text = report.card_summary(hippo)
     assert "Modality: MRI" in text and "anterior 0.82 ± 0.15 (n=52)" in text
-    est = report.estimate_run(hippo, (26, 166, 164), (5.0, 0.79, 0.79))
+    est = preflight.estimate_run(hippo, (26, 166, 164), (5.0, 0.79, 0.79))
     assert est.work_shape[0] == 130 and est.n_tiles > 100 and est.seconds > 60
-    warn = report.run_warning(hippo, (26, 166, 164), (5.0, 0.79, 0.79), est, image_is_ct=True)
+    warn = preflight.run_warning(hippo, (26, 166, 164), (5.0, 0.79, 0.79), est, image_is_ct=True)
     assert "looks like CT" in warn and "26×166×164 → 130×" in warn and "min" in warn
-    near = report.estimate_run(hippo, (35, 50, 35), (1.0, 1.0, 1.0))
-    assert report.run_warning(hippo, (35, 50, 35), (1.0, 1.0, 1.0), near, image_is_ct=False) == ""
+    near = preflight.estimate_run(hippo, (35, 50, 35), (1.0, 1.0, 1.0))
+    warn = preflight.run_warning(hippo, (35, 50, 35), (1.0, 1.0, 1.0), near, image_is_ct=False)
+    assert warn == ""
 
 
 def test_prediction_and_truth_colours_differ():

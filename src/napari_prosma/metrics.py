@@ -229,6 +229,50 @@ def _distribution(v: np.ndarray) -> dict[str, float]:
     }
 
 
+def _target_report(tgt: Sequence[dict[str, Any]], ukan_batch: int) -> dict[str, Any]:
+    """:func:`report`'s numbers over the target cases of one class (``tgt``, at least one)."""
+    d = np.asarray([r["dice"] for r in tgt])
+    u = np.asarray([r["iou"] for r in tgt])
+    tp = sum(r["tp"] for r in tgt)
+    fp = sum(r["fp"] for r in tgt)
+    fn = sum(r["fn"] for r in tgt)
+    out: dict[str, Any] = {
+        "dice": _distribution(d),
+        "iou": _distribution(u),
+        "failures": {
+            "dice_0": float((d == 0).mean()),
+            "dice_below_0.5": float((d < 0.5).mean()),
+            "n_dice_0": int((d == 0).sum()),
+            "n_dice_below_0.5": int((d < 0.5).sum()),
+        },
+        "pooled": {"dice": dice_from_counts(tp, fp, fn), "iou": iou_from_counts(tp, fp, fn)},
+        "ukan_pooled": _pooled_ukan(tgt, ukan_batch),
+    }
+    if "hd95" in tgt[0]:
+        h = np.asarray([r["hd95"] for r in tgt], dtype=np.float64)
+        ok = np.isfinite(h)
+        out["hd95"] = {
+            "mean": float(h[ok].mean()) if ok.any() else float("nan"),
+            "median": float(np.median(h[ok])) if ok.any() else float("nan"),
+            "n": int(ok.sum()),
+            "n_left_out": int((~ok).sum()),
+        }
+    return out
+
+
+def _no_target_report(empty: Sequence[tuple[dict[str, Any], int]], fp_area: float) -> dict:
+    """:func:`report`'s numbers over the cases with nothing to find (``(row, size)``)."""
+    area = np.asarray([(r["fp"] / s) if s else 0.0 for r, s in empty])
+    return {
+        "n": len(empty),
+        "fp_share": float((area > fp_area).mean()),
+        "n_fp": int((area > fp_area).sum()),
+        "any_pixel_share": float((area > 0).mean()),
+        "mean_area": float(area.mean()),
+        "fp_area_threshold": fp_area,
+    }
+
+
 def report(
     cases: Sequence[dict[str, Any]],
     class_names: Sequence[str] | None = None,
@@ -261,43 +305,10 @@ def report(
         tgt = [r for r, h in zip(rows, has) if h]
         entry: dict[str, Any] = {"n_target": len(tgt), "n_no_target": len(rows) - len(tgt)}
         if tgt:
-            d = np.asarray([r["dice"] for r in tgt])
-            u = np.asarray([r["iou"] for r in tgt])
-            tp = sum(r["tp"] for r in tgt)
-            fp = sum(r["fp"] for r in tgt)
-            fn = sum(r["fn"] for r in tgt)
-            entry.update(
-                dice=_distribution(d),
-                iou=_distribution(u),
-                failures={
-                    "dice_0": float((d == 0).mean()),
-                    "dice_below_0.5": float((d < 0.5).mean()),
-                    "n_dice_0": int((d == 0).sum()),
-                    "n_dice_below_0.5": int((d < 0.5).sum()),
-                },
-                pooled={"dice": dice_from_counts(tp, fp, fn), "iou": iou_from_counts(tp, fp, fn)},
-                ukan_pooled=_pooled_ukan(tgt, ukan_batch),
-            )
-            if "hd95" in tgt[0]:
-                h = np.asarray([r["hd95"] for r in tgt], dtype=np.float64)
-                ok = np.isfinite(h)
-                entry["hd95"] = {
-                    "mean": float(h[ok].mean()) if ok.any() else float("nan"),
-                    "median": float(np.median(h[ok])) if ok.any() else float("nan"),
-                    "n": int(ok.sum()),
-                    "n_left_out": int((~ok).sum()),
-                }
+            entry.update(_target_report(tgt, ukan_batch))
         empty = [(r, s) for r, s, h in zip(rows, sizes, has) if not h]
         if empty:
-            area = np.asarray([(r["fp"] / s) if s else 0.0 for r, s in empty])
-            entry["no_target"] = {
-                "n": len(empty),
-                "fp_share": float((area > fp_area).mean()),
-                "n_fp": int((area > fp_area).sum()),
-                "any_pixel_share": float((area > 0).mean()),
-                "mean_area": float(area.mean()),
-                "fp_area_threshold": fp_area,
-            }
+            entry["no_target"] = _no_target_report(empty, fp_area)
         per_class[name] = entry
 
     def mean_of(key: str) -> float:

@@ -21,11 +21,10 @@ import numpy as np
 from napari.layers import Image, Labels
 
 from ..inference.plan import InputPlan, plan_input
+from ..io.layers import IO_KEY
 
 #: Layer metadata key of everything this plugin puts on its output layers.
 META = "prosma"
-#: Layer metadata key of the reader's geometry record (``napari_prosma._reader``).
-IO_KEY = "prosma_io"
 #: Metadata role of a labels layer kept for its corrections (never written into again).
 CORRECTED_ROLE = "corrected"
 #: Roles of the layers this plugin adds (never offered as inputs).
@@ -329,14 +328,10 @@ def labels_for(viewer: Any, image: Any) -> Any:
     # they just corrected), else a layer kept for its corrections, else its Segment labels
     for layer in mine[::-1]:
         info = info_of(layer) or {}
-        if (
-            info.get("role") == "labels"
-            and not nothing_corrected(
-                np.asarray(layer.data), layer_prediction(info, np.shape(layer.data))
-            )
-            and layer_prediction(info, np.shape(layer.data)) is not None
-        ):
-            return layer
+        pred = layer_prediction(info, np.shape(layer.data))
+        if info.get("role") == "labels" and pred is not None:
+            if not nothing_corrected(np.asarray(layer.data), pred):
+                return layer
     for role in (CORRECTED_ROLE, "labels"):
         for layer in mine[::-1]:
             if (info_of(layer) or {}).get("role") == role:
@@ -354,10 +349,8 @@ def other_pairs(viewer: Any, image: Any) -> list[tuple[Any, Any, np.ndarray]]:
             continue
         for layer in labels_layers(viewer):
             info = info_of(layer) or {}
-            if info.get("source_id") != uid(other) or info.get("role") not in (
-                "labels",
-                CORRECTED_ROLE,
-            ):
+            mine = info.get("source_id") == uid(other)
+            if not mine or info.get("role") not in ("labels", CORRECTED_ROLE):
                 continue
             data = np.asarray(layer.data)
             pred = layer_prediction(info, data.shape)

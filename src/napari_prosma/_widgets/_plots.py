@@ -272,3 +272,19 @@ class LossPlot:
             right = max([p[0] for p in self.loss + self.dice] + [1])
             self.ax_loss.set_xlim(0, right * 1.03)
         self.canvas.draw_idle()
+
+
+def c_note(result: Any, per_slice: bool) -> str:
+    """What the gate inspector's channel-gate plots refer to (``result``, a
+    :class:`~napari_prosma.inference.plan.SegResult`: the whole volume, the current slice,
+    or the slice segmented)."""
+    if len(result.plan.grid) == 3 and result.plan.mode == "image":
+        return (
+            "c is one vector for the whole volume: a 3D model's channel gate pools over "
+            "each 3D tile. The exact-zero numbers follow the current slice."
+        )
+    if per_slice:
+        return "c and the exact zeros follow the current slice."
+    if result.plan.mode == "slice":
+        return f"Gates of slice {result.plan.slice_index} (the slice that was segmented)."
+    return ""

@@ -384,22 +384,8 @@ class GateInspectorWidget(QWidget):
             ranges=self._ranges(),
             colours=_plots.theme_colours(self.viewer),
         )
-        self.note_label.setText(_c_note(result, per_slice) if gates else "")
+        self.note_label.setText(_plots.c_note(result, per_slice) if gates else "")
         self.note_label.setVisible(bool(self.note_label.text()))
         if gates:
             self.canvas.setMinimumHeight(150 * (len(gates) + 1))
         self.canvas.draw_idle()
-
-
-def _c_note(result: SegResult, per_slice: bool) -> str:
-    """What the channel-gate plots refer to (volume, current slice, the slice segmented)."""
-    if len(result.plan.grid) == 3 and result.plan.mode == "image":
-        return (
-            "c is one vector for the whole volume: a 3D model's channel gate pools over "
-            "each 3D tile. The exact-zero numbers follow the current slice."
-        )
-    if per_slice:
-        return "c and the exact zeros follow the current slice."
-    if result.plan.mode == "slice":
-        return f"Gates of slice {result.plan.slice_index} (the slice that was segmented)."
-    return ""

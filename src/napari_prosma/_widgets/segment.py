@@ -27,7 +27,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .. import report
+from .. import preflight, report
 from ..inference.plan import InputPlan, SegResult
 from . import _layers, _tooltips
 from ._chooser import ModelChooser, follow_active_model
@@ -122,7 +122,7 @@ class SegmentWidget(WorkerHost, QWidget):
             "Colours of the result: warm colours for the model's prediction, cool colours "
             "for ground truth and your corrections"
         )
-        self._estimate: report.RunEstimate | None = None
+        self._estimate: preflight.RunEstimate | None = None
 
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
@@ -281,7 +281,7 @@ class SegmentWidget(WorkerHost, QWidget):
             grid = tuple(n for i, n in enumerate(plan.grid) if i != axis)
         n = plan.grid[axis] if plan.mode == "slices" else 1
         try:
-            self._estimate = report.estimate_run(
+            self._estimate = preflight.estimate_run(
                 card,
                 grid,
                 plan.spacing,
@@ -293,7 +293,7 @@ class SegmentWidget(WorkerHost, QWidget):
             self._estimate = None
             return ""
         is_ct = report.looks_like_ct(plan.data)
-        return report.run_warning(card, grid, plan.spacing, self._estimate, image_is_ct=is_ct)
+        return preflight.run_warning(card, grid, plan.spacing, self._estimate, image_is_ct=is_ct)
 
     def _phase(self, done: int, total: int) -> str:
         """What the run is doing now, with the time left when it can be told."""
@@ -306,7 +306,7 @@ class SegmentWidget(WorkerHost, QWidget):
             return "stitching the tiles and putting the result back on the image's grid…"
         spent = time.perf_counter() - self._t0
         left = spent / done * (total - done)
-        return f"tile batch {done}/{total}, about {report.fmt_seconds(left)} left"
+        return f"tile batch {done}/{total}, about {preflight.fmt_seconds(left)} left"
 
     def _on_returned(self, out: tuple[Any, SegResult]) -> None:
         self._succeeded = True
@@ -345,7 +345,7 @@ class SegmentWidget(WorkerHost, QWidget):
         took = time.perf_counter() - self._t0
         if self._estimate is not None:
             # the engine's own time (model loading excluded)
-            report.record_rate(result.device, self._estimate.tile_voxels, result.seconds or took)
+            preflight.record_rate(result.device, self._estimate.tile_voxels, result.seconds or took)
         info = _layers.info_of(placed.labels) or {}
         names = info.get("class_names") or result.class_names
         sizes = report.measure_classes(
