@@ -100,8 +100,7 @@ class Dataset:
 
     Attributes:
         name: the dataset's name (a key of :data:`DATASETS`).
-        images: 2D, uint8 ``(N, C, H, W)`` (as the GPU-side batches gather them); 3D, a
-            list of volumes ``(k, j, i)``.
+        images: 2D, uint8 ``(N, C, H, W)`` (as batches gather); 3D, volumes ``(k, j, i)``.
         labels: 2D, uint8 ``(N, H, W)`` {0, 1}; 3D, a list of uint8 volumes {0, 1, 2}.
         ids: the case ids (file stems), in order.
         spacing: per case ``[sk, sj, si]`` in mm; empty when not known (2D).
@@ -124,8 +123,7 @@ class Dataset:
         return 2 if isinstance(self.images, np.ndarray) else 3
 
     def image(self, i: int) -> np.ndarray:
-        """Case ``i`` as napari and inference see it: ``(H, W)`` grey, ``(H, W, 3)`` RGB,
-        or the volume ``(k, j, i)``."""
+        """Case ``i`` as napari sees it: ``(H, W)``, ``(H, W, 3)`` or the volume ``(k, j, i)``."""
         img = self.images[i]
         if self.dims == 2:
             return img[0] if img.shape[0] == 1 else np.moveaxis(img, 0, -1)
@@ -203,8 +201,7 @@ def _stems(folder: Path, suffix: str) -> list[str]:
 
 
 def _read_packed(path: Path, limit: int | None, ids: Sequence[str] | None) -> Dataset | None:
-    """``path`` read by :func:`load_packed` (the ``ids`` given, then the first ``limit``),
-    or None when there is no such file."""
+    """``path`` read by :func:`load_packed` (``ids``, then the first ``limit``); or None."""
     if not path.exists():
         return None
     ds = load_packed(path)
@@ -234,8 +231,7 @@ def read_2d(
     if info["dims"] != 2:
         raise ValueError(f"{name} is not a 2D dataset")
     root = Path(root) if root is not None else default_data_root()
-    packed = _read_packed(root / f"{name}.npz", limit, ids)
-    if packed is not None:
+    if (packed := _read_packed(root / f"{name}.npz", limit, ids)) is not None:
         return packed
     folders = [root / f for f in _FOLDERS.get(name, (_FOLDER[name],))]
     for folder in folders:
@@ -269,8 +265,7 @@ def read_hippocampus(
     """Read MSD Task04 Hippocampus (``imagesTr``/``labelsTr``) or ``root/hippocampus.npz``
     (all volumes, the first ``limit``, or the ``ids`` given)."""
     root = Path(root) if root is not None else default_data_root()
-    packed = _read_packed(root / "hippocampus.npz", limit, ids)
-    if packed is not None:
+    if (packed := _read_packed(root / "hippocampus.npz", limit, ids)) is not None:
         return packed
     import nibabel as nib
 
