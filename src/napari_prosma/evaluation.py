@@ -11,7 +11,7 @@ Metrics come from :mod:`napari_prosma.metrics`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,17 +22,6 @@ from .metrics import case_metrics, report, summarize
 
 #: What :func:`evaluate` records as its ``engine``.
 ENGINE = "napari_prosma.inference.predict"
-
-
-def sliding_window(predictor: Callable[[Any], Any], x: Any, roi: Sequence[int], overlap=0.5):  # type: ignore[no-untyped-def]
-    """Sliding-window logits of ``x`` ``(1, C, *S)`` on its device (MONAI's, Gaussian
-    blending): the quick in-training validation of 3D runs
-    (:func:`napari_prosma.train.support.quick_validate`), not the evaluation of a model."""
-    from monai.inferers import sliding_window_inference
-
-    return sliding_window_inference(
-        x, tuple(roi), sw_batch_size=8, predictor=predictor, overlap=overlap, mode="gaussian"
-    )
 
 
 def evaluate(

@@ -204,8 +204,8 @@ def _validate_2d(model: Any, val: Dataset, card: ModelCard, device: Any, Norm: A
 
 def _validate_3d(model: Any, val: Any, card: ModelCard, device: Any) -> dict:
     import torch
+    from monai.inferers import sliding_window_inference
 
-    from ..evaluation import sliding_window
     from ..metrics import batch_dice_iou
     from ..preprocess import normalize
 
@@ -213,7 +213,11 @@ def _validate_3d(model: Any, val: Any, card: ModelCard, device: Any) -> dict:
     dices, ious = [], []
     for img, lab in zip(val.images, val.labels):
         x = torch.from_numpy(normalize(img[None], card.normalization))[None].to(device)
-        pred = sliding_window(model, x, card.patch_size).argmax(1)[0]
+        # on the device, as MONAI's window (Gaussian blending); evaluation uses the engine
+        logits = sliding_window_inference(
+            x, tuple(card.patch_size), 8, model, overlap=0.5, mode="gaussian"
+        )
+        pred = logits.argmax(1)[0]
         y = torch.from_numpy(lab.astype(np.int64)).to(device)
         p1 = torch.stack([pred == c for c in range(1, k)])
         g1 = torch.stack([y == c for c in range(1, k)])
