@@ -22,6 +22,7 @@ CORE = (
     "napari_prosma.inference.bundled",
     "napari_prosma.cli",
     "napari_prosma.cli.predict",
+    "napari_prosma.cli.devices",
     "napari_prosma.cli.outputs",
     "napari_prosma.cli.progress",
     "napari_prosma.cli.text",
