@@ -197,7 +197,7 @@ ALLOWED = {
     # training loop (train_many/finish_run), and report.py (sizes, colours, card summary).
     "napari_prosma/finetune/run.py": "run_finetune() 87 lines",
     "napari_prosma/metrics.py": "report() 87 lines",
-    "napari_prosma/train_stack.py": "train_many() 105, finish_run() 83 lines",
+    "napari_prosma/train/stack.py": "train_many() 105, finish_run() 83 lines",
     "napari_prosma/report.py": "464 lines",
 }
 

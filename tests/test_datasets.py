@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from napari_prosma.augment import Data3D, Normalizer2D, dihedral_2d
 from napari_prosma.datasets import (
     load_packed,
     pack,
@@ -19,6 +18,7 @@ from napari_prosma.datasets import (
 )
 from napari_prosma.preprocess import normalize
 from napari_prosma.train import NORMALIZATION
+from napari_prosma.train.augment import Data3D, Normalizer2D, dihedral_2d
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = REPO / "training" / "splits"

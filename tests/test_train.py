@@ -119,7 +119,7 @@ def test_resume_continues_from_the_saved_epoch(tmp_path, shared_data):
 def test_a_failed_final_evaluation_resumes_into_it_without_retraining(
     tmp_path, shared_data, monkeypatch
 ):
-    import napari_prosma.train as train_mod
+    import napari_prosma.train.recipe as train_mod  # where the stack looks it up
 
     cfg = tiny(tmp_path, shared_data, checkpoint_every=50)
     real = train_mod.evaluate_shipped
@@ -269,7 +269,7 @@ def test_theta_does_not_move_without_task_gradient(kind, moves):
     import torch
 
     from napari_prosma.nets import build_model
-    from napari_prosma.train_support import make_optimizer
+    from napari_prosma.train.support import make_optimizer
 
     model = build_model("prosma_unet", spatial_dims=2, in_channels=1, out_channels=1, widths="tiny")
     opt = make_optimizer(model, kind, 1e-3, 1e-2, torch.device("cpu"))
@@ -294,7 +294,7 @@ def test_theta_does_not_move_without_task_gradient(kind, moves):
 @pytest.mark.data
 @pytest.mark.slow
 def test_training_logs_lambda_and_validates_on_val_only(tmp_path, shared_data, monkeypatch):
-    import napari_prosma.train_support as support
+    import napari_prosma.train.support as support
 
     seen: list[list[str]] = []
     real = support.quick_validate

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from napari_prosma.checkpoint import load, seal_card
-from napari_prosma.train_support import _json_safe
+from napari_prosma.train.support import _json_safe
 
 ROOT = Path(__file__).resolve().parents[1]
 

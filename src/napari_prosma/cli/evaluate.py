@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json_out:
         res["model"] = str(args.model)
         res["data"] = args.data
-        from ..train_support import _json_safe
+        from ..train.support import _json_safe
 
         text = json.dumps(_json_safe(res), indent=1, allow_nan=False) + "\n"
         atomic_write_bytes(Path(args.json_out), text.encode())

@@ -1,9 +1,9 @@
 """Training: one function for 2D and 3D, single GPU, CPU or ``torchrun`` (DDP), and
-:func:`train_many` for a stack of runs sharing one GPU (:mod:`napari_prosma.train_loop`).
+:func:`train_many` for a stack of runs sharing one GPU (:mod:`napari_prosma.train.loop`).
 
 ``train(cfg)`` reads the dataset and split (train / val / test), keeps the training set on
-the device (:mod:`napari_prosma.augment`), and runs ``cfg.epochs`` epochs of AdamW (no
-weight decay on biases, norms and the gates' theta; :func:`~.train_support.make_optimizer`)
+the device (:mod:`napari_prosma.train.augment`), and runs ``cfg.epochs`` epochs of AdamW (no
+weight decay on biases, norms and the gates' theta; :func:`~.support.make_optimizer`)
 with a per-epoch cosine learning rate (``lr`` to ``min_lr``, as U-KAN's
 ``CosineAnnealingLR``), under bf16 autocast, channels-last (2D) and, on CUDA, one CUDA
 graph per step. Validation runs on the split's ``val`` part only. Every
@@ -32,14 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import ModelCard
-from .errors import Cancelled, cancel_check  # noqa: F401  (Cancelled: re-exported)
+from ..checkpoint import ModelCard
+from ..errors import Cancelled, cancel_check  # noqa: F401  (Cancelled: re-exported)
 
 try:
     import tomllib
 except ImportError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
-from .datasets import DATASETS, Dataset2D, random_split, read_dataset, read_split
+from ..datasets import DATASETS, Dataset2D, random_split, read_dataset, read_split
 
 #: Normalisation of each dataset (stored in the card; inference applies the same).
 NORMALIZATION: dict[str, dict[str, Any]] = {
@@ -203,7 +203,7 @@ def load_data(cfg: TrainConfig) -> tuple[Any, Any, Any, dict[str, Any]]:
         split_desc = {"file": None, "seed": seed, "rule": "datasets.random_split 80/20"}
     split_desc.update(n_train=len(s["train"]), n_val=len(s.get("val") or []), n_test=len(s["test"]))
     if cfg.size and isinstance(ds, Dataset2D) and cfg.size != ds.images.shape[-1]:
-        from .datasets import resize_image, resize_mask
+        from ..datasets import resize_image, resize_mask
 
         hwc = [np.ascontiguousarray(a.transpose(1, 2, 0)) for a in ds.images]
         imgs = [resize_image(a[..., 0] if a.shape[-1] == 1 else a, cfg.size) for a in hwc]
@@ -226,7 +226,7 @@ def _pick_device(name: str, local_rank: int) -> Any:
 
 
 def _build(cfg: TrainConfig) -> tuple[Any, ModelCard]:
-    from .nets import build_model
+    from ..nets import build_model
 
     info = dict(DATASETS[cfg.dataset])
     if cfg.size:
@@ -312,15 +312,15 @@ def train_many(
     max_epochs: int | None = None,
     time_limit: float | None = None,
 ) -> list[TrainResult]:
-    """Train a stack of recipes together in this process (see :mod:`.train_loop`)."""
-    from .train_stack import train_many as _many
+    """Train a stack of recipes together in this process (see :mod:`.loop`)."""
+    from .stack import train_many as _many
 
     return _many(cfgs, progress, cancel, log, command, max_epochs, time_limit)
 
 
 def evaluate_shipped(model: Any, card: ModelCard, test: Any, device: Any, cfg: TrainConfig):  # type: ignore[no-untyped-def]
     """Evaluate the shipped (float16-stored) model file through the inference path."""
-    from .evaluation import evaluate
+    from ..evaluation import evaluate
 
     return evaluate(
         model, card, test, device=str(device), with_hd95=cfg.hd95, engine=cfg.eval_engine

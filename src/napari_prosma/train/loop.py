@@ -8,7 +8,7 @@ fills a fraction of an H200). With one recipe this is the ordinary single run (o
 
 Per epoch and run: the mean loss, the learning rate, the thresholds lambda = softplus(theta)
 per gate stage (mean, min, max; every epoch) and, every ``val_every`` epochs, the validation metrics
-(:func:`~napari_prosma.train_support.quick_validate` on the split's ``val`` part, never
+(:func:`~napari_prosma.train.support.quick_validate` on the split's ``val`` part, never
 the test part). ``select="best_val"`` keeps the weights of the epoch with the best
 validation Dice (``best.safetensors``) and ships those; the test part is evaluated once, at
 the end, on the shipped file.
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import ModelCard
+from ..checkpoint import ModelCard
 
 
 @dataclass
@@ -175,7 +175,7 @@ def after_epoch(
     """Record epoch ``epoch`` (0-based) of ``run``: loss, lambda per stage, validation
     every ``val_every`` epochs and after the last, best weights when the validation score
     improves. Returns the history entry."""
-    from .train_support import quick_validate, save_best
+    from .support import quick_validate, save_best
 
     cfg = run.cfg
     mean_loss = float(run.loss_acc) / run.steps  # synchronises

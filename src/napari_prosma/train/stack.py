@@ -1,5 +1,5 @@
 """:func:`train_many`: set up, train and finish one run or a stack of runs (see
-:mod:`napari_prosma.train_loop` for the loop and :mod:`napari_prosma.train` for the recipe).
+:mod:`napari_prosma.train.loop` for the loop and :mod:`napari_prosma.train.recipe` for the recipe).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .fs import atomic_write_bytes
-from .train_loop import Run, after_epoch, build_step, epoch_draws, log_line, run_epoch
+from ..fs import atomic_write_bytes
+from .loop import Run, after_epoch, build_step, epoch_draws, log_line, run_epoch
 
 RESUME_FILES = ("last.safetensors", "last.json", "last_optim.safetensors")
 BEST_FILES = ("best.safetensors", "best.json")
@@ -36,8 +36,8 @@ def setup_run(cfg: Any, device: Any, world: int, rank: int, say: Callable[[str],
     import torch
 
     from .augment import Data2D, Data3D
-    from .train import TrainResult, _build, load_data
-    from .train_support import _read_resume, make_optimizer
+    from .recipe import TrainResult, _build, load_data
+    from .support import _read_resume, make_optimizer
 
     out = Path(cfg.out_dir)
     if (out / "model.safetensors").exists() and (out / "result.json").exists() and cfg.resume:
@@ -94,8 +94,8 @@ def _prepare(runs: Sequence[Run], device: Any, world: int, rank: int, say: Any) 
     """Loss function, eager step, DDP wrapper, CUDA stream and graph of every run."""
     import torch
 
-    from .losses import LOSSES
-    from .train_support import _capture
+    from ..losses import LOSSES
+    from .support import _capture
 
     for r in runs:
         cfg = r.cfg
@@ -151,7 +151,7 @@ def train_many(
     """
     import torch
 
-    from .train import TrainResult, _is_cancelled, _pick_device, lr_at
+    from .recipe import TrainResult, _is_cancelled, _pick_device, lr_at
 
     t_call = time.perf_counter()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -243,7 +243,7 @@ def train_many(
 
 
 def _epoch_end(run, epoch, dt, n, device, world, rank, say, progress):  # type: ignore[no-untyped-def]
-    from .train import TrainProgress, lr_at
+    from .recipe import TrainProgress, lr_at
 
     cfg = run.cfg
     amp = cfg.amp == "bf16" and device.type == "cuda"
@@ -266,7 +266,7 @@ def _epoch_end(run, epoch, dt, n, device, world, rank, say, progress):  # type: 
 
 
 def _maybe_checkpoint(run: Run, epoch: int, rank: int) -> None:
-    from .train_support import _write_resume
+    from .support import _write_resume
 
     due = run.cfg.checkpoint_every and (epoch + 1) % run.cfg.checkpoint_every == 0
     # also after the last epoch of this call: a failure in the final evaluation then
@@ -284,11 +284,11 @@ def finish_run(run: Run, device: Any, world: int, wall: float, command: Any, say
     and write ``result.json``; returns the :class:`TrainResult`."""
     import torch
 
-    from .checkpoint import load, save
-    from .datasets import DATASETS
-    from .nets import ARCH_TITLES
-    from .train import TrainResult, evaluate_shipped
-    from .train_support import _json_safe, load_best, sparsity_range
+    from ..checkpoint import load, save
+    from ..datasets import DATASETS
+    from ..nets import ARCH_TITLES
+    from .recipe import TrainResult, evaluate_shipped
+    from .support import _json_safe, load_best, sparsity_range
 
     cfg, out, card = run.cfg, run.out, run.card
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

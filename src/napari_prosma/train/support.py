@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import ModelCard
-from .datasets import Dataset2D
-from .fs import atomic_write_bytes
+from ..checkpoint import ModelCard
+from ..datasets import Dataset2D
+from ..fs import atomic_write_bytes
 
 
 def _optim_state_tensors(model: Any, opt: Any) -> dict[str, Any]:
@@ -55,7 +55,7 @@ def _write_resume(out: Path, model: Any, opt: Any, card: ModelCard, epoch: int) 
     import torch
     from safetensors.torch import save as st_save
 
-    from .checkpoint import save
+    from ..checkpoint import save
 
     tensors = _optim_state_tensors(model, opt)
     tensors["rng::cpu"] = torch.get_rng_state()
@@ -71,7 +71,7 @@ def _read_resume(out: Path, model: Any, opt: Any, device: Any) -> tuple[int, Mod
     from safetensors import safe_open
     from safetensors.torch import load as st_load
 
-    from .checkpoint import _read_tensors, read_card
+    from ..checkpoint import _read_tensors, read_card
 
     card = read_card(out / "last")
     epoch = int(card.training["state"]["epoch"])
@@ -169,7 +169,7 @@ def quick_validate(model: Any, val: Any, card: ModelCard, device: Any, amp: bool
 def _validate_2d(model: Any, val: Dataset2D, card: ModelCard, device: Any, Norm: Any) -> dict:
     import torch
 
-    from .metrics import batch_dice_iou
+    from ..metrics import batch_dice_iou
 
     norm = Norm(card.normalization, val.images.shape[1], device)
     dices, ious, area, has, zf = [], [], [], [], []
@@ -205,9 +205,9 @@ def _validate_2d(model: Any, val: Dataset2D, card: ModelCard, device: Any, Norm:
 def _validate_3d(model: Any, val: Any, card: ModelCard, device: Any) -> dict:
     import torch
 
-    from .evaluation import sliding_window
-    from .metrics import batch_dice_iou
-    from .preprocess import normalize
+    from ..evaluation import sliding_window
+    from ..metrics import batch_dice_iou
+    from ..preprocess import normalize
 
     k = card.out_channels
     dices, ious = [], []
@@ -229,7 +229,7 @@ def _validate_3d(model: Any, val: Any, card: ModelCard, device: Any) -> dict:
 
 def save_best(out: Path, model: Any, card: ModelCard, best: Mapping[str, Any]) -> None:
     """Write the weights of the best validation epoch so far to ``out/best`` (float32)."""
-    from .checkpoint import save
+    from ..checkpoint import save
 
     card.training = {**(card.training or {}), "state": {"best": dict(best)}}
     save(model, out / "best", card, dtype="float32", overwrite=True)
@@ -237,7 +237,7 @@ def save_best(out: Path, model: Any, card: ModelCard, best: Mapping[str, Any]) -
 
 def load_best(out: Path, model: Any, device: Any) -> None:
     """Load ``out/best.safetensors`` into ``model`` (in place)."""
-    from .checkpoint import _read_tensors
+    from ..checkpoint import _read_tensors
 
     state = _read_tensors(out / "best.safetensors")
     with_model = model.state_dict()
@@ -253,8 +253,8 @@ def sparsity_range(model: Any, card: ModelCard, train: Any, device: Any, n: int 
     Returns:
         ``(range, how)``: the range and a description for ``card.extra``.
     """
-    from .inference import gate_sparsity_range, predict
-    from .nets import SPARSE_MODES
+    from ..inference import gate_sparsity_range, predict
+    from ..nets import SPARSE_MODES
 
     if card.arch_kwargs.get("gate") not in SPARSE_MODES:
         return None, None

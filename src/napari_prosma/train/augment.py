@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .preprocess import normalize
+from ..preprocess import normalize
 
 
 class Normalizer2D:
