@@ -205,3 +205,22 @@ def test_a_worker_that_breaks_stops_the_run():
         devices.run_jobs([(i, Path(), {}) for i in range(4)], _workers(2), segment)
     failed = devices.run_jobs([(i, Path(), {}) for i in (0, 2, 3, 2)], _workers(2), segment)
     assert failed == 2
+
+
+def test_each_gpu_worker_makes_its_gpu_current(monkeypatch):
+    bound: dict[str, torch.device] = {}
+    seen: dict[int, str] = {}
+    name = threading.current_thread
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: bound.__setitem__(name().name, d))
+
+    def segment(job, w):
+        seen[job[0]] = name().name
+        assert bound[name().name] == w.device  # set before the worker's first file
+        time.sleep(0.05)
+        return True
+
+    gpus = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    workers = devices.make_workers(gpus, None, None, devices.Claims([]))
+    assert devices.run_jobs([(i, Path(), {}) for i in range(6)], workers, segment) == 0
+    assert {str(d) for d in bound.values()} == {"cuda:0", "cuda:1"}
+    assert len(set(seen.values())) == 2

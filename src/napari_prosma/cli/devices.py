@@ -171,6 +171,7 @@ def run_jobs(
     worker has stopped.
     """
     if len(workers) == 1:
+        _bind(workers[0].device)
         return sum(not segment(job, workers[0]) for job in jobs)
     todo: queue.SimpleQueue[Job] = queue.SimpleQueue()
     for job in jobs:
@@ -181,6 +182,7 @@ def run_jobs(
     def work(k: int) -> None:
         w = workers[k]
         try:
+            _bind(w.device)
             while not w.stop.is_set():
                 try:
                     job = todo.get_nowait()
@@ -211,6 +213,16 @@ def run_jobs(
     if errors:
         raise errors[0]
     return sum(failed)
+
+
+def _bind(device: torch.device) -> None:
+    """Make ``device`` the calling thread's current CUDA device (each thread starts on
+    cuda:0), for the calls that take no device (``torch.cuda.empty_cache`` after an
+    out-of-memory error)."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(device)
 
 
 def make_workers(
