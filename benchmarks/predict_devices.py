@@ -41,8 +41,9 @@ sys.path.insert(0, str(ROOT / "src"))
 MAIN = "import sys; from napari_prosma.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def make_inputs(folder: Path, n: int) -> Path:
-    """``n`` volumes and a small random 3D model; returns the model's checkpoint."""
+def make_inputs(folder: Path, n: int, tile: int = 1) -> Path:
+    """``n`` volumes (the sample repeated ``tile`` times along each axis) and a small
+    random 3D model; returns the model's checkpoint."""
     import nibabel as nib
     import numpy as np
     import torch
@@ -52,7 +53,7 @@ def make_inputs(folder: Path, n: int) -> Path:
     from napari_prosma.nets import build_model
 
     ref = nib.load(sample_path("hippocampus_mri"))
-    vol = np.asarray(ref.dataobj, dtype=np.float32)
+    vol = np.tile(np.asarray(ref.dataobj, dtype=np.float32), (tile, tile, tile))
     (folder / "in").mkdir(parents=True)
     for i in range(n):
         shifted = np.roll(vol, (3 * i, 5 * i), axis=(0, 1))
@@ -119,16 +120,21 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--tile", type=int, default=1, help="repeat the volume N times per axis")
+    ap.add_argument("--variants", help="comma-separated subset (default: all six)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/predict_devices_cpu.json"))
     args = ap.parse_args()
     import torch
 
     variants = [f"{v}{t}" for v in ("one", "threads", "processes") for t in ("", "_1thread")]
+    if args.variants:
+        variants = [v for v in args.variants.split(",") if v in variants]
+        assert variants and variants[0] == "one", "the variants start with 'one'"
     rows: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     same: dict[str, bool] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        model = make_inputs(folder, args.files)
+        model = make_inputs(folder, args.files, args.tile)
         for r in range(args.repeats):
             ref = None
             for v in variants:  # interleaved, so that a change of load hits all alike
@@ -149,7 +155,9 @@ def main() -> None:
         "device": args.device,
         "workers": args.workers,
         "files": args.files,
-        "volume": "34x49x36 (hippocampus sample, rolled)",
+        "volume": "x".join(str(d * args.tile) for d in (34, 49, 36))
+        + " (hippocampus sample, rolled"
+        + (f", tiled {args.tile}x per axis)" if args.tile > 1 else ")"),
         "model": "random-init ProSMA-UNet 3D, widths [8, 16, 32]",
         "torch": torch.__version__,
         "python": platform.python_version(),
