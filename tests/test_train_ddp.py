@@ -187,3 +187,32 @@ def test_any_rank_is_one_answer_for_all_ranks():
             )
         )
     assert [p.communicate(timeout=300)[0].split() for p in procs] == [["True", "False"]] * 2
+
+
+def test_the_2d_sampler_shares_each_epoch_out_by_the_number_of_processes():
+    from types import SimpleNamespace
+
+    from napari_prosma.train.loop import epoch_draws
+
+    def shares(world: int, epoch: int) -> list[list[int]]:
+        out = []
+        for rank in range(world):
+            run = SimpleNamespace(
+                cfg=SimpleNamespace(dims=2, seed=3),
+                data=SimpleNamespace(n=40),
+                steps=5,
+                bsz=8 // world,  # global batch 8
+            )
+            epoch_draws(run, epoch, rank, world, torch.device("cpu"))
+            out.append(run.perm.tolist())
+        return out
+
+    (one,) = shares(1, 7)
+    for world in (2, 4):
+        parts = shares(world, 7)
+        assert sorted(i for p in parts for i in p) == sorted(one)  # the same images, split
+        assert all(len(set(p)) == len(p) == 40 // world for p in parts)  # disjoint shares
+        for s in range(5):  # and step s of every rank together is step s of one process
+            step = sorted(i for p in parts for i in p[s * (8 // world) : (s + 1) * (8 // world)])
+            assert step == sorted(one[s * 8 : (s + 1) * 8])
+    assert shares(2, 8) != shares(2, 7)  # a new order every epoch
