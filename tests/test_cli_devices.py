@@ -224,3 +224,60 @@ def test_each_gpu_worker_makes_its_gpu_current(monkeypatch):
     assert devices.run_jobs([(i, Path(), {}) for i in range(6)], workers, segment) == 0
     assert {str(d) for d in bound.values()} == {"cuda:0", "cuda:1"}
     assert len(set(seen.values())) == 2
+
+
+SLOW_TILES = """
+import sys, time
+from napari_prosma.inference import tiling
+real = tiling.TilePredictor.__call__
+def slow(self, *a, **k):
+    time.sleep(0.3)
+    out = real(self, *a, **k)
+    print("TILE", file=sys.stderr, flush=True)
+    return out
+tiling.TilePredictor.__call__ = slow
+from napari_prosma.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_with_two_workers_keeps_only_whole_recorded_files(tmp_path):
+    """A real SIGTERM while two workers segment: exit 143, the files in progress on both
+    workers cancelled and removed, no temporary file."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    model = _checkpoint(
+        tmp_path / "m", "rgb", spatial_dims=2, in_channels=3, out_channels=1, widths=[8, 16]
+    )
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    img = np.asarray(Image.open(sample_path("kvasir_polyp")))
+    for i in range(6):
+        Image.fromarray(np.ascontiguousarray(np.rot90(img[:128, :128], i % 4))).save(
+            src / f"p{i}.png"
+        )
+    cmd = [sys.executable, "-c", SLOW_TILES, "predict", str(src), "-o", str(out)]
+    cmd += ["--model", str(model), "--devices", "cpu,cpu", "--probabilities"]
+    cmd += ["--tile-size", "64"]
+    env = {**os.environ, "PYTHONPATH": str(Path(devices.__file__).parents[2])}
+    env.pop("PROSMA_DEBUG", None)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        seen = 0
+        while seen < 3:  # a few tiles in: both workers are busy
+            line = proc.stderr.readline()
+            assert line, "the child ended before its tiles"
+            seen += line.startswith("TILE")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1].startswith("prosma: stopped by SIGTERM")
+    assert "Traceback" not in err
+    # both workers were inside their first file (no file has 9 tiles yet): both cancelled,
+    # their outputs removed; nothing is left, not even a hidden temporary file
+    assert not out.exists() or list(out.rglob("*")) == []

@@ -225,7 +225,7 @@ def _segment_file(
     and write its outputs; on failure, one line on stderr and none of its outputs left
     behind. Returns whether it succeeded."""
     from ..dicom.predict import output_format, read_input
-    from ..errors import user_message
+    from ..errors import Cancelled, user_message
     from ..inference.gates import sparsity_warnings
     from ..io import read_image
     from . import UserError
@@ -249,6 +249,8 @@ def _segment_file(
         warnings = sparsity_warnings(card.gate_sparsity_range, res.gates)
         seg_card = card if getattr(args, "format", "auto") == "dicom-seg" else None
         _write_outputs(paths, res, img, name, src, warnings, args.overwrite, written, seg_card)
+        if w.stop.is_set():  # interrupted while writing (another worker's thread got it)
+            raise Cancelled()
         record_outputs(paths["labels"].parent, written, src, str(name))
     except KeyboardInterrupt:
         progress.close()
