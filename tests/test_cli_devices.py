@@ -241,7 +241,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_sigterm_with_two_workers_keeps_only_whole_recorded_files(tmp_path):
+def test_sigterm_with_two_workers_keeps_no_file_in_progress(tmp_path):
     """A real SIGTERM while two workers segment: exit 143, the files in progress on both
     workers cancelled and removed, no temporary file."""
     import os
