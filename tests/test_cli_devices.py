@@ -281,3 +281,22 @@ def test_sigterm_with_two_workers_keeps_no_file_in_progress(tmp_path):
     # both workers were inside their first file (no file has 9 tiles yet): both cancelled,
     # their outputs removed; nothing is left, not even a hidden temporary file
     assert not out.exists() or list(out.rglob("*")) == []
+
+
+def test_two_workers_recording_into_one_folder_lose_no_entry(tmp_path):
+    """The record's folder lock (``flock``) holds between threads too: every file two
+    workers record at the same time is in it."""
+    from napari_prosma.cli.outputs import read_manifest, record_outputs
+
+    def worker(k: int) -> None:
+        for i in range(25):
+            f = tmp_path / f"w{k}_{i}_labels.png"
+            f.write_bytes(f"{k} {i}".encode())
+            record_outputs(tmp_path, [f], Path(f"in{k}_{i}.png"), "m")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(read_manifest(tmp_path)) == 50
