@@ -183,6 +183,7 @@ def test_ctrl_c_stops_every_worker_before_it_is_raised():
         deadline = time.monotonic() + 10
         while not w.stop.is_set() and time.monotonic() < deadline:
             time.sleep(0.01)  # the engine polls its cancel flag like this
+        time.sleep(0.5)  # removing the cancelled file's outputs takes a while
         done.append(job[0])
         return False
 
@@ -191,7 +192,9 @@ def test_ctrl_c_stops_every_worker_before_it_is_raised():
     with pytest.raises(KeyboardInterrupt):
         devices.run_jobs(jobs, _workers(2), segment)
     assert time.monotonic() - t0 < 5
-    assert sorted(done) == [0, 1]  # both files in progress ended; no new file was started
+    # raised only once both files in progress had ended (their outputs removed); no new
+    # file was started
+    assert sorted(done) == [0, 1]
     assert not [t for t in threading.enumerate() if t.name.startswith("prosma-predict")]
 
 
@@ -227,13 +230,16 @@ def test_each_gpu_worker_makes_its_gpu_current(monkeypatch):
 
 
 SLOW_TILES = """
-import sys, time
+import sys, threading, time
 from napari_prosma.inference import tiling
 real = tiling.TilePredictor.__call__
 def slow(self, *a, **k):
-    time.sleep(0.3)
+    # the first tile of a file soon, every later one slowly: a file takes > 15 s, so that
+    # it is still in progress when the signal comes, however loaded the machine is
+    time.sleep(2.0 if getattr(self, "_seen", False) else 0.2)
+    self._seen = True
     out = real(self, *a, **k)
-    print("TILE", file=sys.stderr, flush=True)
+    print("TILE", threading.current_thread().name, file=sys.stderr, flush=True)
     return out
 tiling.TilePredictor.__call__ = slow
 from napari_prosma.cli import main
@@ -266,11 +272,12 @@ def test_sigterm_with_two_workers_keeps_no_file_in_progress(tmp_path):
     env.pop("PROSMA_DEBUG", None)
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
-        seen = 0
-        while seen < 3:  # a few tiles in: both workers are busy
+        busy: set[str] = set()
+        while len(busy) < 2:  # a tile done on each worker: both are inside their first file
             line = proc.stderr.readline()
             assert line, "the child ended before its tiles"
-            seen += line.startswith("TILE")
+            if line.startswith("TILE"):
+                busy.add(line.split()[1])
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -278,9 +285,11 @@ def test_sigterm_with_two_workers_keeps_no_file_in_progress(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert err.strip().splitlines()[-1].startswith("prosma: stopped by SIGTERM")
     assert "Traceback" not in err
-    # both workers were inside their first file (no file has 9 tiles yet): both cancelled,
-    # their outputs removed; nothing is left, not even a hidden temporary file
-    assert not out.exists() or list(out.rglob("*")) == []
+    # both workers were inside their first file: both cancelled, their outputs removed;
+    # nothing is left, not even a hidden temporary file
+    left = list(out.rglob("*")) if out.exists() else []
+    assert left == [], (left, err)
+    assert err.count("cancelled") == 2, err  # one line for each file in progress
 
 
 def test_two_workers_recording_into_one_folder_lose_no_entry(tmp_path):

@@ -178,6 +178,7 @@ def run_jobs(
         todo.put(job)
     failed = [0] * len(workers)
     errors: list[BaseException] = []
+    ended = [threading.Event() for _ in workers]
 
     def work(k: int) -> None:
         w = workers[k]
@@ -193,23 +194,31 @@ def run_jobs(
             errors.append(e)
             for other in workers:
                 other.stop.set()
+        finally:
+            ended[k].set()
 
     threads = [
         threading.Thread(target=work, args=(k,), name=f"prosma-predict-{k}-{w.device}")
         for k, w in enumerate(workers)
     ]
-    for t in threads:
-        t.start()
+    # Wait on events, not on Thread.join: a join that Ctrl-C or SIGTERM interrupts can mark
+    # a thread that still runs as ended (CPython 3.11), and the run would end before its
+    # workers had removed the outputs of the files they were cancelling.
     try:
         for t in threads:
-            while t.is_alive():
-                t.join(0.2)  # a timeout, so that Ctrl-C reaches this thread
-    except BaseException:
+            t.start()
+        for e in ended:
+            while not e.wait(0.2):  # a timeout, so that Ctrl-C reaches this thread
+                pass
+    except BaseException:  # also while starting: a thread not yet running sees the flag
         for w in workers:
             w.stop.set()
-        for t in threads:
-            t.join()
+        for t, e in zip(threads, ended):
+            if t.ident is not None:
+                e.wait()
         raise
+    for t in threads:
+        t.join()
     if errors:
         raise errors[0]
     return sum(failed)
