@@ -43,6 +43,7 @@ TORCH_FREE = (
     "napari_prosma.inference.bundled",
     "napari_prosma.cli",
     "napari_prosma.cli.predict",
+    "napari_prosma.cli.devices",
     "napari_prosma.cli.outputs",
     "napari_prosma.cli.progress",
     "napari_prosma.cli.text",
@@ -228,8 +229,6 @@ ALLOWED = {
     # there, not here, to keep the merge clean):
     "napari_prosma/_widgets/finetune.py": "411 lines",
     "napari_prosma/finetune/run.py": "run_finetune() 87 lines",
-    # Being split on the `scale` helper's branch (session 5: device choice out of predict):
-    "napari_prosma/cli/predict.py": "405 lines (DICOM inputs joined late in session 4)",
     # The stacked training loop: the `threed` helper changes this file in session 5 (3D
     # recipe); it is split into setup / epochs / finish after that branch is merged.
     "napari_prosma/train/stack.py": "train_many() 105, finish_run() 83 lines",

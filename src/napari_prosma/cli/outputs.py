@@ -176,6 +176,24 @@ def is_own_output(path: Path, manifest: dict[str, dict[str, Any]] | None = None)
         return False
 
 
+def refuse_existing(paths: dict[str, Path], overwrite: bool) -> None:
+    """Refuse outputs that exist, unless ``overwrite`` and they are earlier outputs.
+
+    Raises:
+        FileExistsError: naming the file and what to do.
+    """
+    for p in paths.values():
+        if not p.exists():
+            continue
+        if not overwrite:
+            raise FileExistsError(f"{p} exists already; it is never overwritten (use --overwrite)")
+        if not is_own_output(p):
+            raise FileExistsError(
+                f"{p} exists and was not written by prosma predict (or was changed since); "
+                "it is never replaced, even with --overwrite: choose another output folder"
+            )
+
+
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
     """An exclusive lock on ``folder`` across processes (``flock`` on the folder itself,

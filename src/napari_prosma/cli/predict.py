@@ -9,7 +9,8 @@ outside the range the model card records for the training data gets a warning on
 (the widget's "scan unlike the training data"). Writes are atomic; an output never replaces an
 input of the run, ``--overwrite`` replaces only earlier outputs of ``prosma predict`` (see
 :mod:`.outputs`), and the outputs of a file that failed half-way are removed. Progress goes
-to stderr (``-q`` for none).
+to stderr (``-q`` for none). ``--devices cuda:0,cuda:1`` (or ``all``) spreads the files over
+several devices, one model each, with the same outputs (see :mod:`.devices`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="model store holding fine-tuned versions (default: $PROSMA_MODEL_DIR or the "
         "user data folder; the -o of prosma finetune)",
     )
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    where.add_argument(
+        "--devices",
+        metavar="LIST",
+        help="spread the files over several devices, one model and worker each: all (every "
+        "GPU of this host) or a list such as cuda:0,cuda:1 (outputs as with one device)",
+    )
     p.add_argument(
         "--tta",
         action="store_true",
@@ -124,36 +132,19 @@ def gates_summary(result: Any, warnings: list[str] | None = None) -> dict[str, A
     return {"stages": stages, "warnings": list(warnings or [])}
 
 
-class _Models:
-    """Loads each model once; picks the bundled default per image kind when none is named."""
-
-    def __init__(self, name: str | None, store: str | None):
-        self.name, self.store = name, store
-        self.cache: dict[str, Any] = {}
-
-    def get(self, kind: str) -> tuple[str, Any, Any]:
-        from ..inference import load_model
-        from ..models import default_model_name, resolve_model
-        from . import UserError
-
-        name = self.name or default_model_name(kind)
-        if name is None:
-            raise UserError(f"no bundled model suits a {kind} image; pass --model MODEL")
-        if name not in self.cache:
-            self.cache[name] = load_model(resolve_model(name, self.store), device="cpu")
-        model, card = self.cache[name]
-        return name, model, card
-
-
 def run(args: argparse.Namespace) -> int:
     from ..inference import resolve_device
     from ..models import resolve_model
     from . import UserError
+    from .devices import Claims, make_workers, parse_devices, run_jobs
     from .outputs import output_format, refuse_outputs_over_inputs
 
     if not 0 <= args.overlap < 1:
         raise UserError(f"--overlap must be at least 0 and below 1, got {args.overlap}")
-    device = resolve_device(args.device)  # fail once, early, on a missing GPU
+    if getattr(args, "devices", None):
+        devices = parse_devices(args.devices, args.quiet)
+    else:
+        devices = [resolve_device(args.device)]  # fail once, early, on a missing GPU
     if args.model is None:
         from ..checkpoint import list_bundled
 
@@ -173,11 +164,9 @@ def run(args: argparse.Namespace) -> int:
         for src, rel in files
     ]
     refuse_outputs_over_inputs(plans)
-    models = _Models(args.model, args.store)
-    unit = "tiles" if device.type == "cpu" else "tile batches"
-    failed, planned = 0, set()
-    for src, paths in plans:
-        failed += not _segment_file(src, paths, models, args, planned, unit)
+    workers = make_workers(devices, args.model, args.store, Claims(plans))
+    jobs = [(i, src, paths) for i, (src, paths) in enumerate(plans)]
+    failed = run_jobs(jobs, workers, lambda job, w: _segment_file(*job, w, args))
     n = len(files)
     if failed:
         if n > 1:  # one file: its own line said it all
@@ -229,57 +218,39 @@ def _inputs(args: argparse.Namespace) -> list[tuple[Path, Path]]:
     return found.files
 
 
-def _refuse_existing(paths: dict[str, Path], overwrite: bool) -> None:
-    """Refuse outputs that exist, unless ``overwrite`` and they are earlier outputs."""
-    from .outputs import is_own_output
-
-    for p in paths.values():
-        if not p.exists():
-            continue
-        if not overwrite:
-            raise FileExistsError(f"{p} exists already; it is never overwritten (use --overwrite)")
-        if not is_own_output(p):
-            raise FileExistsError(
-                f"{p} exists and was not written by prosma predict (or was changed since); "
-                "it is never replaced, even with --overwrite: choose another output folder"
-            )
-
-
 def _segment_file(
-    src: Path,
-    paths: dict[str, Path],
-    models: _Models,
-    args: argparse.Namespace,
-    planned: set[Path],
-    unit: str,
+    index: int, src: Path, paths: dict[str, Path], w: Any, args: argparse.Namespace
 ) -> bool:
-    """Segment one file and write its outputs; on failure, one line on stderr and none
-    of its outputs left behind. Returns whether it succeeded."""
+    """Segment input ``index`` (``src``) with worker ``w`` (a :class:`.devices.Worker`)
+    and write its outputs; on failure, one line on stderr and none of its outputs left
+    behind. Returns whether it succeeded."""
     from ..dicom.predict import output_format, read_input
-    from ..errors import user_message
+    from ..errors import Cancelled, user_message
     from ..inference.gates import sparsity_warnings
     from ..io import read_image
     from . import UserError
-    from .outputs import record_outputs
+    from .devices import PRINT_LOCK
+    from .outputs import record_outputs, refuse_existing
     from .progress import Progress
 
     written: list[Path] = []
     t0 = time.perf_counter()
-    progress = Progress(_p(src.name), unit, quiet=args.quiet)
+    progress = Progress(_p(src.name), w.unit, quiet=args.quiet, stream=w.progress_stream)
     try:
         img = read_input(src) if hasattr(src, "series") else read_image(src)
         output_format(img, getattr(args, "format", "auto"))  # dicom-seg needs DICOM input
-        name, model, card = models.get(img.kind)
+        name, model, card = w.models.get(img.kind)
         plan = _plan(src, img, card, args.slice_axis)
-        if any(p in planned for p in paths.values()):  # same stem twice in this run
+        if w.claims.taken(index, paths):  # same stem twice in this run
             raise UserError(f"another input already writes {paths['labels'].name}; rename one")
-        planned.update(paths.values())
-        _refuse_existing(paths, args.overwrite)
-        res = _run(plan, model, card, args, progress)
+        refuse_existing(paths, args.overwrite)
+        res = _run(plan, model, card, args, progress, w)
         progress.close()
         warnings = sparsity_warnings(card.gate_sparsity_range, res.gates)
         seg_card = card if getattr(args, "format", "auto") == "dicom-seg" else None
         _write_outputs(paths, res, img, name, src, warnings, args.overwrite, written, seg_card)
+        if w.stop.is_set():  # interrupted while writing (another worker's thread got it)
+            raise Cancelled()
         record_outputs(paths["labels"].parent, written, src, str(name))
     except KeyboardInterrupt:
         progress.close()
@@ -288,9 +259,11 @@ def _segment_file(
     except Exception as e:
         progress.close()
         _remove(written)
-        print(f"prosma predict: {_p(src)}: {_p(user_message(e))}", file=sys.stderr)
+        with PRINT_LOCK:
+            print(f"prosma predict: {_p(src)}: {_p(user_message(e))}", file=sys.stderr)
         return False
-    _report(src, img, name, res, paths, time.perf_counter() - t0, args.quiet, warnings)
+    with PRINT_LOCK:
+        _report(src, img, name, res, paths, time.perf_counter() - t0, args.quiet, warnings)
     return True
 
 
@@ -310,20 +283,22 @@ def _plan(src: Path, img: Any, card: Any, slice_axis: int) -> Any:
     )
 
 
-def _run(plan: Any, model: Any, card: Any, args: argparse.Namespace, progress: Any) -> Any:
-    """Run the engine on ``plan``; the gates' numbers are always computed (for the drift
-    warning), their maps only with ``--gates``."""
+def _run(plan: Any, model: Any, card: Any, args: argparse.Namespace, progress: Any, w: Any) -> Any:
+    """Run the engine on ``plan`` on worker ``w``'s device (its stop flag cancels); the
+    gates' numbers are always computed (for the drift warning), their maps only with
+    ``--gates``."""
     from ..inference.plan import run_segmentation
 
     return run_segmentation(
         plan,
         model,
         card,
-        device=args.device,
+        device=w.device,
         tta=args.tta,
         probabilities=args.probabilities,
         gates=True if args.gates else "stats",
         progress=progress,
+        cancel=w.stop,
         tile_size=args.tile_size,
         overlap=args.overlap,
     )

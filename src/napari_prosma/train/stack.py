@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fs import atomic_write_bytes
+from .ddp import any_rank, rank_streams, resumed_line
 from .loop import Run, after_epoch, build_step, epoch_draws, log_line, run_epoch
 
 RESUME_FILES = ("last.safetensors", "last.json", "last_optim.safetensors")
@@ -83,7 +84,8 @@ def setup_run(cfg: Any, device: Any, world: int, rank: int, say: Callable[[str],
         run.history = list(old.training.get("history", []))
         run.best = (old.training.get("state") or {}).get("best")
         run.done = run.start_epoch
-        say(f"resumed {out} at epoch {run.start_epoch}")
+        saved_by = (old.training.get("state") or {}).get("processes")
+        say(resumed_line(out, run.start_epoch, saved_by, world))
     elif not cfg.resume:
         for f in BEST_FILES:
             (out / f).unlink(missing_ok=True)
@@ -109,11 +111,10 @@ def _prepare(runs: Sequence[Run], device: Any, world: int, rank: int, say: Any) 
         if cfg.compile:
             r.net = torch.compile(r.net)
         build_step(r, LOSSES[cfg.loss], amp, use_cl, device)
+        rank_streams(cfg.seed, r.start_epoch, rank, device)  # 3D: different draws per rank
         if device.type != "cuda":
             continue
         r.stream = torch.cuda.Stream(device)
-        if r.start_epoch == 0:  # 3D draws on the device: different draws per rank
-            torch.cuda.manual_seed(cfg.seed * 1000 + rank)
         if cfg.cuda_graphs and world == 1 and not cfg.compile:
             try:
                 r.graph = _capture(
@@ -202,11 +203,12 @@ def train_many(
                 and epoch + 1 < epochs
                 and time.perf_counter() - t_call + 2 * dt + 10 + 8 * len(active) > time_limit
             )
+            out_of_time = any_rank(out_of_time, device, world)  # all ranks stop together
             for r in active:
                 _epoch_end(r, epoch, dt, len(active), device, world, rank, say, progress)
                 if out_of_time:
                     r.stop_at = epoch + 1
-                _maybe_checkpoint(r, epoch, rank)
+                _maybe_checkpoint(r, epoch, rank, world)
             epoch += 1
     except KeyboardInterrupt:
         status = "cancelled"
@@ -265,7 +267,7 @@ def _epoch_end(run, epoch, dt, n, device, world, rank, say, progress):  # type: 
         )
 
 
-def _maybe_checkpoint(run: Run, epoch: int, rank: int) -> None:
+def _maybe_checkpoint(run: Run, epoch: int, rank: int, world: int = 1) -> None:
     from .support import _write_resume
 
     due = run.cfg.checkpoint_every and (epoch + 1) % run.cfg.checkpoint_every == 0
@@ -273,7 +275,7 @@ def _maybe_checkpoint(run: Run, epoch: int, rank: int) -> None:
     # resumes straight into it (removed once result.json is written)
     if rank == 0 and (due or epoch + 1 == run.stop_at):
         run.card.training = {
-            "state": {"epoch": epoch + 1, "best": run.best},
+            "state": {"epoch": epoch + 1, "best": run.best, "processes": world},
             "history": run.history,
         }
         _write_resume(run.out, run.model, run.opt, run.card, epoch + 1)
