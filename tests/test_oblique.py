@@ -126,3 +126,22 @@ def test_layer_geometry_uses_scale_only_for_positive_diagonals():
     flipped = layer_geometry(np.diag([-2.0, 3.0, 1.0]))
     np.testing.assert_array_equal(flipped["affine"], np.diag([-2.0, 3.0, 1.0]))
     assert flipped["scale"] == (1.0, 1.0)
+
+
+def test_a_coronal_slice_saved_as_2d_keeps_its_voxel_size(tmp_path):
+    """A 2D NIfTI whose second axis points along z (a coronal slice): its voxel size and
+    origin come from the x-z pair, not a zero y column (hypothesis found a division by
+    zero here), and painted labels keep the source affine."""
+    import nibabel as nib
+
+    affine = np.array([[-0.7, 0, 0, 5.0], [0, 0, 0, -12.0], [0, 2.5, 0, 40.0], [0, 0, 0, 1]])
+    affine[1, 2] = 1.0  # the (dropped) third axis runs along y
+    src = tmp_path / "coronal.nii.gz"
+    nib.save(nib.Nifti1Image(np.arange(12, dtype=np.int16).reshape(3, 4), affine), src)
+    img = read_image(src)
+    assert img.spacing == pytest.approx((2.5, 0.7))
+    assert img.origin == pytest.approx((40.0, 5.0))
+    [(data, kwargs, _)] = _reader.read_layers(str(src))
+    assert kwargs["scale"] == pytest.approx((2.5, 0.7))
+    [out] = _writer.write_labels(str(tmp_path / "painted"), np.ones_like(data, np.uint8), kwargs)
+    np.testing.assert_array_equal(nib.load(out).affine, nib.load(src).affine)

@@ -116,11 +116,11 @@ def _oblique_geometry(img: ImageData) -> tuple[dict[str, Any], list[str]]:
     where the scanner put it. Returns ``({}, [])`` for other formats."""
     if img.format != "nifti" or img.source_affine is None:
         return {}, []
-    from .oblique import nifti_layer_geometry
+    from .oblique import nifti_layer_geometry, plane_matrix
 
     n = img.spatial_dims
     rev = np.eye(n)[::-1]
-    lin = rev @ np.asarray(img.source_affine, dtype=float)[:n, :n] @ rev
+    lin = rev @ plane_matrix(img.source_affine, n)[:n, :n] @ rev
     unit_scale = float(img.spacing[0]) / float(np.linalg.norm(lin[:, 0]))  # mm per file unit
     return nifti_layer_geometry(img.source_affine, n, unit_scale)
 

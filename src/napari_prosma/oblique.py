@@ -35,6 +35,39 @@ TILT_WARN_DEG = 1.0
 _LPS_FROM_RAS = np.array([-1.0, -1.0, 1.0])
 
 
+def plane_rows(source_affine: np.ndarray, spatial_dims: int) -> list[int]:
+    """The world axes (RAS rows of a NIfTI affine) a NIfTI's voxel axes are shown along.
+
+    A volume uses x, y, z. A 2D image uses x, y, unless its axes point mostly along
+    another pair (a coronal or sagittal slice saved as 2D: its y or x column is zero there,
+    and the x-y block alone would give it a zero voxel size).
+
+    Args:
+        source_affine: the file's ``(4, 4)`` affine.
+        spatial_dims: 2 or 3.
+
+    Returns:
+        Sorted row indices, one per voxel axis.
+    """
+    if spatial_dims == 3:
+        return [0, 1, 2]
+    cols = np.abs(np.asarray(source_affine, dtype=float)[:3, :2])
+    w = {int(np.argmax(cols[:, 0])), int(np.argmax(cols[:, 1]))}
+    return sorted(w) if len(w) == 2 else [0, 1]
+
+
+def plane_matrix(source_affine: np.ndarray, spatial_dims: int) -> np.ndarray:
+    """A NIfTI affine reduced to its voxel axes and :func:`plane_rows`: ``(n+1, n+1)``,
+    voxel ``(i, j[, k])`` to those world axes (file order on both sides)."""
+    src = np.asarray(source_affine, dtype=float)
+    n = spatial_dims
+    rows = plane_rows(src, n)
+    out = np.eye(n + 1)
+    out[:n, :n] = src[np.ix_(rows, range(n))]
+    out[:n, n] = src[rows, 3]
+    return out
+
+
 def is_axis_aligned(linear: np.ndarray, rtol: float = ALIGNED_RTOL) -> bool:
     """Whether an ``(n, n)`` index-to-world matrix has no rotation or shear (flips allowed)."""
     lin = np.asarray(linear, dtype=float)
@@ -77,12 +110,12 @@ def nifti_display_affine(source_affine: np.ndarray, spatial_dims: int) -> np.nda
         ``(n+1, n+1)`` matrix: napari data index ``(k, j, i)`` -> world ``(z, y, x)`` in LPS.
     """
     n = spatial_dims
-    src = np.asarray(source_affine, dtype=float)
+    src = plane_matrix(source_affine, n)
     rev = np.eye(n)[::-1]
-    flip = np.diag(_LPS_FROM_RAS[:n])
+    flip = np.diag(_LPS_FROM_RAS[plane_rows(source_affine, n)])
     out = np.eye(n + 1)
     out[:n, :n] = rev @ flip @ src[:n, :n] @ rev
-    out[:n, n] = rev @ flip @ src[:n, 3]
+    out[:n, n] = rev @ flip @ src[:n, n]
     return out
 
 
@@ -103,15 +136,15 @@ def nifti_layer_geometry(
         only when napari cannot show it fully (:func:`tilt_warning`).
     """
     n = spatial_dims
-    src = np.asarray(source_affine, dtype=float)
+    src = plane_matrix(source_affine, n)
     rev = np.eye(n)[::-1]
     lin = rev @ src[:n, :n] @ rev
     if is_axis_aligned(lin):
         return {
             "scale": tuple(float(v) * unit_scale for v in np.linalg.norm(lin, axis=0)),
-            "translate": tuple(float(v) * unit_scale for v in src[:n, 3][::-1]),
+            "translate": tuple(float(v) * unit_scale for v in src[:n, n][::-1]),
         }, []
-    shown = nifti_display_affine(src, n)
+    shown = nifti_display_affine(source_affine, n)
     shown[:n, :] *= unit_scale
     kwargs = {"scale": (1.0,) * n, "translate": (0.0,) * n, "affine": shown}
     warning = tilt_warning(shown)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..fs import suffix_of
+from ..oblique import plane_matrix
 from ..preprocess import InputError
 from .checks import _corrupt, _quiet, check_decoded_size, check_nifti_geometry
 from .image import ImageData
@@ -77,12 +78,12 @@ def _read_nifti(p: Path) -> ImageData:
     scale = _NIFTI_UNIT_MM.get(unit_name, 1.0)
     check_nifti_geometry(p, raw, src_affine, n, scale)
     a = np.ascontiguousarray(np.transpose(a))  # (i, j[, k]) -> ([k,] j, i)
-    m = src_affine[:n, :n]
+    plane = plane_matrix(src_affine, n)  # a 2D coronal/sagittal slice: its own world pair
     rev = np.eye(n)[::-1]
-    lin = rev @ m @ rev  # world axes reversed too: axis-aligned stays diagonal
+    lin = rev @ plane[:n, :n] @ rev  # world axes reversed too: axis-aligned stays diagonal
     aff = np.eye(n + 1)
     aff[:n, :n] = lin
-    aff[:n, n] = src_affine[:n, 3][::-1]
+    aff[:n, n] = plane[:n, n][::-1]
     spacing = tuple(float(v) * scale for v in np.linalg.norm(lin, axis=0))
     origin = tuple(float(v) * scale for v in aff[:n, n])
     warnings: list[str] = []
