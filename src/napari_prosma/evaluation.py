@@ -87,17 +87,18 @@ def predict_labels(
     channel_axis: int | None = None,
     engine: str = "internal",
     spacing: Sequence[float] | None = None,
+    tta: bool = False,
 ) -> np.ndarray:
     """Integer labels of one image (2D ``(H, W[, C])`` or a volume) as inference makes them.
 
-    ``engine="auto"`` runs :func:`napari_prosma.inference.predict` (float32, no TTA) when it
-    is importable, the internal path otherwise."""
+    ``engine="auto"`` runs :func:`napari_prosma.inference.predict` (float32; all axis flips
+    averaged with ``tta``) when it is importable, the internal path otherwise (no TTA)."""
     import torch
 
     if engine == "auto":
         predict = _engine()
         if predict is not None:
-            kw: dict[str, Any] = {"device": device, "precision": "fp32"}
+            kw: dict[str, Any] = {"device": device, "precision": "fp32", "tta": tta}
             if spacing is not None:
                 kw["spacing"] = spacing
             return np.asarray(predict(image, model, card, **kw).labels)
@@ -139,8 +140,10 @@ def evaluate(
     with_hd95: bool = True,
     engine: str = "internal",
     progress: Callable[[int, int], None] | None = None,
+    tta: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on every case of ``data``.
+    """Evaluate ``model`` on every case of ``data`` (``tta``: through the engine, averaged
+    over all axis flips).
 
     Returns:
         ``{"summary": metrics.summarize(...) (every case), "report": metrics.report(...)
@@ -163,7 +166,9 @@ def evaluate(
         else:
             img, gt = data.images[i], data.labels[i]
             spacing = data.spacing[i] if data.spacing else None
-        pred = predict_labels(model, card, img, device=device, engine=engine, spacing=spacing)
+        pred = predict_labels(
+            model, card, img, device=device, engine=engine, spacing=spacing, tta=tta
+        )
         m = case_metrics(pred, gt, classes, spacing, with_hd95)
         m["size"] = int(np.asarray(gt).size)
         cases.append(m)
@@ -175,7 +180,7 @@ def evaluate(
             progress(i + 1, n)
     used = "internal"
     if engine == "auto" and _engine() is not None:
-        used = "napari_prosma.inference.predict"
+        used = "napari_prosma.inference.predict" + (" (flip TTA)" if tta else "")
     return {
         "summary": summarize(cases, names),
         "report": report(cases, names),

@@ -67,6 +67,7 @@ def setup_run(cfg: Any, device: Any, world: int, rank: int, say: Callable[[str],
             device,
             cfg.fg_fraction,
             cfg.permute_axes,
+            cfg.augment,
         )
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
@@ -314,8 +315,11 @@ def finish_run(run: Run, device: Any, world: int, wall: float, command: Any, say
             "random flips + 90° rotations (dihedral group) per image"
             if cfg.dims == 2
             else f"patches {cfg.patch_size}, {cfg.fg_fraction:.0%} foreground-centred, random "
-            "flips" + (" and axis transpositions" if cfg.permute_axes else "")
+            "flips"
+            + (" and axis transpositions" if cfg.permute_axes else "")
+            + (_AUG3D if cfg.augment == "nnunet" else "")
         ),
+        "test_time_augmentation": "all axis flips averaged" if cfg.tta else "none",
         "precision": "bf16 autocast" if cfg.amp == "bf16" and device.type == "cuda" else "fp32",
         "device": device_name,
         "processes": world,
@@ -364,8 +368,17 @@ def finish_run(run: Run, device: Any, world: int, wall: float, command: Any, say
     return TrainResult("finished", out, cfg.epochs, model_path, result)
 
 
+_AUG3D = (
+    "; on the GPU (augment3d): rotation ±30° per axis (p 0.2 each), scaling 0.7-1.4 (p 0.2), "
+    "random placement in the patch, background (0) outside the volume; Gaussian noise (p 0.1), "
+    "blur (p 0.2), brightness (p 0.15), contrast (p 0.15), low-resolution simulation (p 0.25), "
+    "gamma (p 0.3, inverted p 0.1)"
+)
+
+
 def _describe_optimizer(cfg: Any) -> str:
-    sched = f"lr {cfg.lr} cosine to {cfg.min_lr} per epoch"
+    kind = "poly (1 - t)^0.9" if cfg.lr_schedule == "poly" else "cosine"
+    sched = f"lr {cfg.lr} {kind} to {cfg.min_lr} per epoch"
     if cfg.optimizer == "adam_l2":
         return f"Adam {sched}, L2 weight decay {cfg.weight_decay} on every parameter"
     return (
