@@ -235,6 +235,8 @@ def test_train_3d_tiny(tmp_path, shared_data):
             "out_dir": str(tmp_path / "h"),
             "widths": "tiny",
             "limit": 6,
+            "split": None,  # 6 volumes: a random 80/20 (the committed split needs all 260)
+            "select": "last",
             "epochs": 1,
             "iters_per_epoch": 2,
             "batch_size": 2,
@@ -243,10 +245,14 @@ def test_train_3d_tiny(tmp_path, shared_data):
             "hd95": False,
         },
     )
+    assert cfg.augment == "nnunet" and cfg.norm == "instance" and cfg.tta
     res = train(cfg, log=None)
     assert res.status == "finished"
     _, card = load(res.model_path)
     assert card.spatial_dims == 3 and card.out_channels == 3
+    assert card.arch_kwargs["norm"] == "instance"
+    assert card.normalization == {"mode": "percentile", "lower": 0.0, "upper": 99.5}
+    assert "flip TTA" in res.result["evaluation"]["engine"]
     assert set(card.metrics["test"]["per_class"]) == {"anterior", "posterior"}
 
 

@@ -23,8 +23,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from napari_prosma.train import train_many  # noqa: E402
 from stack import configs  # noqa: E402
+
+from napari_prosma.train import train_many  # noqa: E402
 
 ARMS4 = "prosma_poly,prosma_cosine,monai_unet_poly,monai_unet_cosine"
 ARMS2 = "prosma_poly,monai_unet_poly"

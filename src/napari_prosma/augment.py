@@ -190,7 +190,7 @@ class Data3D:
         if augment and self.augment == "nnunet":
             from .augment3d import spatial
 
-            x, y = spatial(x, y, (shp - start).minimum(patch))
+            x, y = spatial(x, y, (shp - start).minimum(patch), patch)
         if augment:
             flips = torch.rand(b, 6, device=dev) < 0.5
             for j, ax in enumerate((-1, -2, -3)):

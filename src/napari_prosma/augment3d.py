@@ -57,7 +57,7 @@ def _uniform(r: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 
 
 def spatial(
-    x: torch.Tensor, y: torch.Tensor, extent: torch.Tensor
+    x: torch.Tensor, y: torch.Tensor, extent: torch.Tensor, n: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate, scale and place ``x`` ``(B, 1, D, H, W)`` and labels ``y`` (same shape).
 
@@ -65,9 +65,11 @@ def spatial(
         extent: ``(B, 3)`` the size of the volume's content in each patch (from the patch's
             first voxel; beyond it the patch holds padding). The content's centre is moved
             to a random position at which the unrotated content still fits the patch.
+        n: ``(3,)`` the patch size as a tensor on the device (no host copy inside a CUDA
+            graph).
     """
     b, dev = x.shape[0], x.device
-    n = torch.tensor(x.shape[2:], device=dev, dtype=torch.float32)
+    n = n.float()
     ext = extent.float().minimum(n)
     r = torch.rand(b, 9, device=dev)
     m = torch.eye(3, device=dev).expand(b, 3, 3)

@@ -8,13 +8,13 @@ Every reader returns arrays exactly as training and evaluation see them:
   thresholded at > 127 then nearest), BUSI (256²) and GlaS (512²) come resized already.
 - Hippocampus (:class:`Dataset3D`): lists of float32 volumes (the stored intensities,
   unclipped: most files hold float32 values up to a few thousand, a few uint8) and uint8
-  labels {0, 1, 2}, axes ``(k, j, i)`` (the NIfTI array transposed, as :mod:`napari_prosma.io` reads volumes for
-  napari and inference), spacing 1 mm.
+  labels {0, 1, 2}, axes ``(k, j, i)`` (the NIfTI array transposed, as
+  :mod:`napari_prosma.io` reads volumes for napari and inference), spacing 1 mm.
 
 ``pack``/``load_packed`` store a dataset in one ``NAME.npz`` (2D: the original encoded
-images + bit-packed masks; 3D: raw float32 volumes, uint8 labels) so a GPU machine needs neither the original folder
-layout nor nibabel; reading the packed file gives identical arrays (tested, and checked by a
-sha256 of the decoded images).
+images + bit-packed masks; 3D: raw float32 volumes, uint8 labels) so a GPU machine needs
+neither the original folder layout nor nibabel; reading the packed file gives identical
+arrays (tested, and checked by a sha256 of the decoded images).
 
 Splits (``training/splits/*.json``) are ``{"dataset", "seed", "train": [ids], "test": [ids]}``;
 :func:`random_split` makes the 80/20 ones (numpy ``default_rng(seed).permutation`` of the
