@@ -29,7 +29,10 @@ def models():  # type: ignore[no-untyped-def]
 
     old, old_card = load(ROOT / "models/hippocampus_prosma", device="cpu")
     new, new_card = _build(TrainConfig.from_toml(ROOT / "training/recipes/hippocampus_prosma.toml"))
-    return {"before (bundled)": (old, old_card), "after (issue-15 recipe, random weights)": (new, new_card)}
+    return {
+        "before (bundled)": (old, old_card),
+        "after (issue-15 recipe, random weights)": (new, new_card),
+    }
 
 
 def main() -> None:
@@ -62,8 +65,13 @@ def main() -> None:
             t0 = time.perf_counter()
             predict(crop, m, card, device="cpu")
             t.append(time.perf_counter() - t0)
-        row = {"model": name, "tile": card.patch_size, "norm": card.arch_kwargs.get("norm"),
-               "crop_shape": list(crop.shape), "crop_s_median_of_3": float(np.median(t))}
+        row = {
+            "model": name,
+            "tile": card.patch_size,
+            "norm": card.arch_kwargs.get("norm"),
+            "crop_shape": list(crop.shape),
+            "crop_s_median_of_3": float(np.median(t)),
+        }
         if a.big:
             t0 = time.perf_counter()
             predict(big, m, card, device="cpu")

@@ -372,6 +372,11 @@ def test_prosma_train_writes_a_sparsity_range_the_plugin_reads_and_warns_on(tmp_
     pred = predict(
         resize_image(img, 32), model, card, device="cpu", precision="fp32", return_gates=True
     )
+    # the range is computed with return_gates="stats" (no maps): the same zero fractions
+    stats = predict(
+        resize_image(img, 32), model, card, device="cpu", precision="fp32", return_gates="stats"
+    )
+    assert [g.zero_frac_mean for g in stats.gates] == [g.zero_frac_mean for g in pred.gates]
     warn = _sparsity_warnings()
     assert warn(card.gate_sparsity_range, pred.gates) == []
     # the same gates pushed outside the recorded range of stage 2: the plugin warns

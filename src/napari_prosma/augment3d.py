@@ -37,6 +37,14 @@ P_CONTRAST, CONTRAST = 0.15, (0.75, 1.25)
 P_LOWRES = 0.25
 P_GAMMA, GAMMA, P_GAMMA_INV = 0.3, (0.7, 1.5), 0.1
 
+#: What a model card says about this augmentation.
+DESCRIPTION = (
+    "; on the GPU (augment3d): rotation ±30° per axis (p 0.2 each), scaling 0.7-1.4 (p 0.2), "
+    "random placement in the patch, background (0) outside the volume; Gaussian noise (p 0.1), "
+    "blur (p 0.2), brightness (p 0.15), contrast (p 0.15), low-resolution simulation (p 0.25), "
+    "gamma (p 0.3, inverted p 0.1)"
+)
+
 
 def _rot(axis: int, a: torch.Tensor) -> torch.Tensor:
     """Rotation matrices ``(B, 3, 3)`` by angles ``a`` ``(B,)`` about ``axis``."""

@@ -285,6 +285,7 @@ def finish_run(run: Run, device: Any, world: int, wall: float, command: Any, say
     and write ``result.json``; returns the :class:`TrainResult`."""
     import torch
 
+    from .augment3d import DESCRIPTION as AUG3D_DESCRIPTION
     from .checkpoint import load, save
     from .datasets import DATASETS
     from .nets import ARCH_TITLES
@@ -317,7 +318,7 @@ def finish_run(run: Run, device: Any, world: int, wall: float, command: Any, say
             else f"patches {cfg.patch_size}, {cfg.fg_fraction:.0%} foreground-centred, random "
             "flips"
             + (" and axis transpositions" if cfg.permute_axes else "")
-            + (_AUG3D if cfg.augment == "nnunet" else "")
+            + (AUG3D_DESCRIPTION if cfg.augment == "nnunet" else "")
         ),
         "test_time_augmentation": "all axis flips averaged" if cfg.tta else "none",
         "precision": "bf16 autocast" if cfg.amp == "bf16" and device.type == "cuda" else "fp32",
@@ -366,14 +367,6 @@ def finish_run(run: Run, device: Any, world: int, wall: float, command: Any, say
         )
     say(f"wrote {model_path} ({model_path.stat().st_size / 1e6:.1f} MB)")
     return TrainResult("finished", out, cfg.epochs, model_path, result)
-
-
-_AUG3D = (
-    "; on the GPU (augment3d): rotation ±30° per axis (p 0.2 each), scaling 0.7-1.4 (p 0.2), "
-    "random placement in the patch, background (0) outside the volume; Gaussian noise (p 0.1), "
-    "blur (p 0.2), brightness (p 0.15), contrast (p 0.15), low-resolution simulation (p 0.25), "
-    "gamma (p 0.3, inverted p 0.1)"
-)
 
 
 def _describe_optimizer(cfg: Any) -> str:
