@@ -48,7 +48,11 @@ def test_read_hippocampus_axis_order(shared_data):
     )
     np.testing.assert_array_equal(ds.labels[0], raw.T)  # (k, j, i) as napari_prosma.io
     assert set(np.unique(ds.labels[0])) == {0, 1, 2}
-    assert ds.images[0].dtype == np.uint8
+    assert ds.images[0].dtype == np.float32
+    img = np.asarray(
+        nib.load(str(shared_data / "hippocampus/imagesTr" / f"{ds.ids[0]}.nii.gz")).dataobj
+    )
+    np.testing.assert_array_equal(ds.images[0], img.T.astype(np.float32))  # not clipped
 
 
 @pytest.mark.data

@@ -235,6 +235,8 @@ def test_train_3d_tiny(tmp_path, shared_data):
             "out_dir": str(tmp_path / "h"),
             "widths": "tiny",
             "limit": 6,
+            "split": None,  # 6 volumes: a random 80/20 (the committed split needs all 260)
+            "select": "last",
             "epochs": 1,
             "iters_per_epoch": 2,
             "batch_size": 2,
@@ -243,10 +245,14 @@ def test_train_3d_tiny(tmp_path, shared_data):
             "hd95": False,
         },
     )
+    assert cfg.augment == "nnunet" and cfg.norm == "instance" and cfg.tta
     res = train(cfg, log=None)
     assert res.status == "finished"
     _, card = load(res.model_path)
     assert card.spatial_dims == 3 and card.out_channels == 3
+    assert card.arch_kwargs["norm"] == "instance"
+    assert card.normalization == {"mode": "percentile", "lower": 0.0, "upper": 99.5}
+    assert "flip TTA" in res.result["evaluation"]["engine"]
     assert set(card.metrics["test"]["per_class"]) == {"anterior", "posterior"}
 
 
@@ -366,6 +372,11 @@ def test_prosma_train_writes_a_sparsity_range_the_plugin_reads_and_warns_on(tmp_
     pred = predict(
         resize_image(img, 32), model, card, device="cpu", precision="fp32", return_gates=True
     )
+    # the range is computed with return_gates="stats" (no maps): the same zero fractions
+    stats = predict(
+        resize_image(img, 32), model, card, device="cpu", precision="fp32", return_gates="stats"
+    )
+    assert [g.zero_frac_mean for g in stats.gates] == [g.zero_frac_mean for g in pred.gates]
     warn = _sparsity_warnings()
     assert warn(card.gate_sparsity_range, pred.gates) == []
     # the same gates pushed outside the recorded range of stage 2: the plugin warns

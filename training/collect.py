@@ -1,7 +1,7 @@
 """Pack finished runs for the trip back from the GPU machine:
 ``python training/collect.py RUNS_DIR OUT.tgz "name1 name2"`` puts every ``*/result.json`` and
-``*/model.json`` in the archive, ``model.safetensors`` of the named runs, and the logs of
-LOGS_DIR: ``python training/collect.py RUNS_DIR OUT.tgz "names" [LOGS_DIR]``."""
+``*/model.json`` (and ``last.json``/``best.json`` of unfinished runs) in the archive,
+``model.safetensors`` of the named runs, and the logs of LOGS_DIR: ``python training/collect.py RUNS_DIR OUT.tgz "names" [LOGS_DIR]``."""
 
 import sys
 import tarfile
@@ -12,7 +12,7 @@ keep = set((sys.argv[3] if len(sys.argv) > 3 else "").split())
 logs = Path(sys.argv[4]) if len(sys.argv) > 4 else None
 with tarfile.open(out, "w:gz") as tar:
     for d in sorted(p for p in runs.iterdir() if p.is_dir()):
-        for f in ("result.json", "model.json"):
+        for f in ("result.json", "model.json", "last.json", "best.json"):
             if (d / f).exists():
                 tar.add(d / f, arcname=f"{d.name}/{f}")
         if d.name in keep and (d / "model.safetensors").exists():

@@ -31,6 +31,11 @@ ARMS: dict[str, dict] = {
     "prosma_dead01": {"dead_slope": 0.1},
     "monai_unet": {"arch": "monai_unet"},
     "monai_attention_unet": {"arch": "monai_attention_unet"},
+    # issue 15 (hippocampus): the schedule chosen on val, for ProSMA and the MONAI U-Net
+    "prosma_poly": {"lr_schedule": "poly"},
+    "prosma_cosine": {"lr_schedule": "cosine"},
+    "monai_unet_poly": {"arch": "monai_unet", "lr_schedule": "poly"},
+    "monai_unet_cosine": {"arch": "monai_unet", "lr_schedule": "cosine"},
 }
 
 

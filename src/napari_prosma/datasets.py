@@ -6,14 +6,15 @@ Every reader returns arrays exactly as training and evaluation see them:
   ``labels`` uint8 ``(N, H, W)`` with values {0, 1}, ``ids`` the file stems.
   Kvasir-SEG is resized here to 256×256 (images bilinear with antialiasing, masks
   thresholded at > 127 then nearest), BUSI (256²) and GlaS (512²) come resized already.
-- Hippocampus (the same :class:`Dataset`): lists of uint8 volumes and labels {0, 1, 2}, axes
-  ``(k, j, i)`` (the NIfTI array transposed, as :mod:`napari_prosma.io` reads volumes for
-  napari and inference), spacing 1 mm.
+- Hippocampus (the same :class:`Dataset`): lists of float32 volumes (the stored
+  intensities, unclipped: most files hold float32 values up to a few thousand, a few
+  uint8) and uint8 labels {0, 1, 2}, axes ``(k, j, i)`` (the NIfTI array transposed, as
+  :mod:`napari_prosma.io` reads volumes for napari and inference), spacing 1 mm.
 
 ``pack``/``load_packed`` store a dataset in one ``NAME.npz`` (2D: the original encoded
-images + bit-packed masks; 3D: raw uint8) so a GPU machine needs neither the original folder
-layout nor nibabel; reading the packed file gives identical arrays (tested, and checked by a
-sha256 of the decoded images).
+images + bit-packed masks; 3D: raw float32 volumes, uint8 labels) so a GPU machine needs
+neither the original folder layout nor nibabel; reading the packed file gives identical
+arrays (tested, and checked by a sha256 of the decoded images).
 
 Splits (``training/splits/*.json``) are ``{"dataset", "seed", "train": [ids], "test": [ids]}``;
 :func:`random_split` makes the 80/20 ones (numpy ``default_rng(seed).permutation`` of the
@@ -286,7 +287,9 @@ def read_hippocampus(
         b = np.ascontiguousarray(np.transpose(np.asarray(lb.dataobj)))
         if a.shape != b.shape:
             raise ValueError(f"{stem}: image {a.shape} and label {b.shape} differ")
-        images.append(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+        # the values as stored: sessions 1-4 clipped them to uint8 0..255, which saturated
+        # most volumes (float32 up to a few thousand) while inference saw the raw values
+        images.append(a.astype(np.float32))
         labels.append(b.astype(np.uint8))
         spacing.append([float(s) for s in im.header.get_zooms()[:3]][::-1])
     return Dataset("hippocampus", images, labels, ids, spacing)

@@ -9,7 +9,9 @@ forward, backward, optimiser) can be captured once in a CUDA graph and replayed.
   the 8 flips/90° rotations (albumentations' ``RandomRotate90`` + ``Flip`` in U-KAN).
 - 3D: random volumes (with replacement), a patch around a random foreground voxel for a
   ``fg_fraction`` of the batch (nnU-Net's oversampling) and a random patch otherwise, then
-  random flips of each axis and, with ``permute_axes``, random axis transpositions.
+  random flips of each axis and, with ``permute_axes``, random axis transpositions; with
+  ``augment="nnunet"`` first rotation, scaling and a random placement of the volume in the
+  patch, and intensity augmentation afterwards (:mod:`napari_prosma.train.augment3d`).
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ class Data3D:
         patch: patch size (3 ints).
         fg_fraction: fraction of each batch centred on a foreground voxel.
         permute_axes: randomly transpose axes (needs a cubic patch).
+        augment: ``"flips"`` (flips only) or ``"nnunet"`` (spatial + intensity as well).
     """
 
     def __init__(
@@ -123,7 +126,11 @@ class Data3D:
         device: torch.device,
         fg_fraction: float = 0.33,
         permute_axes: bool = False,
+        augment: str = "flips",
     ):
+        if augment not in ("flips", "nnunet"):
+            raise ValueError(f"unknown 3D augmentation {augment!r}; choose 'flips' or 'nnunet'")
+        self.augment = augment
         self.patch = tuple(int(p) for p in patch)
         if permute_axes and len(set(self.patch)) != 1:
             raise ValueError("permute_axes needs a cubic patch")
@@ -132,7 +139,9 @@ class Data3D:
         shapes = np.array([a.shape for a in images])
         full = np.maximum(shapes.max(0), self.patch)
         n = len(images)
-        vol = np.zeros((n, *full), np.float16)  # pad value 0, as inference pads
+        # pad value 0, as inference pads (the background where the normalisation maps the
+        # image's minimum to 0, as the hippocampus recipe's percentile mode with lower = 0)
+        vol = np.zeros((n, *full), np.float16)
         lab = np.zeros((n, *full), np.uint8)
         coords, counts = [], []
         for i, (a, b) in enumerate(zip(images, labels)):
@@ -178,6 +187,10 @@ class Data3D:
         sel = (bi, ix.view(b, -1, 1, 1), iy.view(b, 1, -1, 1), iz.view(b, 1, 1, -1))
         x = self.vol[sel][:, None].float()
         y = self.lab[sel][:, None]
+        if augment and self.augment == "nnunet":
+            from .augment3d import spatial
+
+            x, y = spatial(x, y, (shp - start).minimum(patch), patch)
         if augment:
             flips = torch.rand(b, 6, device=dev) < 0.5
             for j, ax in enumerate((-1, -2, -3)):
@@ -189,4 +202,8 @@ class Data3D:
                     m = flips[:, 3 + j].view(b, 1, 1, 1, 1)
                     x = torch.where(m, x.transpose(a0, a1), x)
                     y = torch.where(m, y.transpose(a0, a1), y)
+        if augment and self.augment == "nnunet":
+            from .augment3d import intensity
+
+            x = intensity(x)
         return x, y

@@ -57,7 +57,9 @@ NORMALIZATION: dict[str, dict[str, Any]] = {
         "mean": [0.485, 0.456, 0.406],
         "std": [0.229, 0.224, 0.225],
     },
-    "hippocampus": {"mode": "zscore"},
+    # the stored intensities scaled by their range, the minimum (background) at 0, so
+    # zero padding pads with the background (z-scoring padded with the mean intensity)
+    "hippocampus": {"mode": "percentile", "lower": 0.0, "upper": 99.5},
 }
 
 
@@ -88,6 +90,9 @@ class TrainConfig:
     patch_size: list[int] | None = None  # 3D
     fg_fraction: float = 0.33
     permute_axes: bool = False
+    augment: str = "flips"  # 3D: "flips" or "nnunet" (augment3d: spatial + intensity)
+    lr_schedule: str = "cosine"  # "cosine" or "poly" (nnU-Net's (1 - t)^0.9), per epoch
+    tta: bool = False  # final test evaluation averages over all axis flips
     amp: str = "bf16"  # "bf16" or "none"
     channels_last: bool = True
     cuda_graphs: bool = True
@@ -137,6 +142,10 @@ class TrainConfig:
             raise ValueError("a 3D recipe needs patch_size")
         if self.optimizer not in ("adamw", "adam_l2"):
             raise ValueError("optimizer must be 'adamw' or 'adam_l2'")
+        if self.lr_schedule not in ("cosine", "poly"):
+            raise ValueError("lr_schedule must be 'cosine' or 'poly'")
+        if self.augment not in ("flips", "nnunet"):
+            raise ValueError("augment must be 'flips' or 'nnunet'")
         if self.select not in ("auto", "best_val", "last"):
             raise ValueError("select must be 'auto', 'best_val' or 'last'")
 
@@ -168,7 +177,10 @@ class TrainResult:
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """Cosine annealing from ``lr`` (epoch 0) to ``min_lr`` (epoch ``epochs``)."""
+    """Cosine annealing (or, with ``lr_schedule="poly"``, nnU-Net's polynomial decay
+    ``(1 - t) ** 0.9``) from ``lr`` (epoch 0) to ``min_lr`` (epoch ``epochs``)."""
+    if cfg.lr_schedule == "poly":
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 - epoch / cfg.epochs) ** 0.9
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * epoch / cfg.epochs)) / 2
 
 
@@ -308,7 +320,7 @@ def evaluate_shipped(model: Any, card: ModelCard, test: Any, device: Any, cfg: T
     """Evaluate the shipped (float16-stored) model file through the inference path."""
     from ..evaluation import evaluate
 
-    return evaluate(model, card, test, device=str(device), with_hd95=cfg.hd95)
+    return evaluate(model, card, test, device=str(device), with_hd95=cfg.hd95, tta=cfg.tta)
 
 
 def overrides_from_strings(items: list[str]) -> dict[str, Any]:

@@ -68,6 +68,7 @@ def setup_run(cfg: Any, device: Any, world: int, rank: int, say: Callable[[str],
             device,
             cfg.fg_fraction,
             cfg.permute_axes,
+            cfg.augment,
         )
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
@@ -289,6 +290,7 @@ def finish_run(run: Run, device: Any, world: int, wall: float, command: Any, say
     from ..checkpoint import load, save
     from ..datasets import DATASETS
     from ..nets import ARCH_TITLES
+    from .augment3d import DESCRIPTION as AUG3D_DESCRIPTION
     from .recipe import TrainResult, evaluate_shipped
     from .support import _json_safe, load_best, sparsity_range
 
@@ -316,8 +318,11 @@ def finish_run(run: Run, device: Any, world: int, wall: float, command: Any, say
             "random flips + 90° rotations (dihedral group) per image"
             if cfg.dims == 2
             else f"patches {cfg.patch_size}, {cfg.fg_fraction:.0%} foreground-centred, random "
-            "flips" + (" and axis transpositions" if cfg.permute_axes else "")
+            "flips"
+            + (" and axis transpositions" if cfg.permute_axes else "")
+            + (AUG3D_DESCRIPTION if cfg.augment == "nnunet" else "")
         ),
+        "test_time_augmentation": "all axis flips averaged" if cfg.tta else "none",
         "precision": "bf16 autocast" if cfg.amp == "bf16" and device.type == "cuda" else "fp32",
         "device": device_name,
         "processes": world,
@@ -367,7 +372,8 @@ def finish_run(run: Run, device: Any, world: int, wall: float, command: Any, say
 
 
 def _describe_optimizer(cfg: Any) -> str:
-    sched = f"lr {cfg.lr} cosine to {cfg.min_lr} per epoch"
+    kind = "poly (1 - t)^0.9" if cfg.lr_schedule == "poly" else "cosine"
+    sched = f"lr {cfg.lr} {kind} to {cfg.min_lr} per epoch"
     if cfg.optimizer == "adam_l2":
         return f"Adam {sched}, L2 weight decay {cfg.weight_decay} on every parameter"
     return (
