@@ -1,7 +1,8 @@
 """Pack finished runs for the trip back from the GPU machine:
 ``python training/collect.py RUNS_DIR OUT.tgz "name1 name2"`` puts every ``*/result.json`` and
 ``*/model.json`` (and ``last.json``/``best.json`` of unfinished runs) in the archive,
-``model.safetensors`` of the named runs, and the logs of LOGS_DIR: ``python training/collect.py RUNS_DIR OUT.tgz "names" [LOGS_DIR]``."""
+``model.safetensors`` of the named runs, and the logs of LOGS_DIR:
+``python training/collect.py RUNS_DIR OUT.tgz "names" [LOGS_DIR]``."""
 
 import sys
 import tarfile
