@@ -55,8 +55,7 @@ def main() -> None:
         "torch_threads": a.threads,
         "torch": torch.__version__,
         "note": (
-            "2-core machine shared with other agents' processes; "
-            "engine defaults (auto precision)"
+            "2-core machine shared with other agents' processes; engine defaults (auto precision)"
         ),
         "rows": [],
     }
