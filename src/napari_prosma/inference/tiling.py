@@ -122,6 +122,9 @@ class TilePredictor:
         progress: ``progress(done, total)`` after each tile batch.
         total: the number of tile batches, for ``progress``.
         cancelled: returns True when the user asked to stop.
+        forward: what runs the network, ``forward(x, return_gates=...)`` (default the
+            model itself; :class:`~napari_prosma.inference.accel.Forward` for a captured
+            or compiled one).
     """
 
     def __init__(
@@ -139,8 +142,10 @@ class TilePredictor:
         progress: Callable[[int, int], Any] | None,
         total: int,
         cancelled: Callable[[], bool],
+        forward: Callable[..., Any] | None = None,
     ):
         self.model = model
+        self.forward = forward if forward is not None else model
         self.device = device
         self.binary = binary
         self.flips = flip_sets(model.spatial_dims) if tta else [()]
@@ -173,7 +178,7 @@ class TilePredictor:
         for flip in self.flips:
             xin = x.flip(flip) if flip else x
             with self.autocast():
-                res = self.model(xin, return_gates=self.gates and not flip)
+                res = self.forward(xin, return_gates=self.gates and not flip)
             logits, maps = res if isinstance(res, tuple) else (res, None)
             p = self._activate(logits)
             if flip:
