@@ -75,7 +75,8 @@ class Forward:
         key = (self.mode, tuple(x.shape[1:]), x.dtype, self.dtype, params)
         runner = runners.get(key)
         if runner is None or x.shape[0] > runner.batch:
-            runners.pop(key, None)
+            for k in [k for k in runners if k[-1] != params or k == key]:
+                del runners[k]  # moved or replaced weights, or a larger batch: free them
             make = _Graph if self.mode == "graph" else _Compiled
             runner = runners[key] = make(self.model, x, self.device, self.dtype)
         return runner(x)

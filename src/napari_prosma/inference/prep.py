@@ -98,32 +98,46 @@ def upload(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
 
 def normalize_tensor(x: torch.Tensor, specs: list[Mapping[str, Any] | None]) -> torch.Tensor:
     """:func:`~napari_prosma.preprocess.normalize` of each image of ``(N, C, *S)``, in torch
-    on ``x``'s device; returns float32 (a new tensor)."""
+    on ``x``'s device; returns float32 (a new tensor). Images that share a spec are done in
+    one operation (all of them, usually), except z-scores (per-image statistics)."""
     import torch
 
     x = x.to(torch.float32)
-    c, nd = x.shape[1], x.ndim - 2
     out = torch.empty_like(x)
+    groups: dict[str, list[int]] = {}
     for i, spec in enumerate(specs):
-        spec = dict(spec or {"mode": "none"})
-        mode = spec.get("mode", "none")
-        if mode == "fixed":
-            scale = float(spec.get("scale", 255.0))
-            mean = _per_channel(spec.get("mean"), 0.0, c)
-            std = _per_channel(spec.get("std"), 1.0, c)
-            a = torch.tensor(1.0 / (scale * std), device=x.device).view(c, *(1,) * nd)
-            b = torch.tensor(-mean / std, device=x.device).view(c, *(1,) * nd)
-            torch.addcmul(b, x[i], a, out=out[i])
-        elif mode == "zscore":
+        groups.setdefault(repr(sorted(dict(spec or {}).items())), []).append(i)
+    for idx in groups.values():
+        sel = slice(idx[0], idx[-1] + 1) if idx == list(range(idx[0], idx[-1] + 1)) else idx
+        out[sel] = _normalize_group(x[sel], dict(specs[idx[0]] or {"mode": "none"}))
+    return out
+
+
+def _normalize_group(x: torch.Tensor, spec: dict[str, Any]) -> torch.Tensor:
+    """One normalisation spec applied to every image of ``(n, C, *S)`` float32."""
+    import torch
+
+    mode = spec.get("mode", "none")
+    c, nd = x.shape[1], x.ndim - 2
+    if mode == "fixed":
+        scale = float(spec.get("scale", 255.0))
+        mean = _per_channel(spec.get("mean"), 0.0, c)
+        std = _per_channel(spec.get("std"), 1.0, c)
+        shape = (1, c, *(1,) * nd)
+        a = torch.tensor(1.0 / (scale * std), dtype=torch.float32).view(shape).to(x.device)
+        b = torch.tensor(-mean / std, dtype=torch.float32).view(shape).to(x.device)
+        return torch.addcmul(b, x, a)
+    if mode == "zscore":
+        out = torch.empty_like(x)
+        for i in range(x.shape[0]):
             for ch in range(c):
                 mean, std = _zscore_stats(x[i, ch], bool(spec.get("nonzero")))
                 torch.sub(x[i, ch], mean, out=out[i, ch]).div_(max(std, 1e-8))
-        elif mode == "ct_window":
-            lo, hi = (float(v) for v in spec.get("window", (-1000.0, 1000.0)))
-            out[i] = (x[i].clamp(lo, hi) - lo) / max(hi - lo, 1e-8)
-        else:  # "none"
-            out[i] = x[i]
-    return out
+        return out
+    if mode == "ct_window":
+        lo, hi = (float(v) for v in spec.get("window", (-1000.0, 1000.0)))
+        return (x.clamp(lo, hi) - lo) / max(hi - lo, 1e-8)
+    return x  # "none"
 
 
 def _per_channel(values: Any, default: float, c: int) -> np.ndarray:
