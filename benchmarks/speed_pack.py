@@ -32,19 +32,21 @@ python3 -m pip install -q --no-index --no-deps --target $SITE _device/whl/*.whl 
 MODELS=$JOB/models; [ -d "$MODELS" ] || MODELS=$PWD/models
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv \\
     > "$OUT/speed/nvidia_smi.txt" 2>&1
-PYTHONPATH=$SITE:$JOB/src timeout 235 python3 $JOB/benchmarks/speed.py --out "$OUT/speed" \\
-    --data $JOB/data --base-src $JOB/base/src --models "$MODELS" --budget 215 \\
+PYTHONPATH=$SITE:$JOB/src timeout 225 python3 $JOB/benchmarks/speed.py --out "$OUT/speed" \\
+    --data $JOB/data --base-src $JOB/base/src --models "$MODELS" --budget 205 \\
     2>&1 | tee "$OUT/speed/speed.log"
 rm -f "$OUT/speed"/*.npy
 ls -la "$OUT/speed"
 """
 
 README = """speed job (issue 18, helper `speed`): inference engine now vs `{base}` on the GPU.
-Finishes in about 235 s at most (hard `timeout 235`; cases past 215 s are skipped; the JSON
-is rewritten after each case, so a cut run still reports). Needs the MONAI wheel of
-_device/whl (safetensors too). Writes $OUT/speed/speed_gpu.json, base.json, speed.log,
-nvidia_smi.txt. Run alone on the GPU (timings). Models: this folder's models/ ({models});
-delete it to use the repository's models/ instead (carry room). Command (repo root):
+At most 240 s: pip install of _device/whl (MONAI, safetensors; needed) ~5 s, then a hard
+`timeout 225` (cases past 205 s are skipped; the JSON is rewritten after each case, so a cut
+run still reports). Run alone on the GPU (timings). Writes $OUT/speed/speed_gpu.json,
+base.json, speed.log, nvidia_smi.txt. Carry: _device/jobs/speed and _device/whl.
+Models: this folder's models/ ({models}, 27 MiB of the job's size); if carry room is short,
+delete _device/jobs/speed/models and carry the repository's models/ instead (run.sh then
+reads ./models). Command (repo root):
     bash _device/jobs/speed/run.sh
 """
 
@@ -79,7 +81,7 @@ def main() -> int:
     if job.exists():
         shutil.rmtree(job)
     (job / "base").mkdir(parents=True)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "_models")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "_models", "_samples", "_widgets")
     shutil.copytree(ROOT / "src", job / "src", ignore=ignore)
     shutil.copytree(
         ROOT / "benchmarks",
@@ -90,6 +92,8 @@ def main() -> int:
         ["git", "-C", str(ROOT), "archive", args.base, "src"], capture_output=True, check=True
     )
     subprocess.run(["tar", "-x", "-C", str(job / "base")], input=tar.stdout, check=True)
+    for sub in ("_samples", "_widgets"):
+        shutil.rmtree(job / "base" / "src" / "napari_prosma" / sub, ignore_errors=True)
     if not args.no_models:
         (job / "models").mkdir()
         for m in MODELS:
