@@ -43,6 +43,7 @@ def cpu_name() -> str:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--src", required=True)
+    p.add_argument("--models", type=Path, help="folder of the bundled models to use")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--compare", type=Path, help="JSON of an earlier run: Dice of its labels")
@@ -56,7 +57,11 @@ def main() -> int:
     import numpy as np
     import torch
 
+    from napari_prosma import checkpoint
     from napari_prosma.inference import load_model, predict
+
+    if args.models:
+        checkpoint.bundled_dir = lambda: args.models
 
     res: dict = {
         "env": {
