@@ -41,13 +41,15 @@ def test_inference_cancel_at_every_poll_returns_nothing(dims):
     img = smooth_image((32, 32) if dims == 2 else (8, 16, 16))
     tile = 16 if dims == 2 else 8
     count = CancelAt()
-    done = predict(img, model, card, device="cpu", tile_size=tile, cancel=count)
+    # one tile a batch, so that every tile is a poll (the CPU default batches small tiles)
+    kw = dict(device="cpu", tile_size=tile, batch_size=1)
+    done = predict(img, model, card, cancel=count, **kw)
     polls = count.polls
     assert polls >= done.n_tiles + 2  # start, every tile batch, the end
     for n in range(1, polls + 1):
         flag = CancelAt(n)
         with pytest.raises(Cancelled, match="cancelled; nothing was changed"):
-            predict(img, model, card, device="cpu", tile_size=tile, cancel=flag)
+            predict(img, model, card, cancel=flag, **kw)
         assert flag.polls == n  # stopped at that poll, no further work
     assert not model.training  # the model's mode was restored each time
 
@@ -236,6 +238,7 @@ def test_oom_mid_run_retries_and_the_result_is_complete(monkeypatch):
         card,
         device="cpu",
         tile_size=32,
+        batch_size=1,  # one tile a forward: the 4th forward is mid-run
         return_probabilities=True,
         progress=lambda d, t: progress.append((d, t)),
     )

@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import CancelFlag, Cancelled, cancel_check
-from ..preprocess import InputError, prepare
+from ..preprocess import InputError
 from . import device as dev
+from .accel import MODES
+from .prep import prepare_on_device
 from .resample import working_shape
 from .tiling import choose_tile, default_batch_size, padded_shape, round_tile
 from .types import Prediction
@@ -63,6 +65,7 @@ def predict(
     cancel: CancelFlag = None,
     batch_size: int | None = None,
     precision: str = "auto",
+    accelerate: str = "none",
 ) -> Prediction:
     """Segment one image or volume.
 
@@ -90,6 +93,10 @@ def predict(
         batch_size: tiles per forward pass (default: many on CUDA, 1 on CPU).
         precision: ``"auto"`` (bf16 autocast on CUDA and on CPUs with native bf16, fp32
             elsewhere), ``"fp32"`` or ``"bf16"``.
+        accelerate: on CUDA, ``"graph"`` replays the network from a captured CUDA graph and
+            ``"compile"`` runs it through ``torch.compile`` (first call slow); ``"none"``
+            (default) runs it eagerly. Both fall back to eager on failure (said in the
+            notes), and apply only when no gates are returned.
 
     Returns:
         A :class:`Prediction` on the input grid.
@@ -114,6 +121,7 @@ def predict(
         cancel=cancel,
         batch_size=batch_size,
         precision=precision,
+        accelerate=accelerate,
     )[0]
 
 
@@ -134,6 +142,7 @@ def predict_batch(
     cancel: CancelFlag = None,
     batch_size: int | None = None,
     precision: str = "auto",
+    accelerate: str = "none",
 ) -> list[Prediction]:
     """Segment several images of one shape together (tiles of all images share batches).
 
@@ -148,16 +157,18 @@ def predict_batch(
         raise InputError(f"the tile overlap must be at least 0 and below 1, got {overlap}")
     if return_gates not in (False, True, "stats"):
         raise ValueError(f"return_gates must be False, True or 'stats', not {return_gates!r}")
+    if accelerate not in MODES:
+        raise ValueError(f"accelerate must be one of {MODES}, not {accelerate!r}")
     if len(images) == 0:
         return []
-    prepared, notes = _prepare_all(images, card, channel_axis)
-    in_shape = tuple(prepared[0].shape[1:])
+    device_ = dev.resolve_device(device)
+    dev.autocast_dtype(device_, precision)  # refuse an unknown precision before any work
+    prepared, notes = _prepare_all(images, card, channel_axis, device_)
+    in_shape = tuple(prepared.shape[2:])
     work, grid_notes = working_shape(in_shape, spacing, card)
     notes += grid_notes
     t_prep = time.perf_counter()
 
-    device_ = dev.resolve_device(device)
-    dev.autocast_dtype(device_, precision)  # refuse an unknown precision before any work
     divisor = int(getattr(model, "divisor", 16))
     min_size = int(getattr(model, "min_size", divisor))
     tile = choose_tile(padded_shape(work, divisor, min_size), card, divisor, min_size, tile_size)
@@ -181,11 +192,13 @@ def predict_batch(
         progress=progress,
         cancelled=cancelled,
         precision=precision,
+        accelerate=accelerate,
     )
     outs, n_tiles, opts, adapted = _run_with_fallback(
         prepared, model, card, opts, divisor, min_size
     )
-    notes += adapted
+    extra = {n: None for o in outs for n in o.pop("_notes", [])}
+    notes += adapted + [n for n in extra if n not in notes]
     if return_gates is True and not any(o["gates"] for o in outs):
         notes.append("this model has plain skip connections: it has no gates to show")
     t_end = time.perf_counter()
@@ -224,23 +237,27 @@ def _prediction(
 
 
 def _prepare_all(
-    images: Sequence[np.ndarray] | np.ndarray, card: ModelCard, channel_axis: int | None
-) -> tuple[list[np.ndarray], list[str]]:
-    """Each image as ``(C, *S)`` float32, normalised as the card says, and the notes of
-    the first (all share one shape, else :class:`InputError`)."""
-    prepared, notes = [], []
-    for im in images:
-        x, n = prepare(im, card.in_channels, card.spatial_dims, card.normalization, channel_axis)
-        prepared.append(x)
-        notes = notes or list(n)
-    shapes = {x.shape for x in prepared}
-    if len(shapes) > 1:
-        raise InputError(f"images segmented together must share one shape, got {sorted(shapes)}")
-    return prepared, notes
+    images: Sequence[np.ndarray] | np.ndarray,
+    card: ModelCard,
+    channel_axis: int | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, list[str]]:
+    """All images as one ``(N, C, *S)`` float32 tensor, normalised as the card says on
+    ``device`` (on the CPU when that runs out of memory), and the notes of the first (all
+    share one shape, else :class:`InputError`)."""
+    try:
+        return prepare_on_device(images, card, channel_axis, device)
+    except Exception as e:
+        if not (dev.is_gpu(device) and dev.is_oom(e)):
+            raise
+    dev.empty_cache(device)
+    import torch
+
+    return prepare_on_device(images, card, channel_axis, torch.device("cpu"))
 
 
 def _run_with_fallback(
-    prepared: list[np.ndarray],
+    prepared: torch.Tensor,
     model: torch.nn.Module,
     card: ModelCard,
     opts: WindowOptions,

@@ -22,6 +22,12 @@ DEFAULT_TILE = {2: (256, 256), 3: (96, 96, 96)}
 WHOLE_IMAGE_LIMIT = {2: 1024 * 1024, 3: 160**3}
 #: Voxels per tile batch on CUDA (the batch size is this over the tile's voxels).
 CUDA_BATCH_VOXELS = {2: 64 * 256 * 256, 3: 4 * 96**3}
+#: Voxels per tile batch on the CPU: oneDNN runs small tiles about twice as fast per tile in
+#: batches (hippocampus crop, 8 tiles of 32x48x32: 1.4-1.6 CPU-s at batch 4, 2.5-3.2 at 1 on
+#: the busy 2-core dev machine, issue 18); at most 4 tiles: 8 went past the bounded-memory
+#: test's limit (16x the image) and was no faster.
+CPU_BATCH_VOXELS = {2: 4 * 256 * 256, 3: 4 * 32 * 48 * 32}
+CPU_MAX_BATCH = 4
 
 
 def round_tile(
@@ -84,13 +90,15 @@ def count_windows(shape: Sequence[int], tile: Sequence[int], overlap: Sequence[f
 
 
 def default_batch_size(device: torch.device, tile: Sequence[int], widths: Sequence[int]) -> int:
-    """Tiles per forward pass: many on CUDA (fills the GPU), one on CPU/MPS (no gain there)."""
-    if device.type != "cuda":
+    """Tiles per forward pass: many on CUDA (fills the GPU), up to 4 small ones on the CPU
+    (see :data:`CPU_BATCH_VOXELS`), one on MPS."""
+    if device.type not in ("cuda", "cpu"):
         return 1
     nd = len(tile)
     width_factor = max(widths[0] / 32, 0.25) if widths else 1.0
-    n = CUDA_BATCH_VOXELS[nd] / (math.prod(tile) * width_factor)
-    return int(min(max(n, 1), 64))
+    budget = CUDA_BATCH_VOXELS if device.type == "cuda" else CPU_BATCH_VOXELS
+    n = budget[nd] / (math.prod(tile) * width_factor)
+    return int(min(max(n, 1), 64 if device.type == "cuda" else CPU_MAX_BATCH))
 
 
 def flip_sets(spatial_dims: int) -> list[tuple[int, ...]]:
@@ -122,6 +130,9 @@ class TilePredictor:
         progress: ``progress(done, total)`` after each tile batch.
         total: the number of tile batches, for ``progress``.
         cancelled: returns True when the user asked to stop.
+        forward: what runs the network, ``forward(x, return_gates=...)`` (default the
+            model itself; :class:`~napari_prosma.inference.accel.Forward` for a captured
+            or compiled one).
     """
 
     def __init__(
@@ -139,8 +150,10 @@ class TilePredictor:
         progress: Callable[[int, int], Any] | None,
         total: int,
         cancelled: Callable[[], bool],
+        forward: Callable[..., Any] | None = None,
     ):
         self.model = model
+        self.forward = forward if forward is not None else model
         self.device = device
         self.binary = binary
         self.flips = flip_sets(model.spatial_dims) if tta else [()]
@@ -173,7 +186,7 @@ class TilePredictor:
         for flip in self.flips:
             xin = x.flip(flip) if flip else x
             with self.autocast():
-                res = self.model(xin, return_gates=self.gates and not flip)
+                res = self.forward(xin, return_gates=self.gates and not flip)
             logits, maps = res if isinstance(res, tuple) else (res, None)
             p = self._activate(logits)
             if flip:

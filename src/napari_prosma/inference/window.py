@@ -19,7 +19,9 @@ import numpy as np
 from ..errors import Cancelled
 from ..preprocess import InputError
 from . import device as dev
+from .accel import Forward
 from .resample import gate_to_grid, resize
+from .stitch import sliding_window
 from .tiling import TilePredictor, aligned_overlap, count_windows, pad_to
 from .types import StageGates
 
@@ -51,6 +53,8 @@ class WindowOptions:
         progress: ``progress(done, total)`` after each tile batch, or None.
         cancelled: returns True once the user asked to stop.
         precision: ``"auto"``, ``"fp32"`` or ``"bf16"``.
+        accelerate: ``"none"``, ``"graph"`` or ``"compile"`` (CUDA only; see
+            :mod:`.accel`).
     """
 
     device: torch.device
@@ -67,6 +71,7 @@ class WindowOptions:
     progress: Callable[[int, int], Any] | None = None
     cancelled: Callable[[], bool] = lambda: False
     precision: str = "auto"
+    accelerate: str = "none"
 
 
 def stitch_device(device: torch.device, n_values: int) -> torch.device:
@@ -89,19 +94,20 @@ def stitch_device(device: torch.device, n_values: int) -> torch.device:
 
 
 def run_window(
-    prepared: list[np.ndarray], model: torch.nn.Module, card: ModelCard, opts: WindowOptions
+    prepared: torch.Tensor, model: torch.nn.Module, card: ModelCard, opts: WindowOptions
 ) -> tuple[list[dict[str, Any]], int]:
     """One attempt on one device.
 
     Args:
-        prepared: ``(C, *S)`` float32 images of one shape, normalised as the card says.
+        prepared: ``(N, C, *S)`` float32 images (any device), normalised as the card says.
         model: the network (moved to ``opts.device`` here).
         card: its model card.
         opts: the pass's settings.
 
     Returns:
-        One dict per image (``labels``, ``probabilities``, ``uncertainty``, ``gates``, and
-        the phase times ``_t_infer`` / ``_t_post``) and the number of tiles per image.
+        One dict per image (``labels``, ``probabilities``, ``uncertainty``, ``gates``, the
+        phase times ``_t_infer`` / ``_t_post`` and ``_notes``) and the number of tiles per
+        image.
 
     Raises:
         Cancelled: ``opts.cancelled()`` turned True.
@@ -112,52 +118,63 @@ def run_window(
     if opts.cancelled():
         raise Cancelled()
     t1 = time.perf_counter()
-    results = _outputs(out, predictor, model, card, opts, len(prepared))
+    results = _outputs(out, predictor, model, card, opts, int(prepared.shape[0]))
     t2 = time.perf_counter()
+    note = predictor.forward.note() if hasattr(predictor.forward, "note") else None
     for r in results:
         r["_t_infer"], r["_t_post"] = t1 - t0, t2 - t1
+        r["_notes"] = [note] if note else []
     return results, n_win
 
 
 def _stitch(
-    prepared: list[np.ndarray], model: torch.nn.Module, card: ModelCard, opts: WindowOptions
+    prepared: torch.Tensor, model: torch.nn.Module, card: ModelCard, opts: WindowOptions
 ) -> tuple[dict[str, Any], TilePredictor, int]:
     """The sliding-window pass: stitched ``(N, K, *P)`` maps by name, the predictor that
-    pooled the per-tile gate values, and the number of windows per image."""
+    pooled the per-tile gate values, and the number of windows per image.
+
+    Full-resolution outputs are stitched by :func:`.stitch.sliding_window`; with gate maps
+    (on coarser grids) MONAI's ``sliding_window_inference`` does it."""
     import torch
-    from monai.inferers import sliding_window_inference
 
     device = opts.device
-    fmt = dev.memory_format(device, len(opts.in_shape))
+    fmt = dev.memory_format(device, len(opts.in_shape), inference=True)
     dev.setup_backend(device)
     # outside inference mode: parameters created here must stay usable for training
     # (fine-tuning the same model object after a prediction)
     with torch.inference_mode(False):
         model.to(device=device, memory_format=fmt)
-    n_img = len(prepared)
-    x = torch.from_numpy(np.stack(prepared)).to(device)
-    x = pad_to(resize(x, opts.work), opts.padded)
+    n_img = int(prepared.shape[0])
+    x = pad_to(resize(prepared.to(device), opts.work), opts.padded)
     n_stages = int(getattr(model, "n_stages", 0))
     ov = aligned_overlap(opts.tile, opts.overlap, 2 ** max(n_stages - 1, 0))
     n_win = count_windows(opts.padded, opts.tile, ov)
     binary = card.out_channels == 1
     want_gates = opts.want_gates and n_stages > 0
+    gate_maps = want_gates and opts.want_gate_maps
     predictor = TilePredictor(
         model,
         device=device,
         binary=binary,
         tta=opts.tta,
         gates=want_gates,
-        gate_maps=want_gates and opts.want_gate_maps,
+        gate_maps=gate_maps,
         n_images=n_img,
         memory_format=fmt,
         autocast=lambda: dev.autocast(device, opts.precision),
         progress=opts.progress,
         total=math.ceil(n_img * n_win / opts.batch),
         cancelled=opts.cancelled,
+        forward=Forward(model, opts.accelerate, device, dev.autocast_dtype(device, opts.precision)),
     )
     k = 1 if binary else card.out_channels
-    n_maps = k * (2 if opts.tta else 1) + (2 if want_gates and opts.want_gate_maps else 0)
+    n_maps = k * (2 if opts.tta else 1) + (2 if gate_maps else 0)
+    out_device = stitch_device(device, n_img * math.prod(opts.padded) * n_maps)
+    if not gate_maps:
+        x = x.contiguous(memory_format=fmt)  # once, not per batch
+        return sliding_window(x, opts.tile, ov, opts.batch, predictor, out_device), predictor, n_win
+    from monai.inferers import sliding_window_inference
+
     out = sliding_window_inference(
         x,
         opts.tile,
@@ -166,7 +183,7 @@ def _stitch(
         overlap=ov,
         mode="gaussian",
         sw_device=device,
-        device=stitch_device(device, n_img * math.prod(opts.padded) * n_maps),
+        device=out_device,
         with_coord=True,
     )
     return out, predictor, n_win
