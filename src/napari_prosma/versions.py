@@ -121,6 +121,8 @@ class VersionRow:
     date: str
     active: bool
     improved: bool | None
+    label: str | None = None
+    task: str | None = None
 
     def dice_text(self) -> str:
         if self.dice_before is None or self.dice_after is None:
@@ -148,6 +150,8 @@ def version_rows(store: Any) -> list[VersionRow]:
                 date=date,
                 active=active == v.id,
                 improved=run.get("improved"),
+                label=run.get("label") or None,
+                task=run.get("task") or v.card.intended_use or None,
             )
         )
     return rows[::-1]
