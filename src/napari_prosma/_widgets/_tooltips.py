@@ -71,6 +71,12 @@ FINETUNE = {
     "improving)",
     "time": "Stop after this many seconds (0: no limit)",
     "run": "Train a new version of the model on your corrections; the model you start from is kept",
+    "task": "What the new version segments, in words (shown on its card and in the list of "
+    "versions). Empty: the parent's task is kept",
+    "classes": "The new version's class names, comma-separated: what it finds (e.g. spleen), "
+    "or all of them with the background first. Empty: the parent's names are kept",
+    "label": "A few words that name the new version in the list of versions (and in its "
+    "folder name). Empty: the first words of the task",
 }
 
 # ---------------------------------------------------------------------------- versions
