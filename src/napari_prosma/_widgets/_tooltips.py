@@ -69,7 +69,8 @@ FINETUNE = {
     "those images are on this computer ($PROSMA_DATA)",
     "steps": "Optimiser steps at most (training stops early when the held-out Dice stops "
     "improving)",
-    "time": "Stop after this many seconds (0: no limit)",
+    "time": "Stop training after this many seconds (0: no limit); measuring the model on "
+    "your whole images before and after comes on top",
     "run": "Train a new version of the model on your corrections; the model you start from is kept",
     "task": "What the new version segments, in words (shown on its card and in the list of "
     "versions). Empty: the parent's task is kept",

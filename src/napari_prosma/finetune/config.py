@@ -30,7 +30,9 @@ class FinetuneConfig:
         trainable: ``"all"``, ``"decoder_gates"`` (upsampling, gates, decoder, head) or
             ``"gates"`` (theta, W_x, W_g, f_ms, Psi and the channel MLP of every gate).
         max_steps: optimiser steps at most.
-        time_budget_s: stop after this many seconds of training (None: no limit).
+        time_budget_s: stop after this many seconds of training and its held-out
+            evaluations (None: no limit); the measurements before training and the
+            whole-image report come on top.
         lr: AdamW learning rate; ``weight_decay`` its decoupled weight decay.
         batch_size: patches per step.
         patch_size: training patch (default: the card's, capped by the data; 2D 192 on CPU).

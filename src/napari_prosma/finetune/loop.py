@@ -311,7 +311,7 @@ def _train(run: _Run, sel_before: float | None) -> _Outcome:
     )
     stale = 0
     every, every_s = _eval_spacing(cfg)
-    last_eval = run.elapsed()
+    start = last_eval = run.elapsed()  # the budget counts training and its evaluations
     net.train()
     _freeze_norm_stats(net)
     for step in range(1, cfg.max_steps + 1):
@@ -322,7 +322,7 @@ def _train(run: _Run, sel_before: float | None) -> _Outcome:
         lv = _step(run, opt, loss_fn, xb, yb)
         out.history.append({"step": step, "loss": lv})
         run.report(step, lv, None, "train")
-        out_of_time = cfg.time_budget_s is not None and run.elapsed() > cfg.time_budget_s
+        out_of_time = cfg.time_budget_s is not None and run.elapsed() - start > cfg.time_budget_s
         due = step % every == 0 or step == cfg.max_steps or out_of_time
         if run.sel and (due or run.elapsed() - last_eval >= every_s):
             d = run.measure(run.sel)
