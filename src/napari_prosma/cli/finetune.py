@@ -78,6 +78,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="for volumes: the axis along which corrected slices are found (default 0, "
         "the first array axis; NIfTI volumes are read in (k, j, i) order)",
     )
+    _add_naming(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress on stderr (only the result)"
+    )
+    return p
+
+
+def _add_naming(p: argparse.ArgumentParser) -> None:
+    """--task, --class-names, --label: what the new version is for."""
     p.add_argument(
         "--task",
         default=None,
@@ -97,11 +107,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="a few words naming the new version (kept in the store and in its id; "
         "default: the first words of --task)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "-q", "--quiet", action="store_true", help="no progress on stderr (only the result)"
-    )
-    return p
 
 
 def _files(path: Path) -> list[Path]:
@@ -272,13 +277,13 @@ def _report(result: Any, vid: str, store: Any, activate: str) -> None:
             else "optimistic: the same units chose the state kept"
         )
         print(f"  held-out Dice {b:.3f} -> {a:.3f} ({part})")
-    if result.curve:
-        print(f"  held-out Dice as it went (step:Dice): {curve_text(result.curve)}")
-    for line in describe_whole(result.whole, "image(s)/slice(s)"):
-        print(f"  {line}")
         if a < b:
             print(
                 "  held-out Dice got worse: the parent model stays active"
                 + (" (overridden: --activate always)" if activate == "always" else "")
             )
+    if result.curve:
+        print(f"  held-out Dice as it went (step:Dice): {curve_text(result.curve)}")
+    for line in describe_whole(result.whole, "image(s)/slice(s)"):
+        print(f"  {line}")
     print(f"  active model: {store.active()}")
