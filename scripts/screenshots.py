@@ -128,6 +128,9 @@ def _finetune(viewer, spec: str, steps: int = 40) -> None:
     ft.device_combo.setCurrentIndex(ft.device_combo.findData("auto"))
     ft.steps_spin.setValue(steps)
     ft.time_spin.setValue(0)
+    ft.task_edit.setText("Spleen in abdominal CT slices")  # the new version says what it is for
+    ft.classes_edit.setText("spleen")
+    ft.label_edit.setText("spleen CT")
     ft.extra_config = {"eval_every": max(steps // 6, 1), "patience": 100, "lr": 1e-3}
     if ft.run(sync=True) is None:
         raise SystemExit("fine-tuning failed; see the message above")

@@ -276,3 +276,34 @@ def test_progress_time_left_follows_the_pace_and_the_budget():
     p = SimpleNamespace(step=10, max_steps=100, elapsed_s=20.0)
     assert _Progress(None).left(p) == pytest.approx(180.0)  # 90 steps at 2 s
     assert _Progress(60.0).left(p) == pytest.approx(40.0)  # the budget ends first
+
+
+def test_cli_names_the_new_version_and_shows_the_curve_and_whole_images(
+    tmp_path, capsys, monkeypatch
+):
+    """Issue 16: --task/--class-names/--label name the version; the held-out Dice is shown
+    as it went (every evaluation, not only the last) and what changed on the whole images."""
+    import napari_prosma.finetune.loop as ft
+
+    scores = iter([0.2, 0.4, 0.5, 0.45, 0.5, 0.5, 0.5])
+    monkeypatch.setattr(ft, "holdout_dice", lambda *a, **k: next(scores))
+    ckpt = _tiny(tmp_path / "m")
+    images, masks = _png_pairs(tmp_path / "user", 4)
+    store = tmp_path / "store"
+    common = [str(images), str(masks), "--model", str(ckpt), "-o", str(store)]
+    naming = ["--task", "Spleen in CT", "--class-names", "spleen", "--label", "Ward 3"]
+    budget = ["--max-steps", "4", "--device", "cpu", "--batch-size", "2", "--replay", "none"]
+    rc = main(["finetune", *common, *naming, *budget])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "New version tiny-ward-3-ft-" in out
+    assert "task: Spleen in CT; classes: spleen" in out
+    assert "held-out Dice as it went (step:Dice): 0:0.200, " in out
+    (v,) = ModelStore(store).versions()
+    curve = json.loads((v.path / "run.json").read_text())["holdout_curve"]
+    assert len(curve) >= 2 and curve[0] == [0, 0.2]
+    assert ", ".join(f"{s}:{d:.3f}" for s, d in curve) in out
+    assert "on your 4 image(s), whole (most of it was trained on" in out
+    rc = _run(*common, "--class-names", "a,b,c")
+    err = capsys.readouterr().err
+    assert rc == 1 and "2 classes" in err and "3 class name(s)" in err and "Traceback" not in err

@@ -501,15 +501,16 @@ def test_finetune_trains_and_measures_on_the_card_grid(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------- faults
 
 
-PHASES = ("before", "train", "eval", "after", "save", "save_crash")
+PHASES = ("before", "whole_before", "train", "eval", "after", "whole", "save", "save_crash")
 
 
 @pytest.mark.parametrize("phase", PHASES)
 def test_cancel_or_crash_in_any_phase_leaves_the_parent_and_no_files(
     phase, parent, tmp_path, monkeypatch
 ):
-    """Cancel while the parent is measured, between training steps, inside a held-out
-    evaluation during training, inside the final evaluation of the kept state, and while
+    """Cancel while the parent is measured (held-out part, then whole images), between
+    training steps, inside a held-out evaluation during training, inside the final
+    evaluation of the kept state, while the new model segments the whole images, and while
     the checkpoint is written (or a crash there): no version, no partial file, the parent
     active and untouched, the corrections kept in .incoming."""
     import napari_prosma.finetune.run as ft
@@ -518,13 +519,15 @@ def test_cancel_or_crash_in_any_phase_leaves_the_parent_and_no_files(
     store = ModelStore(tmp_path / "store")
     store.activate("parent-name")
     parent_hash = file_sha256(parent)
-    images, labels = _disc_images(8)  # 2 held out: predict calls 0-1 before, 2-3 at step
-    stop = threading.Event()  # 2, 4-5 at step 4, 6-7 on the kept state
+    # 2 of 8 held out: predict calls 0-1 before, 2-9 the 8 whole images, 10-11 at step 2,
+    # 12-13 at step 4, 14-15 on the kept state, 16-23 the whole images again
+    images, labels = _disc_images(8)
+    stop = threading.Event()
     cfg = _cfg(max_steps=4, eval_every=2)
     seen: list[tuple[str, int]] = []
     calls = [0]
     real_predict, real_save = inference.predict, ft.save
-    at_call = {"before": 0, "eval": 2, "after": 6}.get(phase)
+    at_call = {"before": 0, "whole_before": 3, "eval": 10, "after": 14, "whole": 17}.get(phase)
 
     def predict(*a, **k):
         if calls[0] == at_call:
@@ -558,9 +561,11 @@ def test_cancel_or_crash_in_any_phase_leaves_the_parent_and_no_files(
     last = seen[-1] if seen else None
     want_last = {
         "before": None,
+        "whole_before": ("whole", 0),
         "train": ("train", 1),
         "eval": ("train", 2),
         "after": ("eval", 4),
+        "whole": ("whole", 4),
         "save": ("done", 4),
         "save_crash": ("done", 4),
     }[phase]

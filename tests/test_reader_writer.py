@@ -199,8 +199,20 @@ def test_image_writer_tiff_keeps_resolution(tmp_path):
 
 
 def test_rgb_image_to_nifti_is_refused_plainly(tmp_path):
-    from napari_prosma.preprocess import InputError
+    """napari drops a writer's ValueError ("not a valid writer"): the writer says why itself
+    (issue 16: "say why when a format cannot hold the data") and writes nothing."""
+    from napari.utils.notifications import notification_manager
 
-    attrs = {"scale": (1, 1), "translate": (0, 0), "metadata": {}, "rgb": True}
-    with pytest.raises(InputError, match="TIFF"):
-        _writer.write_image(str(tmp_path / "c.nii.gz"), np.zeros((4, 5, 3), np.uint8), attrs)
+    attrs = {"scale": (1, 1), "translate": (0, 0), "metadata": {}, "rgb": True, "name": "photo"}
+    n = len(notification_manager.records)
+    out = _writer.write_image(str(tmp_path / "c.nii.gz"), np.zeros((4, 5, 3), np.uint8), attrs)
+    assert out == [] and not list(tmp_path.iterdir())
+    (msg,) = [str(r.message) for r in notification_manager.records[n:]]
+    assert msg == (
+        "'photo' was not saved to c.nii.gz: colour images are saved as TIFF (.tif), not NIfTI"
+    )
+    labels = {"scale": (1, 1, 1), "translate": (0, 0, 0), "metadata": {}, "name": "seg"}
+    vol = np.zeros((3, 4, 5), np.uint8)
+    assert _writer.write_labels(str(tmp_path / "v.png"), vol, labels) == []
+    assert "a PNG holds one 2D image" in str(notification_manager.records[-1].message)
+    assert not list(tmp_path.iterdir())

@@ -40,20 +40,40 @@ def _materialise(data: Any) -> np.ndarray:
     return np.asarray(data)
 
 
+def _refused(path: str, meta: dict[str, Any], exc: Exception) -> list[str]:
+    """Tell the user why nothing was written (napari's own message, "not a valid writer"
+    or "No data written!", never says why: it drops a writer's ValueError), and write
+    nothing."""
+    from napari.utils.notifications import show_error
+
+    name = meta.get("name") or "the layer"
+    show_error(f"'{name}' was not saved to {Path(path).name}: {exc}")
+    return []
+
+
 def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
-    """Write one Labels layer; returns the path written."""
+    """Write one Labels layer; returns the path written (none, after a notification that
+    says why, when the format cannot hold the data: a volume or over 255 classes in PNG)."""
     a = _materialise(data)
     like = image_data_from_layer(a, meta, rgb=False)
-    out = io.write_labels(_target(path, like, LABEL_SUFFIXES), a, like, overwrite=True)
+    target = _target(path, like, LABEL_SUFFIXES)
+    try:
+        out = io.write_labels(target, a, like, overwrite=True)
+    except io.InputError as exc:
+        return _refused(path, meta, exc)
     return [str(out)]
 
 
 def write_image(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
-    """Write one Image layer (grey, RGB, volume or a probability/ψ map); returns the path."""
+    """Write one Image layer (grey, RGB, volume or a probability/ψ map); returns the path
+    (none, after a notification that says why, when the format cannot hold the data)."""
     a = _materialise(data)
     like = image_data_from_layer(a, meta)
     target = _target(path, like)
-    if like.kind == "rgb" and io.suffix_of(target) in io.NIFTI_SUFFIXES:
-        raise io.InputError("colour images are saved as TIFF (.tif), not NIfTI")
-    out = io.write_image(target, a, like, overwrite=True)
+    try:
+        if like.kind == "rgb" and io.suffix_of(target) in io.NIFTI_SUFFIXES:
+            raise io.InputError("colour images are saved as TIFF (.tif), not NIfTI")
+        out = io.write_image(target, a, like, overwrite=True)
+    except io.InputError as exc:
+        return _refused(path, meta, exc)
     return [str(out)]

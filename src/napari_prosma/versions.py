@@ -103,8 +103,7 @@ class Version:
         return self.run.get("parent")
 
     def describe(self) -> str:
-        before = self.run.get("dice_before")
-        after = self.run.get("dice_after")
+        before, after = self.run.get("dice_before"), self.run.get("dice_after")
         if before is None or after is None:
             return f"{self.id}  (parent {self.parent})"
         return f"{self.id}  held-out Dice {before:.3f} → {after:.3f}  (parent {self.parent})"
@@ -121,6 +120,8 @@ class VersionRow:
     date: str
     active: bool
     improved: bool | None
+    label: str | None = None  # the user's words for the version (run.json)
+    task: str | None = None
 
     def dice_text(self) -> str:
         if self.dice_before is None or self.dice_after is None:
@@ -138,16 +139,17 @@ def version_rows(store: Any) -> list[VersionRow]:
     rows = []
     for v in store.versions():
         run = v.run or {}
-        date = (v.created or run.get("date") or "")[:16].replace("T", " ")
         rows.append(
             VersionRow(
                 id=v.id,
                 parent=v.parent,
                 dice_before=run.get("dice_before"),
                 dice_after=run.get("dice_after"),
-                date=date,
+                date=(v.created or run.get("date") or "")[:16].replace("T", " "),
                 active=active == v.id,
                 improved=run.get("improved"),
+                label=run.get("label"),
+                task=run.get("task") or v.card.intended_use,
             )
         )
     return rows[::-1]

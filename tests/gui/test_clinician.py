@@ -260,9 +260,14 @@ def test_label_files_open_as_labels_and_labels_save_as_png(make_napari_viewer, t
     written = viewer.layers.save(str(out), selected=True, plugin="napari-prosma")
     assert written == [str(out)]
     np.testing.assert_array_equal(iio.imread(out), mask)
-    # a volume cannot go into a PNG: nothing is written (napari reports the writer as not
-    # valid for it; io.write_labels' reason, "a PNG holds one 2D image", does not reach it)
+    # a volume cannot go into a PNG: nothing is written, and the user is told why (napari's
+    # own warning does not say it)
+    from napari.utils.notifications import notification_manager
+
     viewer.layers.selection = {t}
-    with pytest.warns(UserWarning, match="not a valid writer"):
+    n = len(notification_manager.records)
+    with pytest.warns(UserWarning, match="did not return any written paths"):
         viewer.layers.save(str(tmp_path / "vol.png"), selected=True, plugin="napari-prosma")
     assert not (tmp_path / "vol.png").exists()
+    said = [str(r.message) for r in notification_manager.records[n:]]
+    assert any("was not saved to vol.png: a PNG holds one 2D image" in m for m in said), said

@@ -486,3 +486,47 @@ def test_finetune_module_does_not_import_torch():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_the_new_version_is_named_and_the_report_covers_whole_images(corrected, qtbot, monkeypatch):
+    """Issue 16: task, classes and a label typed in the widget reach the new version's card
+    and the versions list (Date and Parent in full at the dock's width); the status gives
+    the held-out curve and the whole volume before and after."""
+    import napari_prosma.finetune.loop as ft
+
+    c = corrected
+    scores = iter([0.2, 0.4, 0.5, 0.45, 0.5] + [0.5] * 20)
+    monkeypatch.setattr(ft, "holdout_dice", lambda *a, **k: next(scores))
+    widget = finetune_widget(c.viewer, c.ckpt, steps=8, eval_every=2)
+    assert widget.task_edit.placeholderText() == ""  # the tiny card states no task
+    assert widget.classes_edit.placeholderText().startswith("the parent's: ")
+    widget.task_edit.setText("Discs in noise, second scanner")
+    widget.classes_edit.setText("a, b, c")
+    n = n_records()
+    assert widget.run(sync=True) is None  # 2 classes, 3 names: refused before training
+    assert "3 class name(s)" in errors_since(n)[-1] and store().versions() == []
+    widget.classes_edit.setText("disc")
+    widget.label_edit.setText("Scanner B")
+
+    _, vid = widget.run(sync=True)
+
+    assert vid.startswith("discs-scanner-b-ft-")
+    card = store().get(vid).card
+    assert card.intended_use == "Discs in noise, second scanner"
+    assert card.class_names == ["background", "disc"]
+    table = widget.versions_table
+    assert table.item(0, 0).text() == "★ Scanner B"
+    assert "Discs in noise, second scanner" in table.item(0, 0).toolTip()
+    widget.resize(360, 900)
+    widget.show()
+    qtbot.wait(50)
+    metrics = table.fontMetrics()
+    for col in (2, 3):
+        text = table.item(0, col).text()
+        assert table.columnWidth(col) >= metrics.horizontalAdvance(text), (col, text)
+        right = table.columnViewportPosition(col) + table.columnWidth(col)
+        assert right <= table.viewport().width(), (col, right, table.viewport().width())
+    status = widget.status_label.text()
+    assert "Held-out Dice as it went (step: Dice): 0: 0.20, 2: 0.40, 4: 0.50" in status
+    assert "On your 1 volume(s), whole" in status
+    assert "The held-out Dice rests on 2 image(s)/slice(s)" in status

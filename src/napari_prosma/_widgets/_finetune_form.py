@@ -12,6 +12,7 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
     QLabel,
+    QLineEdit,
     QScrollArea,
     QSpinBox,
     QSplitter,
@@ -66,6 +67,13 @@ class FinetuneForm:
         self.time_spin.setSpecialValueText("no limit")
         self.time_spin.setToolTip(FINETUNE["time"])
         self.device_combo = device_combo()
+        self.task_edit = QLineEdit()
+        self.task_edit.setToolTip(FINETUNE["task"])
+        self.classes_edit = QLineEdit()
+        self.classes_edit.setToolTip(FINETUNE["classes"])
+        self.label_edit = QLineEdit()
+        self.label_edit.setToolTip(FINETUNE["label"])
+        self.label_edit.setPlaceholderText("a few words, e.g. spleen CT, ward 3")
         run_controls(self, "Fine-tune")
         self.run_button.setToolTip(FINETUNE["run"])
         self.progress_bar.setRange(0, 100)
@@ -95,6 +103,12 @@ class FinetuneForm:
         lay.addWidget(heading("Start from model"))
         lay.addWidget(self.model)
         lay.addLayout(budget)
+        lay.addWidget(heading("Name the new version"))
+        naming = QFormLayout()
+        naming.addRow("Task", self.task_edit)
+        naming.addRow("Classes", self.classes_edit)
+        naming.addRow("Label", self.label_edit)
+        lay.addLayout(naming)
         lay.addWidget(heading("Versions"))
         lay.addWidget(self.versions)
         scroll = QScrollArea()
@@ -168,19 +182,40 @@ class FinetuneForm:
             "replay": "auto" if self.replay_check.isChecked() else None,
             "config": config,
             "store_dir": self.store_dir,
+            **self._naming(card),
         }
+
+    def _naming(self, card: Any) -> dict[str, Any]:
+        """The new version's task, class names and label as typed (None: the parent's)."""
+        names = [n.strip() for n in self.classes_edit.text().split(",") if n.strip()]
+        return {
+            "task": self.task_edit.text().strip() or None,
+            "class_names": names or None,
+            "label": self.label_edit.text().strip() or None,
+        }
+
+    def show_parent_naming(self, card: Any) -> None:
+        """The parent's task and classes as the fields' placeholders (what is kept when
+        they are left empty)."""
+        task = (getattr(card, "intended_use", None) or "") if card is not None else ""
+        names = list(getattr(card, "class_names", []) or [])[1:] if card is not None else []
+        self.task_edit.setPlaceholderText(f"the parent's: {task}" if task else "")
+        self.classes_edit.setPlaceholderText(
+            f"the parent's: {', '.join(names)}" if names else "comma-separated, e.g. spleen"
+        )
 
     def _config(
         self, image: Any, card: Any, images: list, labels: list, previous: list, spacing: list
     ) -> Any:
         """The run's :class:`~napari_prosma.finetune.FinetuneConfig`, after checking that
         the corrections can be learnt from; None (after a notification) when not."""
-        from ..finetune import FinetuneConfig, corrected_units
+        from ..finetune import FinetuneConfig, check_naming, corrected_units
         from ..preprocess import InputError
 
         axis = self.slice_axis(image)
         try:
             corrected_units(images, labels, card, previous, spacing=spacing, slice_axis=axis)
+            check_naming(card, self.task_edit.text(), self._naming(card)["class_names"])
             budget = int(self.time_spin.value())
             config = FinetuneConfig(
                 trainable=self.trainable_combo.currentData(),
@@ -221,3 +256,32 @@ def _unusable(image: Any, labels_layer: Any, spec: Any, card: Any, chooser: Any)
             f"'{image.name}' (shape {grid}): choose the labels drawn on this image"
         )
     return ""
+
+
+def run_summary(result: Any, notify: Any) -> str:
+    """How the run went: steps, why it stopped, time, data, replay, the held-out curve, the
+    whole images before and after, recovered runs (``notify`` shows the notes that need
+    the user's attention)."""
+    from ..finetune.whole import describe_whole
+
+    took = (
+        f"{result.steps} steps ({result.stopped.replace('_', ' ')}) in "
+        f"{result.seconds:.0f} s on {result.n_train} training and {result.n_holdout} "
+        "held-out image(s)/slice(s)"
+    )
+    replay = result.replay or {}
+    if replay.get("message") and replay.get("message") != "replay is off":
+        took += f"; {replay['message']}"
+    curve = result.curve
+    if len(curve) > 1:
+        took += ". Held-out Dice as it went (step: Dice): " + ", ".join(
+            f"{s}: {d:.2f}" for s, d in curve
+        )
+    for line in describe_whole(result.whole, "image(s)/slice(s)"):
+        took += f". {line[:1].upper()}{line[1:]}"
+    for note in result.notes:
+        # an earlier killed run's corrections were recovered, or 0/255 masks were taken as 0/1
+        if "interrupted" in note or note.startswith("the labels are stored as"):
+            took += f". Note: {note}"
+            notify(note)
+    return took

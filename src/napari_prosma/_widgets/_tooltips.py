@@ -69,8 +69,15 @@ FINETUNE = {
     "those images are on this computer ($PROSMA_DATA)",
     "steps": "Optimiser steps at most (training stops early when the held-out Dice stops "
     "improving)",
-    "time": "Stop after this many seconds (0: no limit)",
+    "time": "Stop training after this many seconds (0: no limit); measuring the model on "
+    "your whole images before and after comes on top",
     "run": "Train a new version of the model on your corrections; the model you start from is kept",
+    "task": "What the new version segments, in words (shown on its card and in the list of "
+    "versions). Empty: the parent's task is kept",
+    "classes": "The new version's class names, comma-separated: what it finds (e.g. spleen), "
+    "or all of them with the background first. Empty: the parent's names are kept",
+    "label": "A few words that name the new version in the list of versions (and in its "
+    "folder name). Empty: the first words of the task",
 }
 
 # ---------------------------------------------------------------------------- versions

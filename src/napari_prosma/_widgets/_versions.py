@@ -94,8 +94,10 @@ class VersionsPanel(QWidget):
         for r, row in enumerate(rows):
             worse = row.improved is False
             star, active = ("★ ", "  (active)") if row.active else ("", "")
+            name = row.label or version_label(row.id)
+            tip = row.id + active + (f"\ntask: {row.task}" if row.task else "")
             cells = [
-                (star + version_label(row.id), row.id + active),
+                (star + name, tip),
                 (
                     row.dice_text() + ("  ⚠" if worse else ""),
                     "held-out Dice of the parent → the new model"

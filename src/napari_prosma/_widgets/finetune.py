@@ -47,7 +47,7 @@ from ._common import (
     notify_warning,
     watch_layers,
 )
-from ._finetune_form import FinetuneForm
+from ._finetune_form import FinetuneForm, run_summary
 from ._layers import CORRECTED_ROLE  # noqa: F401  (re-exported)
 from ._resegment import Resegmenter
 from ._tooltips import TRAINABLE_LABELS, TRAINABLE_TIPS  # noqa: F401  (re-exported)
@@ -74,6 +74,7 @@ class FinetuneWidget(FinetuneForm, WorkerHost, QWidget):
         trainable_combo: ``"decoder_gates"``, ``"all"`` or ``"gates"``.
         steps_spin, time_spin: budget (optimiser steps at most; seconds at most, 0 = none).
         device_combo: auto / cuda / mps / cpu.
+        task_edit, classes_edit, label_edit: the new version's task, class names, label.
         run_button ("Fine-tune"), cancel_button, progress_bar, status_label.
         activate_anyway_button: shown when the regression guard kept the parent active.
         figure, canvas, loss_line, dice_line, best_marker: the live plot.
@@ -122,12 +123,20 @@ class FinetuneWidget(FinetuneForm, WorkerHost, QWidget):
         self.activate_anyway_button.clicked.connect(lambda: self._activate_anyway())
         self.image_combo.currentIndexChanged.connect(self._on_image)
         self.model.model_changed.connect(self._update_replay)
+        self.model.model_changed.connect(lambda *_: self.show_parent_naming(self._card()))
         self.replay_check.toggled.connect(self._update_replay)
         follow_active_model(self.model, self.viewer)
         watch_layers(self.viewer, self._refresh_layers)
         self._refresh_layers()
         self.refresh_versions()
         self._update_replay()
+        self.show_parent_naming(self._card())
+
+    def _card(self) -> Any:
+        try:
+            return self.model.current_card()
+        except Exception:  # a placeholder must never break the widget
+            return None
 
     def status_label_text(self, text: str) -> None:
         self.status_label.setText(text)
@@ -279,6 +288,9 @@ class FinetuneWidget(FinetuneForm, WorkerHost, QWidget):
             parts.append(f"held-out Dice {self.plot.dice[-1][1]:.3f}")
         if p.phase == "before":
             parts = ["measuring the model before training", *parts[2:]]
+        elif p.phase == "whole":
+            who = "the parent" if p.step == 0 else "the new model"
+            parts = [f"segmenting your whole images with {who}", *parts[1:2]]
         self.status_label.setText("Fine-tuning: " + ", ".join(parts))
         if self._pbar is not None:  # napari's activity dock says the same
             self._pbar.set_description("ProSMA fine-tuning: " + ", ".join(parts))
@@ -302,7 +314,7 @@ class FinetuneWidget(FinetuneForm, WorkerHost, QWidget):
             activated,
             independent=result.independent_report,
         )
-        took = _took(result)
+        took = run_summary(result, notify_info)
         self.refresh_versions()
         self.plot.draw()
         if activated:
@@ -370,24 +382,6 @@ class FinetuneWidget(FinetuneForm, WorkerHost, QWidget):
             self.resegment(self._last_req, self.spec_of(self.last_version))
 
 
-def _took(result: Any) -> str:
-    """How the run went: steps, why it stopped, time, data, replay, recovered runs."""
-    took = (
-        f"{result.steps} steps ({result.stopped.replace('_', ' ')}) in "
-        f"{result.seconds:.0f} s on {result.n_train} training and {result.n_holdout} "
-        "held-out image(s)/slice(s)"
-    )
-    replay = result.replay or {}
-    if replay.get("message") and replay.get("message") != "replay is off":
-        took += f"; {replay['message']}"
-    for note in result.notes:
-        # an earlier killed run's corrections were recovered, or 0/255 masks were taken as 0/1
-        if "interrupted" in note or note.startswith("the labels are stored as"):
-            took += f". Note: {note}"
-            notify_info(note)
-    return took
-
-
 def _compute(req: dict[str, Any], cancel: threading.Event, progress: Any) -> tuple[Any, str]:
     """The worker's job: fine-tune and save a version (no viewer access here)."""
     from ..finetune import run_finetune
@@ -408,4 +402,7 @@ def _compute(req: dict[str, Any], cancel: threading.Event, progress: Any) -> tup
         activate="if_better",
         progress=progress,
         cancel=cancel,
+        task=req.get("task"),
+        class_names=req.get("class_names"),
+        label=req.get("label"),
     )

@@ -78,11 +78,35 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="for volumes: the axis along which corrected slices are found (default 0, "
         "the first array axis; NIfTI volumes are read in (k, j, i) order)",
     )
+    _add_naming(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "-q", "--quiet", action="store_true", help="no progress on stderr (only the result)"
     )
     return p
+
+
+def _add_naming(p: argparse.ArgumentParser) -> None:
+    """--task, --class-names, --label: what the new version is for."""
+    p.add_argument(
+        "--task",
+        default=None,
+        help="what the new version segments, in words (default: the parent's task); shown "
+        "on its card and in the versions list",
+    )
+    p.add_argument(
+        "--class-names",
+        default=None,
+        metavar="NAME[,NAME...]",
+        help="the new version's class names, comma-separated: what it finds (e.g. 'spleen'), "
+        "or all of them with the background first (default: the parent's)",
+    )
+    p.add_argument(
+        "--label",
+        default=None,
+        help="a few words naming the new version (kept in the store and in its id; "
+        "default: the first words of --task)",
+    )
 
 
 def _files(path: Path) -> list[Path]:
@@ -126,6 +150,12 @@ class _Progress:
             text = "measuring the model before training"
             if p.holdout_dice is not None:
                 text += f": held-out Dice {p.holdout_dice:.3f}"
+        elif p.phase == "whole":
+            text = (
+                "segmenting your whole images with the parent (before training)"
+                if p.step == 0
+                else "segmenting your whole images with the new model"
+            )
         elif p.phase == "done":
             text = f"done: step {p.step}, {p.elapsed_s:.0f} s"
             if p.holdout_dice is not None:
@@ -201,6 +231,9 @@ def run(args: argparse.Namespace) -> int:
             replay=None if args.replay == "none" else args.replay,
             activate=args.activate,
             progress=None if args.quiet else _Progress(cfg.time_budget_s),
+            task=args.task,
+            class_names=_names(args.class_names),
+            label=args.label,
         )
     except KeyboardInterrupt as e:  # Ctrl-C: the corrections were moved to .incoming
         kept = getattr(e, "kept_corrections", None)
@@ -211,10 +244,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(text: str | None) -> list[str] | None:
+    """``--class-names`` as a list (None: not given)."""
+    if text is None:
+        return None
+    return [n.strip() for n in text.split(",")]
+
+
+def curve_text(curve: list[tuple[int, float]]) -> str:
+    """The held-out Dice as it went, one ``step:dice`` per evaluation."""
+    return ", ".join(f"{s}:{d:.3f}" for s, d in curve)
+
+
 def _report(result: Any, vid: str, store: Any, activate: str) -> None:
     """What the run did, on stdout."""
+    from ..finetune.whole import describe_whole
+
     b, a = result.dice_before, result.dice_after
     print(f"New version {vid} in {store.root}")
+    card = result.card
+    print(f"  task: {card.intended_use or '?'}; classes: {', '.join(card.class_names[1:])}")
     print(
         f"  steps {result.steps} ({result.stopped}), {result.seconds:.1f} s, "
         f"{result.n_train} training / {result.n_holdout} held-out unit(s)"
@@ -233,4 +282,8 @@ def _report(result: Any, vid: str, store: Any, activate: str) -> None:
                 "  held-out Dice got worse: the parent model stays active"
                 + (" (overridden: --activate always)" if activate == "always" else "")
             )
+    if result.curve:
+        print(f"  held-out Dice as it went (step:Dice): {curve_text(result.curve)}")
+    for line in describe_whole(result.whole, "image(s)/slice(s)"):
+        print(f"  {line}")
     print(f"  active model: {store.active()}")

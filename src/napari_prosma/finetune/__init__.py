@@ -30,7 +30,8 @@ Rooms: :mod:`.config` (settings, progress, result), :mod:`.units` (labels checke
 corrected units, held-out split, patches), :mod:`.net` (trainable parameters, loss,
 held-out Dice), :mod:`.loop` (:func:`finetune`), :mod:`.lineage` (the new card),
 :mod:`.run` (:func:`run_finetune`, the outcome in words), :mod:`.replay` (base-model
-samples against forgetting).
+samples against forgetting), :mod:`.whole` (the parent and the new model on the user's
+whole images, and the new model's gate-sparsity range).
 """
 
 from .config import (
@@ -43,6 +44,7 @@ from .config import (
     FinetuneResult,
     min_units_for_report,
 )
+from .lineage import check_naming
 from .loop import finetune
 from .net import holdout_dice, trainable_parameters
 from .run import finetune_outcome, run_finetune
@@ -58,6 +60,7 @@ __all__ = [
     "FinetuneResult",
     "Unit",
     "check_labels",
+    "check_naming",
     "corrected_units",
     "finetune",
     "finetune_outcome",

@@ -30,7 +30,9 @@ class FinetuneConfig:
         trainable: ``"all"``, ``"decoder_gates"`` (upsampling, gates, decoder, head) or
             ``"gates"`` (theta, W_x, W_g, f_ms, Psi and the channel MLP of every gate).
         max_steps: optimiser steps at most.
-        time_budget_s: stop after this many seconds of training (None: no limit).
+        time_budget_s: stop after this many seconds of training and its held-out
+            evaluations (None: no limit); the measurements before training and the
+            whole-image report come on top.
         lr: AdamW learning rate; ``weight_decay`` its decoupled weight decay.
         batch_size: patches per step.
         patch_size: training patch (default: the card's, capped by the data; 2D 192 on CPU).
@@ -38,6 +40,11 @@ class FinetuneConfig:
         holdout_fraction: share of the corrected units held out to measure Dice (split
             into selection and report parts when there are :data:`REPORT_SPLIT_MIN` or more).
         eval_every: steps between held-out evaluations (early stopping keeps the best).
+        min_evals: with a time budget, held-out evaluations a run that lasts its budget
+            makes at least: one every ``time_budget_s / min_evals`` seconds of training as
+            well as every ``eval_every`` steps (on a slow CPU the budget ends a run before
+            many ``eval_every`` steps are done; the curve of held-out Dice then still has
+            this many points besides the one before training).
         patience: evaluations without improvement before stopping.
         replay_fraction: share of each batch drawn from the base model's training samples
             when they are given (limits forgetting); ``batch_size * replay_fraction``
@@ -45,6 +52,10 @@ class FinetuneConfig:
         replay_samples: base-model samples read for replay at most.
         slice_axis: the volume axis along which a 2D model takes corrected slices (and a
             3D model crops to the slab of corrected slices).
+        whole_report: also segment the user's whole images and volumes with the parent
+            before training and with the new model after it, for the report on every slice
+            (:mod:`.whole`); the new model's pass is made anyway when it has sparse gates
+            (its gate-sparsity range comes from it).
         device: ``"auto"``, ``"cuda"``, ``"mps"`` or ``"cpu"``.
         seed: random seed of the split, sampling and augmentation.
     """
@@ -59,10 +70,12 @@ class FinetuneConfig:
     fg_fraction: float = 0.5
     holdout_fraction: float = 0.25
     eval_every: int = 20
+    min_evals: int = 5
     patience: int = 4
     replay_fraction: float = 0.25
     replay_samples: int = 32
     slice_axis: int = 0
+    whole_report: bool = True
     device: str = "auto"
     seed: int = 0
 
@@ -70,8 +83,10 @@ class FinetuneConfig:
         """Raise :class:`InputError` (plain words) for settings that cannot work."""
         if self.trainable not in TRAINABLE:
             raise InputError(f"'trainable' must be one of {TRAINABLE}, not {self.trainable!r}")
-        if self.max_steps < 1 or self.batch_size < 1:
-            raise InputError("max_steps and batch_size must be at least 1")
+        if self.max_steps < 1 or self.batch_size < 1 or self.eval_every < 1:
+            raise InputError("max_steps, batch_size and eval_every must be at least 1")
+        if self.min_evals < 0:
+            raise InputError("min_evals must be 0 or more")
         if not 0 <= self.holdout_fraction < 1:
             raise InputError("holdout_fraction must lie in [0, 1)")
         if not 0 <= self.replay_fraction < 1:
@@ -93,7 +108,7 @@ class FinetuneProgress:
     loss: float | None
     holdout_dice: float | None
     elapsed_s: float
-    phase: str  # "before", "train", "eval", "done"
+    phase: str  # "before", "train", "eval", "whole" (segmenting the whole images), "done"
 
 
 @dataclass
@@ -112,6 +127,8 @@ class FinetuneResult:
         notes: plain sentences for the user (replay, how trustworthy the report is).
         kept_parent: no held-out evaluation beat the parent, so the model returned is the
             parent's state (:func:`run_finetune` then saves nothing).
+        whole: the parent and the new model on the user's whole images and volumes
+            (:func:`~napari_prosma.finetune.whole.whole_report`; empty when not made).
     """
 
     model: Any
@@ -132,6 +149,15 @@ class FinetuneResult:
     replay: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     kept_parent: bool = False
+    whole: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def curve(self) -> list[tuple[int, float]]:
+        """The held-out Dice as it went: ``(step, dice)`` from before training (step 0) to
+        the last evaluation."""
+        pts = [(0, self.selection_before)] if self.selection_before is not None else []
+        pts += [(int(h["step"]), h["holdout_dice"]) for h in self.history if "holdout_dice" in h]
+        return [(s, float(d)) for s, d in pts if d is not None]
 
     @property
     def improved(self) -> bool | None:

@@ -8,6 +8,7 @@ result in the model store.
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -23,10 +24,15 @@ from .config import (
     FinetuneConfig,
     FinetuneProgress,
     FinetuneResult,
-    min_units_for_report,
 )
-from .lineage import child_card, data_entries
-from .net import _freeze_norm_stats, _loss_fn, holdout_dice, trainable_parameters
+from .lineage import _result, check_naming, data_entries
+from .net import (
+    _freeze_norm_stats,
+    _loss_fn,
+    free_device_memory,
+    holdout_dice,
+    trainable_parameters,
+)
 from .units import (
     Unit,
     _batch,
@@ -119,6 +125,8 @@ def finetune(
     progress: Callable[[FinetuneProgress], None] | None = None,
     cancel: Callable[[], bool] | Any | None = None,
     hashes: Sequence[dict[str, Any]] | None = None,
+    task: str | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> FinetuneResult:
     """Fine-tune a copy of ``model`` on corrected labels; the input model is not changed.
 
@@ -140,6 +148,13 @@ def finetune(
         cancel: a callable returning True, or a ``threading.Event``, to stop at once.
         hashes: the images' and labels' hashes when already computed (the store's
             corrections index), for the new card.
+        task, class_names: what the new model segments and its classes, for its card
+            (:func:`~napari_prosma.finetune.lineage.check_naming`; None: the parent's).
+
+    The new card's gate-sparsity range is measured on the new model (the user's whole
+    images and the replay samples, :mod:`.whole`); ``result.whole`` compares the parent
+    and the new model on the whole images (``config.whole_report``). The training copy's
+    optimiser, gradients and device memory are given back before this returns.
 
     Returns:
         :class:`FinetuneResult` with the best model on the selection part (the last state
@@ -151,18 +166,45 @@ def finetune(
     """
     cfg = config or FinetuneConfig()
     cfg.validate()
+    naming = check_naming(card, task, class_names)
     label_notes: list[str] = []
     run = _setup(
         model, card, images, labels, cfg, previous, spacing, replay, label_notes, progress, cancel
     )
+    try:
+        return _run(run, images, labels, previous, spacing, hashes, label_notes, naming)
+    finally:
+        _free(run)
+
+
+def _run(
+    run: _Run,
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    previous: Sequence[np.ndarray | None] | None,
+    spacing: Sequence[Sequence[float] | None] | None,
+    hashes: Sequence[dict[str, Any]] | None,
+    label_notes: list[str],
+    naming: tuple[str | None, list[str] | None],
+) -> FinetuneResult:
+    """Measure, train, measure again, and build the result (see :func:`finetune`)."""
+    from .whole import gate_range, whole_images, whole_pass, whole_report
+
+    cfg, card, dev = run.cfg, run.card, str(run.device)
+    items = whole_images(images, labels, card, previous, spacing)
     sel_before = run.measure(run.sel)
     rep_before = run.measure(run.rep) if run.independent else sel_before
     run.report(0, None, sel_before, "before")
+    whole_before = None
+    if cfg.whole_report and items:
+        run.report(0, None, sel_before, "whole")
+        whole_before = whole_pass(run.net, card, items, cfg.slice_axis, dev, run.cancelled)
     run.check()
     out = _train(run, sel_before)
     run.check()
     if out.best_state is not None:
         run.net.load_state_dict(out.best_state)
+    out.best_state = None  # a copy of every weight, on the device
     sel_after = out.best if run.sel else None
     if run.independent:
         rep_after = run.measure(run.rep)
@@ -170,53 +212,29 @@ def finetune(
         rep_after = sel_after = run.measure(run.sel)
     else:
         rep_after = None
+    run.report(out.step, None, sel_after, "whole")
+    after = whole_pass(run.net, card, items, cfg.slice_axis, dev, run.cancelled, gates=True)
+    gates = gate_range(run.net, card, after, run.replay, dev, run.cancelled)
+    whole = {}
+    if whole_before is not None:
+        whole = whole_report(
+            items, whole_before, after, card, cfg.slice_axis, len(run.rep), run.independent
+        )
+    run.check()
     run.report(out.step, None, sel_after, "done")
     data = data_entries(images, labels, spacing, hashes)
-    return _result(run, out, data, label_notes, (sel_before, rep_before), (sel_after, rep_after))
-
-
-def _result(
-    run: _Run,
-    out: _Outcome,
-    data: list[dict[str, Any]],
-    label_notes: list[str],
-    before: tuple[float | None, float | None],
-    after: tuple[float | None, float | None],
-) -> FinetuneResult:
-    """The outcome and the new card; ``before``/``after``: (selection, report) Dice."""
-    cfg = run.cfg
-    net = _release(run.net)
-    seconds = run.elapsed()
-    record = {**run.replay_record, "fraction": cfg.replay_fraction, "patches": out.replayed}
-    holdout = {
-        "dice_before": before[1],
-        "dice_after": after[1],
-        "n": len(run.rep),
-        "selection_dice_before": before[0],
-        "selection_dice_after": after[0],
-        "n_selection": len(run.sel),
-        "independent_report": run.independent,
-    }
-    return FinetuneResult(
-        net.cpu(),
-        child_card(run.card, cfg, data, holdout, _run_facts(run, out, record, seconds)),
-        before[1],
-        after[1],
-        out.step,
-        seconds,
-        out.stopped,
-        len(run.train),
-        run.n_holdout,
-        out.history,
-        selection_before=before[0],
-        selection_after=after[0],
-        n_select=len(run.sel),
-        n_report=len(run.rep),
-        independent_report=run.independent,
-        replay=record,
-        notes=label_notes + _notes(record, cfg.holdout_fraction, len(run.rep), run.independent),
-        kept_parent=bool(run.sel) and not out.beaten,
+    extras = {"naming": naming, "gate_range": gates, "whole": whole}
+    return _result(
+        run, out, data, label_notes, (sel_before, rep_before), (sel_after, rep_after), extras
     )
+
+
+def _free(run: _Run) -> None:
+    """Give back what training held: the optimiser and gradients go with ``_train``'s frame
+    and :func:`_release`; the caching allocator returns the freed device memory (GPU
+    memory that other tools keep after fine-tuning, micro-sam #952)."""
+    gc.collect()
+    free_device_memory(run.device)
 
 
 def _setup(
@@ -292,6 +310,8 @@ def _train(run: _Run, sel_before: float | None) -> _Outcome:
         best_state=copy.deepcopy(net.state_dict()) if run.sel else None,
     )
     stale = 0
+    every, every_s = _eval_spacing(cfg)
+    start = last_eval = run.elapsed()  # the budget counts training and its evaluations
     net.train()
     _freeze_norm_stats(net)
     for step in range(1, cfg.max_steps + 1):
@@ -302,9 +322,11 @@ def _train(run: _Run, sel_before: float | None) -> _Outcome:
         lv = _step(run, opt, loss_fn, xb, yb)
         out.history.append({"step": step, "loss": lv})
         run.report(step, lv, None, "train")
-        out_of_time = cfg.time_budget_s is not None and run.elapsed() > cfg.time_budget_s
-        if run.sel and (step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time):
+        out_of_time = cfg.time_budget_s is not None and run.elapsed() - start > cfg.time_budget_s
+        due = step % every == 0 or step == cfg.max_steps or out_of_time
+        if run.sel and (due or run.elapsed() - last_eval >= every_s):
             d = run.measure(run.sel)
+            last_eval = run.elapsed()
             _freeze_norm_stats(net)
             out.history[-1]["holdout_dice"] = d
             run.report(step, lv, d, "eval")
@@ -320,6 +342,16 @@ def _train(run: _Run, sel_before: float | None) -> _Outcome:
             out.stopped = "time_budget"
             break
     return out
+
+
+def _eval_spacing(cfg: FinetuneConfig) -> tuple[int, float]:
+    """Steps and seconds between held-out evaluations: every ``eval_every`` steps, and with
+    a time budget also every ``time_budget_s / min_evals`` seconds of training (on a slow
+    machine the budget ends a run before many ``eval_every`` steps are done)."""
+    seconds = math.inf
+    if cfg.min_evals and cfg.time_budget_s:
+        seconds = cfg.time_budget_s / cfg.min_evals
+    return cfg.eval_every, seconds
 
 
 def _step(run: _Run, opt: Any, loss_fn: Any, xb: torch.Tensor, yb: torch.Tensor) -> float:
@@ -341,45 +373,3 @@ def _step(run: _Run, opt: Any, loss_fn: Any, xb: torch.Tensor, yb: torch.Tensor)
     if not math.isfinite(lv):
         raise InputError(DIVERGED)
     return lv
-
-
-def _release(net: Any) -> Any:
-    """The trained network as a checkpoint stores it: every parameter trainable again,
-    eval mode, plain memory layout."""
-    import torch
-
-    for p in net.parameters():
-        p.requires_grad_(True)
-    net.eval()
-    return net.to(memory_format=torch.contiguous_format)
-
-
-def _run_facts(run: _Run, out: _Outcome, record: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """What the new card's ``training`` records about the run."""
-    return {
-        "n_train_units": len(run.train),
-        "n_holdout_units": run.n_holdout,
-        "n_selection_units": len(run.sel),
-        "n_report_units": len(run.rep),
-        "replay": record,
-        "steps": out.step,
-        "stopped": out.stopped,
-        "seconds": round(seconds, 2),
-        "device": str(run.device),
-    }
-
-
-def _notes(replay: dict[str, Any], fraction: float, n_report: int, independent: bool) -> list[str]:
-    notes = [str(replay.get("message") or "")] if replay.get("message") != "replay is off" else []
-    if n_report and not independent:
-        notes.append(
-            f"the held-out Dice is measured on the same {n_report} image(s)/slice(s) that chose "
-            f"the state kept, so it is optimistic; with {min_units_for_report(fraction)} or "
-            "more corrected images or slices, half of the held-out ones check the result "
-            "independently"
-        )
-    elif not n_report:
-        notes.append(
-            "nothing was held out to measure the new model on (correct more images or slices)"
-        )
-    return [n for n in notes if n]

@@ -94,3 +94,26 @@ def holdout_dice(
     finally:
         model.train(was_training)
     return float(np.mean(scores))
+
+
+def _release(net: Any) -> Any:
+    """The trained network as a checkpoint stores it: every parameter trainable again,
+    eval mode, plain memory layout."""
+    import torch
+
+    for p in net.parameters():
+        p.grad = None  # the last step's gradients: as large as the weights trained
+        p.requires_grad_(True)
+    net.eval()
+    return net.to(memory_format=torch.contiguous_format)
+
+
+def free_device_memory(device: Any) -> None:
+    """Empty the allocator's cache of a CUDA or MPS ``device`` (nothing on the CPU)."""
+    import torch
+
+    kind = getattr(device, "type", str(device))
+    if kind == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    elif kind == "mps" and hasattr(torch, "mps") and hasattr(torch.mps, "empty_cache"):
+        torch.mps.empty_cache()

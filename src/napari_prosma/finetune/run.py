@@ -5,6 +5,7 @@ what happened (Qt-free).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from .config import (
     FinetuneResult,
     min_units_for_report,
 )
+from .lineage import check_naming
 from .loop import finetune
 from .units import corrected_units
 
@@ -44,6 +46,9 @@ def run_finetune(
     activate: str = "if_better",
     progress: Callable[[FinetuneProgress], None] | None = None,
     cancel: Any = None,
+    task: str | None = None,
+    class_names: Sequence[str] | None = None,
+    label: str | None = None,
 ) -> tuple[FinetuneResult, str]:
     """Fine-tune ``parent`` and save the result as a new version in ``store``.
 
@@ -57,6 +62,11 @@ def run_finetune(
     ``"never"``. ``replay``: ``"auto"`` (the base model's training data set, when it is on
     this computer), a data set name, a folder, samples, or None/``"none"`` (see
     :mod:`napari_prosma.finetune.replay`); what was found is in ``result.notes``.
+    ``task``, ``class_names``: what the new version segments and its classes, for its card
+    (:func:`~napari_prosma.finetune.lineage.check_naming`; None: the parent's); its
+    gate-sparsity range is always measured again on the new model and data. ``label``: a
+    few words of the user's for the version (kept in ``run.json`` and in the version id,
+    ``<parent>-<label>-ft-<date>``; the task's first words when no label is given).
 
     Returns:
         ``(result, version_id)``.
@@ -77,6 +87,8 @@ def run_finetune(
     cancelled = _cancel_check(cancel)
     parent = store.version_of(parent) or parent  # a version is named by its id
     model, card = load(_parent_path(parent, store))
+    task, class_names = check_naming(card, task, class_names)
+    label = label.strip() if isinstance(label, str) and label.strip() else None
     if isinstance(replay, (str, Path)):
         from .replay import load_replay
 
@@ -85,7 +97,7 @@ def run_finetune(
     corrected_units(images, labels, card, previous, spacing=spacing, slice_axis=cfg.slice_axis)
     recovered = store.recover()  # runs killed earlier: their corrections go to .incoming
     try:
-        with store.staging(card.name) as (vid, stage):
+        with store.staging(version_base(card.name, label or task)) as (vid, stage):
             hashes = store.save_corrections(
                 stage / "corrections", list(images), list(labels), {"parent": str(parent)}
             )
@@ -101,7 +113,10 @@ def run_finetune(
                 progress=progress,
                 cancel=cancel,
                 hashes=hashes,
+                task=task,
+                class_names=class_names,
             )
+            del model  # the parent's copy: only the trained one is kept
             if cancelled():  # a cancel comes first, whatever the outcome
                 raise Cancelled(CANCEL_MESSAGE)
             if result.kept_parent:  # no empty versions
@@ -112,7 +127,7 @@ def run_finetune(
                     f"corrections it had saved are kept in {store.root / '.incoming'} "
                     f"({', '.join(recovered)})"
                 )
-            _save_version(stage, vid, parent, card, result, cancelled)
+            _save_version(stage, vid, parent, card, result, cancelled, label)
     except (InputError, Cancelled) as e:
         raise _say_where_kept(e) from None
     if activate == "always" or (activate == "if_better" and result.improved is not False):
@@ -134,6 +149,7 @@ def _save_version(
     card: ModelCard,
     result: FinetuneResult,
     cancelled: Callable[[], bool],
+    label: str | None = None,
 ) -> None:
     """Write the checkpoint and ``run.json`` into the staging folder (a cancel before or
     while they are written raises :class:`Cancelled`; the folder then goes)."""
@@ -145,6 +161,7 @@ def _save_version(
     save(result.model, stage / "model", result.card)
     saved = read_card(stage / "model")
     record = _run_record(parent, card, result)
+    record.update(label=label, task=result.card.intended_use)
     record.update(weights_sha256=saved.weights_sha256, card_sha256=saved.card_sha256)
     atomic_write_json(stage / "run.json", record)
     if cancelled():  # while saving: the staging folder goes, the parent stays
@@ -156,10 +173,11 @@ def _not_improved(result: FinetuneResult) -> InputError:
     evals = [h["holdout_dice"] for h in result.history if "holdout_dice" in h]
     best = f"{max(evals):.3f}" if evals else "?"
     before = result.selection_before
+    curve = ", ".join(f"{s}:{d:.3f}" for s, d in result.curve)
     exc = InputError(
         f"{NOT_IMPROVED} (held-out Dice {before:.3f} before training, at best {best} in "
-        f"{len(evals)} evaluation(s) over {result.steps} steps); the previous model stays "
-        "active"
+        f"{len(evals)} evaluation(s) over {result.steps} steps; step:Dice {curve}); the "
+        "previous model stays active"
     )
     exc.result = result  # type: ignore[attr-defined]
     return exc
@@ -193,7 +211,18 @@ def _run_record(parent: str | Path, card: ModelCard, result: FinetuneResult) -> 
         "steps": result.steps,
         "seconds": result.seconds,
         "stopped": result.stopped,
+        "holdout_curve": result.curve,
+        "whole": result.whole,
     }
+
+
+def version_base(name: str, words: str | None) -> str:
+    """The start of a new version's id: the parent's name, and the user's label (or the
+    first words of the task) as a short slug, so ids say what the version is for."""
+    if not words:
+        return name
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", words.lower()).strip("-")[:32].strip("-")
+    return f"{name}-{slug}" if slug else name
 
 
 def finetune_outcome(
