@@ -54,6 +54,7 @@ def _train(world: int, out: Path, data: Path, *extra: str) -> list[str]:
                 "batch_size=4",
                 "patch_size=[16,16,16]",
                 "val_every=0",
+                "select=last",  # the 3D recipe picks best_val; 6 cases leave no val part
                 "final_eval=false",
                 "sparsity_images=2",
             )

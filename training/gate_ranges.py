@@ -52,7 +52,8 @@ def main() -> None:
     t0 = time.perf_counter()
     preds = []
     for i in idx:
-        preds.append(predict(ds.image(i), model, card, device="cpu", return_gates=True))
+        # "stats": the same zero fractions as the maps, without stitching them (test_train)
+        preds.append(predict(ds.image(i), model, card, device="cpu", return_gates="stats"))
     rng = gate_sparsity_range(preds)
     _weights, card_path = checkpoint_paths(resolve(args.model))
     data = json.loads(card_path.read_text())

@@ -1,33 +1,26 @@
 """Fine-tune widget: teach the model from the user's corrected labels, in one click.
 
-The user segments an image (Segment widget), corrects the labels layer (paint, erase), and
-presses **Fine-tune**. :func:`napari_prosma.finetune.run_finetune` runs in napari's
-``thread_worker`` with the last prediction of that image as ``previous`` (so only what was
-corrected counts; for a volume, only the corrected slices), a live plot of the training
-loss and the held-out Dice, and a Cancel button. The corrections are saved into the model
-store before training starts; the new model is a new version, never written over its
-parent. When the held-out Dice did not drop, the new version becomes the active model (the
-viewer's hub tells every model chooser) and the image is segmented again with it, in this
-widget's own worker (:mod:`._resegment`; the corrected layer is kept, renamed
-``<image> corrected``, and is never modified); when it dropped, a warning says so and the
-parent stays active, with a button to activate the new version anyway. The list of
-versions (:mod:`._versions`) shows each one's held-out Dice before → after and its date,
-with Activate and Revert to parent.
-
-"Replay training images" mixes a few of the parent's own training images
-into every batch (:mod:`napari_prosma.replay`) when they are on this computer; the line
-under it says whether they were found. "Slices along" picks the volume axis of the
-corrected slices (by default the axis the viewer steps through, as in Segment).
-
-Nothing here touches the viewer outside the main thread; the user's labels are copied on
-the main thread before the run starts.
+The user segments an image (Segment), corrects the labels layer and presses **Fine-tune**.
+:func:`napari_prosma.finetune.run_finetune` runs in napari's ``thread_worker`` with the
+image's last prediction as ``previous`` (only what was corrected counts; in a volume, only
+the corrected slices), a live plot of the loss and the held-out Dice, and Cancel. The
+corrections are saved into the model store first; the new model is a new version, never
+written over its parent. When the held-out Dice did not drop, the new version becomes the
+active model (the hub tells every chooser) and the image is segmented again in this
+widget's own worker (:mod:`._resegment`; the corrected layer is kept as ``<image>
+corrected`` and never modified); when it dropped, a warning says so, the parent stays
+active, and a button activates the new version anyway. :mod:`._versions` lists each
+version's held-out Dice before → after and its date, with Activate and Revert to parent.
+"Replay training images" mixes a few of the parent's training images into every batch
+(:mod:`napari_prosma.replay`) when they are on this computer. "Slices along" picks the
+volume axis of the corrected slices (default: the axis the viewer steps through).
+The viewer is touched, and the user's labels copied, on the main thread only.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from pathlib import Path
 from typing import Any
 
 from napari.layers import Image, Labels
@@ -150,19 +143,18 @@ class FinetuneWidget(FinetuneForm, WorkerHost, QWidget):
 
     def spec_of(self, model_id: str) -> str:
         """What a model chooser holds for a store version id, bundled name or path."""
-        ckpt = self.store().root / model_id / "model.safetensors"
-        return str(ckpt) if ckpt.exists() else model_id
+        from ..models import resolve_model, version_id_of
+
+        store = self.store()
+        if version_id_of(model_id, store) == model_id:
+            return str(resolve_model(model_id, store))
+        return model_id
 
     def _parent_arg(self, spec: str) -> str:
         """A chooser spec as ``run_finetune``'s parent: a store version by its id."""
-        p = Path(spec)
-        root = self.store().root
-        try:
-            if p.name == "model.safetensors" and p.parent.parent.resolve() == root.resolve():
-                return p.parent.name
-        except OSError:
-            pass
-        return spec
+        from ..models import version_id_of
+
+        return version_id_of(spec, self.store()) or spec
 
     def _update_replay(self, *_: Any) -> None:
         """Say under the checkbox whether replay samples exist for the chosen model."""

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..checkpoint import ModelCard, read_card, resolve, save
+from ..errors import Cancelled, cancel_check
 from ..preprocess import InputError
 from ..versions import ModelStore, atomic_write_json
 from .config import (
@@ -50,49 +51,35 @@ def run_finetune(
     class_names: Sequence[str] | None = None,
     label: str | None = None,
 ) -> tuple[FinetuneResult, str]:
-    """Fine-tune ``parent`` and save the result as a new version in ``store``.
+    """Fine-tune ``parent`` (bundled name, checkpoint, or store version) into a new version.
 
-    ``parent``: a bundled name, a checkpoint path, or a store version (id, folder or its
-    checkpoint). Bad input is refused before anything is written; then the corrections
-    are saved (so a crash never loses them), and the checkpoint lands in a new version
-    folder only when complete, and only when a held-out evaluation beat the parent
-    (otherwise: :data:`NOT_IMPROVED`, nothing saved). A cancel that arrives while it is
-    written still removes it. ``activate``: ``"if_better"`` (regression guard: keep the
-    parent active when the report-part held-out Dice got worse), ``"always"`` or
-    ``"never"``. ``replay``: ``"auto"`` (the base model's training data set, when it is on
-    this computer), a data set name, a folder, samples, or None/``"none"`` (see
-    :mod:`napari_prosma.finetune.replay`); what was found is in ``result.notes``.
-    ``task``, ``class_names``: what the new version segments and its classes, for its card
-    (:func:`~napari_prosma.finetune.lineage.check_naming`; None: the parent's); its
-    gate-sparsity range is always measured again on the new model and data. ``label``: a
-    few words of the user's for the version (kept in ``run.json`` and in the version id,
-    ``<parent>-<label>-ft-<date>``; the task's first words when no label is given).
+    Bad input is refused before anything is written; the corrections are saved first; a
+    version folder appears only complete and only when a held-out evaluation beat the
+    parent (else :data:`NOT_IMPROVED`, nothing saved). ``activate``: ``"if_better"`` (keep
+    the parent active when the report-part Dice got worse), ``"always"``, ``"never"``.
+    ``replay``: ``"auto"``, a data set name, a folder, samples or None
+    (:mod:`napari_prosma.finetune.replay`). ``task``/``class_names``: the new card's (None:
+    the parent's; :func:`~napari_prosma.finetune.lineage.check_naming`); the gate range is
+    always measured again. ``label``: the user's words in ``run.json`` and the version id
+    (``<parent>-<label>-ft-<date>``; the task's first words when None).
 
     Returns:
         ``(result, version_id)``.
 
     Raises:
-        InputError: bad input, a diverged loss, or no improvement (after training, the
-            message says where the corrections are kept). Cancelled: the user cancelled.
+        InputError: bad input, a diverged loss, or no improvement (the message says where
+            the corrections are kept). Cancelled: the user cancelled.
     """
     from ..checkpoint import load
-    from ..errors import cancel_check as _cancel_check
-    from ..inference import Cancelled
 
     store = store or ModelStore()
-    cfg = config or FinetuneConfig()
-    cfg.validate()
-    if activate not in ACTIVATE:
-        raise InputError("activate must be 'if_better', 'always' or 'never'")
-    cancelled = _cancel_check(cancel)
+    cfg = _checked(config, activate)
+    cancelled = cancel_check(cancel)
     parent = store.version_of(parent) or parent  # a version is named by its id
     model, card = load(_parent_path(parent, store))
     task, class_names = check_naming(card, task, class_names)
     label = label.strip() if isinstance(label, str) and label.strip() else None
-    if isinstance(replay, (str, Path)):
-        from .replay import load_replay
-
-        replay = load_replay(card, replay, n=cfg.replay_samples, seed=cfg.seed)
+    replay = _load_replay(card, replay, cfg)
     # bad input is refused before anything is saved (no copy of it left in .incoming)
     corrected_units(images, labels, card, previous, spacing=spacing, slice_axis=cfg.slice_axis)
     recovered = store.recover()  # runs killed earlier: their corrections go to .incoming
@@ -101,38 +88,50 @@ def run_finetune(
             hashes = store.save_corrections(
                 stage / "corrections", list(images), list(labels), {"parent": str(parent)}
             )
-            result = finetune(
-                model,
-                card,
-                images,
-                labels,
-                config=cfg,
-                previous=previous,
-                spacing=spacing,
-                replay=replay,
-                progress=progress,
-                cancel=cancel,
-                hashes=hashes,
-                task=task,
-                class_names=class_names,
-            )
+            kw = {"previous": previous, "spacing": spacing, "replay": replay}
+            kw |= {"progress": progress, "cancel": cancel, "hashes": hashes}
+            kw |= {"task": task, "class_names": class_names}
+            result = finetune(model, card, images, labels, config=cfg, **kw)
             del model  # the parent's copy: only the trained one is kept
             if cancelled():  # a cancel comes first, whatever the outcome
                 raise Cancelled(CANCEL_MESSAGE)
             if result.kept_parent:  # no empty versions
                 raise _not_improved(result)
             if recovered:
-                result.notes.append(
-                    f"an earlier fine-tuning run in {store.root} was interrupted; the "
-                    f"corrections it had saved are kept in {store.root / '.incoming'} "
-                    f"({', '.join(recovered)})"
-                )
+                result.notes.append(_recovered_note(store, recovered))
             _save_version(stage, vid, parent, card, result, cancelled, label)
     except (InputError, Cancelled) as e:
         raise _say_where_kept(e) from None
     if activate == "always" or (activate == "if_better" and result.improved is not False):
         store.activate(vid)
     return result, vid
+
+
+def _checked(config: FinetuneConfig | None, activate: str) -> FinetuneConfig:
+    """The run's config (default if None), validated, and ``activate`` checked."""
+    cfg = config or FinetuneConfig()
+    cfg.validate()
+    if activate not in ACTIVATE:
+        raise InputError("activate must be 'if_better', 'always' or 'never'")
+    return cfg
+
+
+def _load_replay(card: ModelCard, replay: Any, cfg: FinetuneConfig) -> Any:
+    """Replay samples for ``run_finetune``: a name, folder or ``"auto"`` is loaded
+    (:func:`~napari_prosma.finetune.replay.load_replay`); samples or None pass through."""
+    if not isinstance(replay, (str, Path)):
+        return replay
+    from .replay import load_replay
+
+    return load_replay(card, replay, n=cfg.replay_samples, seed=cfg.seed)
+
+
+def _recovered_note(store: ModelStore, recovered: Sequence[str]) -> str:
+    """The note for corrections an interrupted earlier run left behind."""
+    return (
+        f"an earlier fine-tuning run in {store.root} was interrupted; the corrections it "
+        f"had saved are kept in {store.root / '.incoming'} ({', '.join(recovered)})"
+    )
 
 
 def _parent_path(parent: str | Path, store: ModelStore) -> str:
