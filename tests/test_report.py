@@ -49,7 +49,9 @@ def test_card_summary_and_mismatch_warning(monkeypatch):
     monkeypatch.setattr(preflight, "_MEASURED", {})  # no rate measured by earlier runs
     hippo = read_model_card("hippocampus_prosma")
     text = report.card_summary(hippo)
-    assert "Modality: MRI" in text and "anterior 0.82 ± 0.15 (n=52)" in text
+    assert (
+        "Modality: MRI" in text and "anterior 0.88 ± 0.04 (n=52)" in text
+    )  # measured on stored intensities (session 5)
     est = preflight.estimate_run(hippo, (26, 166, 164), (5.0, 0.79, 0.79))
     assert est.work_shape[0] == 130 and est.n_tiles > 100 and est.seconds > 60
     warn = preflight.run_warning(hippo, (26, 166, 164), (5.0, 0.79, 0.79), est, image_is_ct=True)
@@ -63,3 +65,25 @@ def test_prediction_and_truth_colours_differ():
     pred, truth = report.class_colours(3), report.class_colours(3, "truth")
     assert pred[0][3] == 0 and truth[0][3] == 0
     assert all(pred[k] != truth[k] for k in (1, 2))
+
+
+def test_a_fine_tuned_version_does_not_show_its_parents_test_dice_as_its_own():
+    """The parent's test numbers describe the parent on its test set: a fine-tuned card
+    keeps them as ``parent_test`` and its summary says this version has none of its own."""
+    from napari_prosma.finetune import FinetuneConfig
+    from napari_prosma.finetune.lineage import child_card
+
+    busi = read_model_card("busi_prosma")
+    child = child_card(
+        busi,
+        FinetuneConfig(),
+        [{"sha256": "0" * 64}],
+        {"before": 0.1, "after": 0.3},
+        {},
+        task="Spleen in abdominal CT slices",
+        class_names=["spleen"],
+    )
+    assert "test" not in child.metrics and child.metrics["parent_test"] == busi.metrics["test"]
+    text = report.card_summary(child)
+    assert "Test Dice: not measured for this version (its parent's" in text
+    assert "Test Dice: lesion" not in text and "Task: Spleen in abdominal CT slices" in text

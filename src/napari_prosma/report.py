@@ -212,9 +212,10 @@ def card_modality(card: Any) -> str:
     return ""
 
 
-def _test_dice(card: Any) -> list[str]:
-    """Per class ``"lesion 0.81 ± 0.23 (n=129)"`` and a failure rate when the card has it."""
-    test = (card.metrics or {}).get("test")
+def _test_dice(card: Any, key: str = "test") -> list[str]:
+    """Per class ``"lesion 0.81 ± 0.23 (n=129)"`` and a failure rate when the card has it
+    (``key``: ``"parent_test"`` for a fine-tuned version's parent)."""
+    test = (card.metrics or {}).get(key)
     if not isinstance(test, Mapping):
         return []
     out = []
@@ -252,8 +253,16 @@ def card_summary(card: Any) -> str:
         lines.append(f"Trained on: {data}")
     elif isinstance(data, list) and data:  # a fine-tuned version: the corrections
         lines.append(f"Fine-tuned on: {len(data)} corrected image(s) or volume(s)")
-    dice = _test_dice(card)
-    lines.append("Test Dice: " + "; ".join(dice) if dice else "Test Dice: not recorded")
+    dice, parent = _test_dice(card), _test_dice(card, "parent_test")
+    if dice:
+        lines.append("Test Dice: " + "; ".join(dice))
+    elif parent:  # a fine-tuned version: no test set of its own
+        lines.append(
+            "Test Dice: not measured for this version (its parent's, on the "
+            "parent's test set: " + "; ".join(parent) + ")"
+        )
+    else:
+        lines.append("Test Dice: not recorded")
     if not card.metrics and not card.training:
         lines.append("Note: no training record or metrics: results may be meaningless")
     if card.limitations:

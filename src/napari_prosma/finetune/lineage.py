@@ -121,7 +121,11 @@ def child_card(
     no range); ``whole`` the report on the whole images.
     """
     extra = dict(card.extra)
-    metrics = {**card.metrics, "finetune_holdout": holdout}
+    # the parent's test numbers describe the parent on its test set, not this version
+    metrics = {k: v for k, v in card.metrics.items() if k != "test"}
+    if "test" in card.metrics:
+        metrics["parent_test"] = card.metrics["test"]
+    metrics["finetune_holdout"] = holdout
     if whole:
         metrics["finetune_whole"] = whole
     changes: dict[str, Any] = {}
