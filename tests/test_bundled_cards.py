@@ -5,10 +5,11 @@ give the per-case Dice the card's raw evaluation file records."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.data, pytest.mark.slow]
 
