@@ -298,7 +298,10 @@ def test_cli_names_the_new_version_and_shows_the_curve_and_whole_images(
     assert rc == 0
     assert "New version tiny-ward-3-ft-" in out
     assert "task: Spleen in CT; classes: spleen" in out
-    assert "held-out Dice as it went (step:Dice): 0:0.200, " in out
+    assert (
+        "held-out Dice as it went, on the part that chose the state kept (step:Dice): 0:0.200, "
+        in out
+    )
     (v,) = ModelStore(store).versions()
     curve = json.loads((v.path / "run.json").read_text())["holdout_curve"]
     assert len(curve) >= 2 and curve[0] == [0, 0.2]

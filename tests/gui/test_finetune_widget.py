@@ -527,6 +527,9 @@ def test_the_new_version_is_named_and_the_report_covers_whole_images(corrected, 
         right = table.columnViewportPosition(col) + table.columnWidth(col)
         assert right <= table.viewport().width(), (col, right, table.viewport().width())
     status = widget.status_label.text()
-    assert "Held-out Dice as it went (step: Dice): 0: 0.20, 2: 0.40, 4: 0.50" in status
+    assert (
+        "Held-out Dice as it went, on the part that chose the state kept (step: Dice): "
+        "0: 0.20, 2: 0.40, 4: 0.50" in status
+    )
     assert "On your 1 volume(s), whole" in status
     assert "The held-out Dice rests on 2 image(s)/slice(s)" in status

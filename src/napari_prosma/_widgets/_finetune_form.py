@@ -274,8 +274,9 @@ def run_summary(result: Any, notify: Any) -> str:
         took += f"; {replay['message']}"
     curve = result.curve
     if len(curve) > 1:
-        took += ". Held-out Dice as it went (step: Dice): " + ", ".join(
-            f"{s}: {d:.2f}" for s, d in curve
+        took += (
+            ". Held-out Dice as it went, on the part that chose the state kept (step: Dice): "
+            + ", ".join(f"{s}: {d:.2f}" for s, d in curve)
         )
     for line in describe_whole(result.whole, "image(s)/slice(s)"):
         took += f". {line[:1].upper()}{line[1:]}"

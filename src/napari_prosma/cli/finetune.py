@@ -283,7 +283,10 @@ def _report(result: Any, vid: str, store: Any, activate: str) -> None:
                 + (" (overridden: --activate always)" if activate == "always" else "")
             )
     if result.curve:
-        print(f"  held-out Dice as it went (step:Dice): {curve_text(result.curve)}")
+        print(
+            f"  held-out Dice as it went, on the part that chose the state kept (step:Dice): "
+            f"{curve_text(result.curve)}"
+        )
     for line in describe_whole(result.whole, "image(s)/slice(s)"):
         print(f"  {line}")
     print(f"  active model: {store.active()}")

@@ -241,7 +241,9 @@ def finetune_outcome(
         )
     else:
         measured = f"held-out Dice {dice_before:.3f} → {dice_after:.3f}"
-        if not independent:
+        if independent:
+            measured += " (on the held-out images kept aside to check it, not the curve's)"
+        else:
             measured += (
                 " (optimistic: the same held-out images chose the state kept; with "
                 f"{min_units_for_report(FinetuneConfig().holdout_fraction)} or more corrected "
