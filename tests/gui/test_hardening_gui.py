@@ -250,9 +250,15 @@ def test_closing_napari_while_segmenting(make_napari_viewer, qtbot, tmp_path):
 def _watch(worker) -> list[str]:
     """What a worker ended with (the error's type name, or "returned"), recorded by plain
     functions that outlive the widget."""
+    from qtpy.QtCore import Qt
+
     outcome: list[str] = []
-    worker.errored.connect(lambda e: outcome.append(type(e).__name__))
-    worker.returned.connect(lambda _: outcome.append("returned"))
+    # direct: recorded in the worker's thread as it emits. A queued delivery could be lost
+    # when the viewer closes first (CI failed twice with no outcome after 60 s, while the
+    # pool had finished)
+    direct = Qt.ConnectionType.DirectConnection
+    worker.errored.connect(lambda e: outcome.append(type(e).__name__), direct)
+    worker.returned.connect(lambda _: outcome.append("returned"), direct)
     return outcome
 
 
@@ -282,3 +288,23 @@ def test_closing_napari_while_finetuning(make_napari_viewer, qtbot, tmp_path):
     _, labels = store().load_corrections(kept.parent)
     np.testing.assert_array_equal(labels[0], truth)
     assert os.environ["PROSMA_MODEL_DIR"] == str(store().root)
+
+
+def test_progress_after_the_widget_is_gone_cancels_the_run():
+    """A worker's progress callback on a closed widget (its relay deleted: emitting raises
+    RuntimeError) sets the run's cancel flag, so the run ends as cancelled (it used to end on
+    that RuntimeError, which the worker swallows without a signal)."""
+    import threading
+    from types import SimpleNamespace
+
+    from napari_prosma._widgets._common import _progress_to
+
+    def deleted(*_):
+        raise RuntimeError("wrapped C/C++ object of type _Relay has been deleted")
+
+    seen = []
+    cancel = threading.Event()
+    _progress_to(SimpleNamespace(progress=SimpleNamespace(emit=seen.append)), cancel)(3)
+    assert seen == [3] and not cancel.is_set()
+    _progress_to(SimpleNamespace(progress=SimpleNamespace(emit=deleted)), cancel)(4)
+    assert cancel.is_set()

@@ -225,6 +225,21 @@ def start_worker(host: Any, compute: Callable[..., Any], *args: Any) -> Any:
     return worker
 
 
+def _progress_to(relay: Any, cancel: threading.Event) -> Callable[..., None]:
+    """The worker's progress callback: emit on ``relay``; once the widget is closed (its
+    relay deleted, so emitting raises RuntimeError) set ``cancel`` instead, so the run
+    stops as cancelled at its next check (it used to end on that RuntimeError, which the
+    worker swallows without a signal: seen as a flaky close-while-running test)."""
+
+    def emit(*args: Any) -> None:
+        try:
+            relay.progress.emit(*args)
+        except RuntimeError:
+            cancel.set()
+
+    return emit
+
+
 class WorkerHost:
     """One background run at a time in napari's worker thread, with Cancel: the part the
     Segment and Fine-tune widgets share (a mixin for a ``QWidget``).
@@ -268,7 +283,9 @@ class WorkerHost:
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self._req = req
-        return start_worker(self, compute, req, self._cancel, self._relay.progress.emit)
+        return start_worker(
+            self, compute, req, self._cancel, _progress_to(self._relay, self._cancel)
+        )
 
     def cancel(self) -> None:
         """Ask the running worker to stop at its next check."""
