@@ -15,21 +15,10 @@ import torch
 from PIL import Image
 
 from napari_prosma._samples import sample_path
-from napari_prosma.checkpoint import ModelCard, save
 from napari_prosma.cli import devices, main
 from napari_prosma.cli.outputs import MANIFEST
 from napari_prosma.errors import ProsmaError, UserError
-from napari_prosma.nets import build_model
-
-
-def _checkpoint(folder: Path, name: str, **kw) -> Path:
-    torch.manual_seed(0)
-    model = build_model("prosma_unet", **kw)
-    norm = {"mode": "fixed", "scale": 255.0} if kw["in_channels"] == 3 else {"mode": "zscore"}
-    card = ModelCard(
-        "prosma_unet", kw, name=name, normalization=norm, class_names=["background", "thing"]
-    )
-    return save(model, folder / name, card)
+from test_cli_predict import _checkpoint  # tests/ is on sys.path
 
 
 def _files(folder: Path) -> dict[str, bytes]:

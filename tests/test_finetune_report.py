@@ -19,26 +19,15 @@ from napari_prosma.inference import gate_sparsity_range, predict
 from napari_prosma.inference.gates import sparsity_warnings
 from napari_prosma.preprocess import InputError
 from napari_prosma.versions import ModelStore, version_rows
+from test_hardening_cancel_oom import _cfg as _fast_cfg  # tests/ is on sys.path
 
 #: A range no fine-tuned disc model lands in: must be replaced, not inherited.
 STALE_RANGE = {"stage1": [0.001, 0.002], "stage2": [0.001, 0.002]}
 
 
 def _cfg(**kw) -> FinetuneConfig:
-    base = dict(
-        max_steps=6,
-        time_budget_s=None,
-        lr=3e-3,
-        batch_size=2,
-        eval_every=2,
-        patience=10,
-        trainable="all",
-        device="cpu",
-        holdout_fraction=0.25,
-        replay_fraction=0.0,
-    )
-    base.update(kw)
-    return FinetuneConfig(**base)
+    """The fast CPU settings of the hardening tests, without replay."""
+    return _fast_cfg(**{"replay_fraction": 0.0, **kw})
 
 
 @pytest.fixture

@@ -167,14 +167,11 @@ def _old_path(image, model, card, spacing=None, overlap=0.5):
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean Dice over the foreground classes present in either label map."""
+    from napari_prosma.metrics import dice
+
     classes = sorted((set(np.unique(a).tolist()) | set(np.unique(b).tolist())) - {0})
-    if not classes:
-        return 1.0
-    return float(
-        np.mean(
-            [2 * np.sum((a == c) & (b == c)) / (np.sum(a == c) + np.sum(b == c)) for c in classes]
-        )
-    )
+    return float(np.mean([dice(a == c, b == c) for c in classes])) if classes else 1.0
 
 
 def _kvasir(shared_data, n=3):

@@ -152,8 +152,6 @@ def _save_version(
 ) -> None:
     """Write the checkpoint and ``run.json`` into the staging folder (a cancel before or
     while they are written raises :class:`Cancelled`; the folder then goes)."""
-    from ..inference import Cancelled
-
     if cancelled():
         raise Cancelled(CANCEL_MESSAGE)
     result.card.name = vid
