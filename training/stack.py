@@ -72,13 +72,23 @@ def main() -> None:
     ap.add_argument("--out-root", default="_device/runs")
     ap.add_argument("--data-root")
     ap.add_argument("--time-limit", type=float)
+    ap.add_argument(
+        "--finish-reserve",
+        type=float,
+        default=0.0,
+        help="seconds kept for the final evaluation: the last epoch waits for a call with room",
+    )
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     t0 = time.perf_counter()
     cfgs = configs(args)
     cmd = "python training/stack.py " + " ".join(sys.argv[1:])
     results = train_many(
-        cfgs, log=lambda s: print(s, flush=True), command=cmd, time_limit=args.time_limit
+        cfgs,
+        log=lambda s: print(s, flush=True),
+        command=cmd,
+        time_limit=args.time_limit,
+        finish_reserve=args.finish_reserve,
     )
     for cfg, r in zip(cfgs, results):
         print(f"{cfg.name}: {r.status} (epoch {r.epoch}/{cfg.epochs})", flush=True)

@@ -145,11 +145,14 @@ def train_many(
     command: str | None = None,
     max_epochs: int | None = None,
     time_limit: float | None = None,
+    finish_reserve: float = 0.0,
 ) -> list[Any]:
     """Train (or resume) every recipe of ``cfgs`` together, one process, one device.
 
     Arguments as :func:`napari_prosma.train.train`; the runs must share ``epochs`` and
-    ``device``. Returns one :class:`~napari_prosma.train.TrainResult` per recipe.
+    ``device``. ``finish_reserve``: seconds of ``time_limit`` kept for the final evaluation,
+    so that the call which would train the last epoch stops before it unless the finish fits
+    too. Returns one :class:`~napari_prosma.train.TrainResult` per recipe.
     """
     import torch
 
@@ -199,10 +202,14 @@ def train_many(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
-            out_of_time = (
-                time_limit is not None
-                and epoch + 1 < epochs
-                and time.perf_counter() - t_call + 2 * dt + 10 + 8 * len(active) > time_limit
+            out_of_time = _out_of_time(
+                time_limit,
+                time.perf_counter() - t_call,
+                dt,
+                len(active),
+                epoch,
+                epochs,
+                finish_reserve,
             )
             out_of_time = any_rank(out_of_time, device, world)  # all ranks stop together
             for r in active:
@@ -243,6 +250,25 @@ def train_many(
 
         dist.barrier()
     return finished
+
+
+def _out_of_time(
+    limit: float | None,
+    elapsed: float,
+    dt: float,
+    n: int,
+    epoch: int,
+    epochs: int,
+    finish_reserve: float = 0.0,
+) -> bool:
+    """Whether a stack that just trained ``epoch`` (``dt`` s, ``n`` runs) must stop now
+    to keep ``limit``: the next epoch and the checkpoints must fit, and when the next epoch
+    is the last, ``finish_reserve`` seconds for the final evaluation as well. Never after
+    the last epoch (the finish follows it)."""
+    if limit is None or epoch + 1 >= epochs:
+        return False
+    need = 2 * dt + 10 + 8 * n + (finish_reserve if epoch + 2 == epochs else 0.0)
+    return elapsed + need > limit
 
 
 def _epoch_end(run, epoch, dt, n, device, world, rank, say, progress):  # type: ignore[no-untyped-def]
