@@ -5,11 +5,12 @@ Tiny random-init models on the CPU; napari under Xvfb."""
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
 import torch
-from qtpy.QtCore import QThreadPool
+from qtpy.QtCore import Qt, QThreadPool
 from test_finetune_widget import FAST, disc_stack, finetune_widget, store
 from test_segment_widget import errors_since, n_records, save_tiny, segment_widget
 
@@ -231,7 +232,19 @@ def test_closing_napari_while_segmenting(make_napari_viewer, qtbot, tmp_path):
     viewer.add_image(np.random.default_rng(0).random((12, 96, 96)), name="vol")
     widget = segment_widget(viewer, ckpt)
     started = []
-    widget._relay.progress.connect(lambda d, t: started.append(d))
+    closed = threading.Event()
+
+    def hold(done, total):  # runs in the worker's thread (direct connection)
+        run_cancel = widget._cancel
+        started.append(done)
+        if closed.wait(30):  # then give the close up to 5 s to reach the run's cancel flag
+            run_cancel.wait(5)
+
+    # The run waits at its first tile until the viewer is closed. Without this, a tiny
+    # volume could finish first under load; napari's close then asks the worker to quit,
+    # and superqt emits neither `returned` nor `errored` for a run that ended after a quit
+    # request: the two CI failures of session 5 ("returned", and no outcome after 60 s).
+    widget._relay.progress.connect(hold, Qt.ConnectionType.DirectConnection)
     files = sorted(p.name for p in tmp_path.rglob("*"))
     worker = widget.run()
     assert worker is not None
@@ -239,6 +252,7 @@ def test_closing_napari_while_segmenting(make_napari_viewer, qtbot, tmp_path):
     qtbot.waitUntil(lambda: bool(started), timeout=60_000)
     cancel = widget._cancel
     viewer.close()
+    closed.set()
     qtbot.waitUntil(cancel.is_set, timeout=10_000)  # closing asked the run to stop
     assert QThreadPool.globalInstance().waitForDone(60_000)
     # 10 s timed out once under a load of 7 on 2 cores: allow 60 s
