@@ -25,7 +25,7 @@ def test_hippocampus_card_is_measured_on_the_stored_intensities(shared_data):
     split = json.loads((REPO_ROOT / test["split"]["file"]).read_text())
     ids = split["test"][:4]
     data = read_dataset("hippocampus", shared_data).subset(ids)
-    tta = "flip TTA" in str(test.get("how", "")) or "flip TTA" in raw.get("engine", "")
+    tta = card.training.get("test_time_augmentation", "none") != "none"  # as evaluated
     got = evaluate(model, card, data, device="cpu", with_hd95=False, tta=tta)
     want = {c["id"]: c for c in raw["cases"]}
     for case in got["cases"]:

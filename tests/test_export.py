@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import socket
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +12,8 @@ from hardening_support import save_tiny
 from napari_prosma.cli import main
 from napari_prosma.export import export_model
 from napari_prosma.export._pydantic_compat import bioimageio_compat
+from napari_prosma.models import read_model_card
 from napari_prosma.preprocess import InputError
-
-REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 @pytest.fixture(autouse=True)
@@ -189,7 +186,7 @@ def test_bundled_3d_model_exports_to_a_valid_package(tmp_path):
     result = export_model("hippocampus_prosma", "bioimageio", tmp_path / "pkg")
     assert "test_model passed" in result.notes[0]
     text = (result.path / "README.md").read_text()
-    sha = json.loads((REPO_MODELS / "hippocampus_prosma.json").read_text())["weights_sha256"]
+    sha = read_model_card("hippocampus_prosma").weights_sha256
     assert sha[:16] in text and "hippocampus" in text.lower()  # the shipped weights' hash
 
 

@@ -10,12 +10,7 @@
 set -u
 SEED=$1; EPOCHS=$2; LIMIT=$3; ARMS=${4:-gate_none,gate_spatial,gate_channel,prosma,gate_exact,prosma_dead01,monai_unet,monai_attention_unet}; KEEP=${5:-}
 T0=${T0:-$(date +%s)}
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site _device/whl/*.whl || exit 2
-export PYTHONPATH=/tmp/site:$PWD/src
-python3 -c "import monai, safetensors, torch; print('monai', monai.__version__, 'safetensors', safetensors.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())" || exit 2
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-mkdir -p _device/runs _device/logs
+. training/device_env.sh
 K=$(echo "$ARMS" | tr ',' '\n' | wc -l)
 if [ "$EPOCHS" = auto ]; then
   python3 benchmarks/training_stack.py --data-root _device/data --k 1 "$K" --epochs 5 --json "$OUT/bench_stack.json" 2>&1 | tee _device/logs/bench_stack.log

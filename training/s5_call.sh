@@ -9,12 +9,7 @@
 set -u
 LIMIT=$1; BUDGET=$2; BUSI=${3:-}
 T0=${T0:-$(date +%s)}
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site _device/whl/*.whl || exit 2
-export PYTHONPATH=/tmp/site:$PWD/src
-python3 -c "import monai, safetensors, torch; print('monai', monai.__version__, 'safetensors', safetensors.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())" || exit 2
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-mkdir -p _device/runs _device/logs
+. training/device_env.sh
 if [ ! -f _device/plan.env ]; then
   python3 training/s5_bench3d.py --train-seconds "$BUDGET" --json _device/bench3d.json --plan _device/plan.env 2>&1 | tee _device/logs/bench3d.log
 fi

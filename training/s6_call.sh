@@ -15,12 +15,7 @@ LIMIT=$1; SPEED=${2:-}
 T0=${T0:-$(date +%s)}
 ARMS=${ARMS:-prosma_poly,prosma_cosine}; EPOCHS=${EPOCHS:-200}; BATCH=${BATCH:-2}
 FINISH_RESERVE=${FINISH_RESERVE:-120}
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site _device/whl/*.whl || exit 2
-export PYTHONPATH=/tmp/site:$PWD/src
-python3 -c "import monai, safetensors, torch; print('monai', monai.__version__, 'safetensors', safetensors.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())" || exit 2
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-mkdir -p _device/runs _device/logs
+. training/device_env.sh
 if [ -n "$SPEED" ] && [ -f _device/jobs/speed/run.sh ]; then
   echo "+$(( $(date +%s) - T0 ))s: speed job"
   bash _device/jobs/speed/run.sh > _device/logs/speed.log 2>&1
