@@ -391,3 +391,17 @@ def test_prosma_train_writes_a_sparsity_range_the_plugin_reads_and_warns_on(tmp_
     ]
     msgs = warn(card.gate_sparsity_range, odd)
     assert len(msgs) == 1 and msgs[0].startswith("stage 2:")
+
+
+def test_a_time_limited_stack_keeps_room_for_the_final_evaluation():
+    """``finish_reserve`` counts only before the last epoch: a call with room for that epoch
+    but not for the final evaluation stops first (a later call trains and finishes), and
+    nothing ever stops after the last epoch."""
+    from napari_prosma.train.stack import _out_of_time
+
+    # 10 epochs (indices 0-9), 5 s each, one run: after index 8 the next one is the last
+    assert not _out_of_time(100, 50, 5, 1, 8, 10)  # 50 + 10 + 10 + 8 = 78 <= 100
+    assert _out_of_time(100, 50, 5, 1, 8, 10, finish_reserve=30)  # + 30 = 108 > 100
+    assert not _out_of_time(100, 50, 5, 1, 7, 10, finish_reserve=30)  # next is not the last
+    assert not _out_of_time(100, 99, 5, 1, 9, 10, finish_reserve=30)  # after the last epoch
+    assert not _out_of_time(None, 1e9, 5, 1, 8, 10, finish_reserve=30)  # no limit
