@@ -405,3 +405,29 @@ def test_a_time_limited_stack_keeps_room_for_the_final_evaluation():
     assert not _out_of_time(100, 50, 5, 1, 7, 10, finish_reserve=30)  # next is not the last
     assert not _out_of_time(100, 99, 5, 1, 9, 10, finish_reserve=30)  # after the last epoch
     assert not _out_of_time(None, 1e9, 5, 1, 8, 10, finish_reserve=30)  # no limit
+
+
+def test_empty_share_draws_every_lesion_image_once_and_normals_to_the_share():
+    import numpy as np
+    import torch
+
+    from napari_prosma.train.loop import empty_indices, epoch_draws_per_pass, epoch_order
+
+    labels = np.zeros((20, 4, 4), np.uint8)
+    labels[[i for i in range(20) if i not in (3, 7)], 1, 1] = 1
+    empty = empty_indices(labels)
+    assert empty.tolist() == [3, 7]
+    gen = torch.Generator().manual_seed(0)
+    assert sorted(epoch_order(20, empty, 0.0, gen).tolist()) == list(range(20))
+    order = epoch_order(20, empty, 0.25, gen).tolist()
+    assert len(order) == epoch_draws_per_pass(20, 2, 0.25) == 18 + 6
+    counts = np.bincount(order, minlength=20)
+    assert (np.delete(counts, [3, 7]) == 1).all() and counts[3] == counts[7] == 3
+    assert order != sorted(order)  # shuffled together, not appended
+    assert epoch_draws_per_pass(20, 0, 0.25) == 20  # nothing empty: one plain pass
+    with pytest.raises(ValueError, match="empty_share"):
+        TrainConfig.from_dict({"empty_share": 1.0})
+    with pytest.raises(ValueError, match="empty_share"):
+        TrainConfig.from_dict(
+            {"dataset": "hippocampus", "patch_size": [8, 8, 8], "empty_share": 0.2}
+        )

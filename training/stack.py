@@ -29,6 +29,9 @@ ARMS: dict[str, dict] = {
     "prosma": {},
     "gate_exact": {"gate": "exact"},
     "prosma_dead01": {"dead_slope": 0.1},
+    # issue 14: normal scans (empty masks) drawn to a quarter of every epoch
+    "gate_exact_normal25": {"gate": "exact", "empty_share": 0.25},
+    "prosma_normal25": {"empty_share": 0.25},
     "monai_unet": {"arch": "monai_unet"},
     "monai_attention_unet": {"arch": "monai_attention_unet"},
     # issue 15 (hippocampus): the schedule chosen on val, for ProSMA and the MONAI U-Net

@@ -30,13 +30,16 @@ from pathlib import Path
 import numpy as np
 
 RUNS = Path(__file__).resolve().parent / "runs" / "leakfree"
-NAME = re.compile(r"^busi_(?P<arm>.+)_s(?P<seed>\d)$")
+#: Table 1's Kvasir-SEG and GlaS runs (``--dataset kvasir|glas``).
+RUNS_TABLE1 = Path(__file__).resolve().parent / "runs" / "table1"
+CLASS = {"busi": "lesion", "kvasir": "polyp", "glas": "gland"}
 ORDER = [
     "gate_none",
     "gate_spatial",
     "gate_channel",
     "prosma",
     "gate_exact",
+    "gate_exact_normal25",
     "prosma_dead01",
     "monai_unet",
     "monai_attention_unet",
@@ -47,24 +50,28 @@ TITLE = {
     "gate_channel": "channel gate only",
     "prosma": "full (ProSMA, paper's form)",
     "gate_exact": "full + exact removal",
+    "gate_exact_normal25": "full + exact removal, normal scans 25 % of draws",
     "prosma_dead01": "full + dead-gate remedy",
     "monai_unet": "U-Net (MONAI)",
     "monai_attention_unet": "Attention U-Net (MONAI)",
 }
 
 
-def load_runs() -> dict[tuple[str, int], dict]:
-    """``{(arm, seed): row}`` with the table numbers and the per-image lesion Dice."""
+def load_runs(dataset: str = "busi") -> dict[tuple[str, int], dict]:
+    """``{(arm, seed): row}`` with the table numbers and the per-image target Dice."""
     out = {}
-    for path in sorted(RUNS.glob("busi_*_s*.json")):
-        m = NAME.match(path.stem)
+    name = re.compile(rf"^{dataset}_(?P<arm>.+)_s(?P<seed>\d)$")
+    cls = CLASS[dataset]
+    for path in sorted((RUNS if dataset == "busi" else RUNS_TABLE1).glob(f"{dataset}_*_s*.json")):
+        m = name.match(path.stem)
         if not m:
             continue
         res = json.loads(path.read_text())
-        rep = res["evaluation"]["report"]["per_class"]["lesion"]
+        rep = res["evaluation"]["report"]["per_class"][cls]
+        rep.setdefault("no_target", {"fp_share": 0.0, "n": 0})
         sel = res["card"]["training"]["selected"]
         per_image = {
-            c["id"]: c["lesion"]["dice"]
+            c["id"]: c[cls]["dice"]
             for c in res["evaluation"]["cases"]
             if not c["id"].startswith("normal")
         }
@@ -123,11 +130,12 @@ def table3(runs: dict) -> list[str]:
         lo = sum(col("hd95_left_out"))
         fp = sum(r["normal_fp"] * r["n_normal"] / 100 for r in rows)
         nn = sum(r["n_normal"] for r in rows)
+        painted = f"{fp:.0f}/{nn} = {100 * fp / nn:.0f} %" if nn else "–"
         lines.append(
             f"| {TITLE[arm]} | {len(rows)} | {_ms(col('dice'))} | {_ms(col('iou'))} | "
             f"{_ms(col('ukan_f1'))} / {_ms(col('ukan_iou'))} | {_ms(col('fail0'), 1)} % | "
             f"{_ms(col('fail05'), 1)} % | {_ms(col('hd95'), 1)} ({lo}) | "
-            f"{fp:.0f}/{nn} = {100 * fp / nn:.0f} % | {', '.join(str(e) for e in col('epoch'))} |"
+            f"{painted} | {', '.join(str(e) for e in col('epoch'))} |"
         )
     return lines
 
@@ -139,7 +147,7 @@ def paired(runs: dict, ref: str = "prosma") -> list[str]:
     lines = [
         f"| arm − {ref} | "
         + " | ".join(f"seed {s}: Δ Dice [95 % CI]" for s in seeds)
-        + " | 3 seeds pooled: Δ [95 % CI], Wilcoxon p |",
+        + f" | {len(seeds)} seed(s) pooled: Δ [95 % CI], Wilcoxon p |",
         "|---|" + "---|" * (len(seeds) + 1),
     ]
     for arm in ORDER:
@@ -176,7 +184,12 @@ def per_run(runs: dict) -> list[str]:
             f"| {r['run']} | {r['epochs']} | {r['epoch']} ({r['val']:.1f}) | {r['dice']:.2f} | "
             f"{r['iou']:.2f} | {r['dice_median']:.1f} | {r['ukan_f1']:.2f} | {r['fail0']:.1f} % | "
             f"{r['fail05']:.1f} % | {r['hd95']:.1f} ({r['hd95_left_out']}) | "
-            f"{r['normal_fp'] * r['n_normal'] / 100:.0f}/{r['n_normal']} | "
+            + (
+                f"{r['normal_fp'] * r['n_normal'] / 100:.0f}/{r['n_normal']}"
+                if r["n_normal"]
+                else "–"
+            )
+            + " | "
             f"{r['train_seconds']:.0f} |"
         )
     return lines
@@ -185,8 +198,9 @@ def per_run(runs: dict) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--dataset", default="busi", choices=sorted(CLASS))
     args = ap.parse_args()
-    runs = load_runs()
+    runs = load_runs(args.dataset)
     print("\n".join(table3(runs)), "\n")
     print("\n".join(paired(runs)), "\n")
     print("\n".join(per_run(runs)))

@@ -57,6 +57,7 @@ class Run:
     net: Any = None
     perm: Any = None
     rand: Any = None
+    empty_idx: Any = None  # 2D: indices of training images with an empty mask
 
 
 def lambdas(model: Any) -> list[list[float]]:
@@ -106,6 +107,41 @@ def build_step(run: Run, loss_fn: Any, amp: bool, use_cl: bool, device: Any) -> 
     run.body = body  # type: ignore[attr-defined]
 
 
+def empty_indices(labels: Any) -> Any:
+    """Indices (int64 tensor) of the images whose mask is empty; ``labels (N, H, W)``."""
+    import torch
+
+    lab = np.asarray(labels)
+    return torch.from_numpy(np.flatnonzero(lab.reshape(len(lab), -1).max(axis=1) == 0))
+
+
+def epoch_draws_per_pass(n: int, n_empty: int, share: float) -> int:
+    """How many images one epoch draws: ``n``, or with ``share`` > 0 every image with a
+    lesion once plus empty-mask images making up ``share`` of the draws."""
+    if share <= 0 or n_empty == 0:
+        return n
+    return (n - n_empty) + math.ceil((n - n_empty) * share / (1 - share))
+
+
+def epoch_order(n: int, empty_idx: Any, share: float, gen: Any) -> Any:
+    """One epoch's image order: a permutation of ``range(n)``, or with ``share`` > 0 every
+    image with a lesion once and the empty-mask images ``empty_idx`` repeated (a fresh
+    permutation of them each round) to ``share`` of the draws, shuffled together."""
+    import torch
+
+    if share <= 0 or empty_idx is None or len(empty_idx) == 0:
+        return torch.randperm(n, generator=gen)
+    is_empty = torch.zeros(n, dtype=torch.bool)
+    is_empty[empty_idx] = True
+    other = torch.nonzero(~is_empty).flatten()
+    k = epoch_draws_per_pass(n, len(empty_idx), share) - len(other)
+    rounds = [empty_idx[torch.randperm(len(empty_idx), generator=gen)]]
+    while sum(len(r) for r in rounds) < k:
+        rounds.append(empty_idx[torch.randperm(len(empty_idx), generator=gen)])
+    drawn = torch.cat([other, torch.cat(rounds)[:k]])
+    return drawn[torch.randperm(len(drawn), generator=gen)]
+
+
 def epoch_draws(run: Run, epoch: int, rank: int, world: int, device: Any) -> None:
     """This epoch's image order (the seed's permutation, this rank's share) and, in 2D, the
     augmentation draws of every step, both made outside any graph."""
@@ -115,7 +151,7 @@ def epoch_draws(run: Run, epoch: int, rank: int, world: int, device: Any) -> Non
     if cfg.dims != 2:
         return
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    perm = torch.randperm(n, generator=gen)[rank::world][:need]
+    perm = epoch_order(n, run.empty_idx, cfg.empty_share, gen)[rank::world][:need]
     if len(perm) < need:  # iters_per_epoch beyond one pass
         perm = perm.repeat(math.ceil(need / max(len(perm), 1)))
     run.perm = perm[:need].to(device)

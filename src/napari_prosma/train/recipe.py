@@ -89,6 +89,10 @@ class TrainConfig:
     loss: str = "bce_dice"
     patch_size: list[int] | None = None  # 3D
     fg_fraction: float = 0.33
+    # 2D: share of each epoch's draws taken from images with an empty mask (e.g. BUSI's
+    # normal scans); every other image is still seen once per epoch, so the epoch grows
+    # to n_other / (1 - empty_share) draws. 0: one plain pass over all images.
+    empty_share: float = 0.0
     permute_axes: bool = False
     augment: str = "flips"  # 3D: "flips" or "nnunet" (augment3d: spatial + intensity)
     lr_schedule: str = "cosine"  # "cosine" or "poly" (nnU-Net's (1 - t)^0.9), per epoch
@@ -146,6 +150,10 @@ class TrainConfig:
             raise ValueError("lr_schedule must be 'cosine' or 'poly'")
         if self.augment not in ("flips", "nnunet"):
             raise ValueError("augment must be 'flips' or 'nnunet'")
+        if not 0.0 <= self.empty_share < 1.0:
+            raise ValueError("empty_share must be in [0, 1)")
+        if self.empty_share and self.dims != 2:
+            raise ValueError("empty_share is for 2D recipes (3D draws patches by fg_fraction)")
         if self.select not in ("auto", "best_val", "last"):
             raise ValueError("select must be 'auto', 'best_val' or 'last'")
 

@@ -17,7 +17,16 @@ from typing import Any
 
 from ..fs import atomic_write_bytes
 from .ddp import any_rank, rank_streams, resumed_line
-from .loop import Run, after_epoch, build_step, epoch_draws, log_line, run_epoch
+from .loop import (
+    Run,
+    after_epoch,
+    build_step,
+    empty_indices,
+    epoch_draws,
+    epoch_draws_per_pass,
+    log_line,
+    run_epoch,
+)
 
 RESUME_FILES = ("last.safetensors", "last.json", "last_optim.safetensors")
 BEST_FILES = ("best.safetensors", "best.json")
@@ -73,13 +82,17 @@ def setup_run(cfg: Any, device: Any, world: int, rank: int, say: Callable[[str],
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
     bsz = cfg.batch_size // world
+    empty_idx = None
     if cfg.dims == 2:
-        steps = cfg.iters_per_epoch or (data.n // world) // bsz
+        empty_idx = empty_indices(train_ds.labels)
+        per_pass = epoch_draws_per_pass(data.n, len(empty_idx), cfg.empty_share)
+        steps = cfg.iters_per_epoch or (per_pass // world) // bsz
         if steps < 1:
             raise ValueError(f"{data.n} training images are too few for batch {cfg.batch_size}")
     else:
         steps = cfg.iters_per_epoch or max(data.n // cfg.batch_size, 1)
     run = Run(cfg, out, model, card, opt, data, train_ds, val_ds, test_ds, split_desc, steps, bsz)
+    run.empty_idx = empty_idx
     if cfg.resume and (out / "last.json").exists():
         run.start_epoch, old = _read_resume(out, model, opt, device)
         run.history = list(old.training.get("history", []))
@@ -338,6 +351,12 @@ def finish_run(run: Run, device: Any, world: int, wall: float, command: Any, say
         "selected": chosen,
         "batch_size": cfg.batch_size,
         "steps_per_epoch": run.steps,
+        "sampling": (
+            f"every image with a lesion once per epoch; the {len(run.empty_idx)} training "
+            f"images with an empty mask repeated to {cfg.empty_share:.0%} of the draws"
+            if cfg.empty_share and run.empty_idx is not None and len(run.empty_idx)
+            else "one pass over the training images per epoch"
+        ),
         "optimizer": _describe_optimizer(cfg),
         "loss": cfg.loss,
         "augmentation": (
