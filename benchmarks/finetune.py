@@ -327,7 +327,7 @@ def busi_images(stems: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     order = {k: i for i, k in enumerate(ds.ids)}
     return (
         [np.ascontiguousarray(ds.images[order[s]][0]) for s in stems],
-        [np.asarray(ds.masks[order[s]]) for s in stems],
+        [np.asarray(ds.labels[order[s]]) for s in stems],
     )
 
 
@@ -646,6 +646,10 @@ def run_case(
                 "saved": saved,
                 "n_report": result.n_report,
                 "holdout_curve": [[st, _r(d)] for st, d in result.curve],
+                "forgetting_guard": result.card.metrics.get("finetune_holdout", {}).get(
+                    "forgetting_guard"
+                ),
+                "notes": list(result.notes),
                 "whole": result.whole,
                 "source_dice_before": _r(statistics.fmean(src_before)) if src_imgs else None,
                 "source_dice_after": _r(statistics.fmean(src_after)) if src_imgs else None,

@@ -842,3 +842,56 @@ def test_a_good_model_fits_its_corrections_and_is_not_broken_by_the_first_steps(
     rest = (rest_before, _mean_dice(res.model, card, rest_i, rest_m))
     assert fixed[1] > fixed[0] + 0.01, fixed
     assert rest[1] > rest[0] - 0.02, rest
+
+
+def test_forgetting_guard_refuses_states_that_forget_the_parents_images(
+    parent, tmp_path, monkeypatch
+):
+    """Issue 20 (a): fine-tuning on a few hard images raised the held-out Dice of the
+    corrections while the parent's other images got worse (0.881 -> 0.832). The guard
+    measures ``forgetting_guard`` replay images the run does not train on and keeps a
+    state only if their Dice stays within ``max_forgetting`` of the parent's."""
+    import napari_prosma.finetune.loop as ft
+    from napari_prosma.finetune.replay import ReplaySet
+
+    images, labels = _disc_images(4)
+    base_i, base_l = _disc_images(6, seed=7)
+    replay = ReplaySet(
+        [(i, lab, None) for i, lab in zip(base_i, base_l)], "discs", "replaying 6", list("abcdef")
+    )
+
+    def scored(sel, guard):
+        it = {"sel": iter(sel), "guard": iter(guard)}
+        seen = []
+
+        def fake(model, card, units, device, cancel=None):
+            role = "guard" if len(units) == 3 else "sel"  # 3 of 6 replay units guard
+            seen.append(role)
+            return next(it[role])
+
+        return fake, seen
+
+    cfg = _cfg(max_steps=6, eval_every=2, patience=5, forgetting_guard=3, replay_fraction=0.5)
+    # the corrections' held-out Dice rises, the guard images fall by 0.05: nothing is kept
+    fake, seen = scored(sel=[0.2, 0.5, 0.6, 0.7, 0.7], guard=[0.9, 0.85, 0.85, 0.84])
+    monkeypatch.setattr(ft, "holdout_dice", fake)
+    store = ModelStore(tmp_path / "s1")
+    store.activate("parent-name")
+    with pytest.raises(InputError) as info:
+        run_finetune(parent, images, labels, store=store, replay=replay, config=cfg)
+    res = info.value.result
+    assert seen[:2] == ["sel", "guard"] and seen.count("guard") == 4
+    assert res.kept_parent and store.active() == "parent-name" and store.versions() == []
+    assert res.replay["patches"] > 0
+    assert any("3 state(s) that did better" in n and "0.02" in n for n in res.notes), res.notes
+    # within 0.02 of the parent: the best held-out state is kept and activated
+    fake, _ = scored(sel=[0.2, 0.5, 0.6, 0.7, 0.7], guard=[0.9, 0.89, 0.95, 0.85])
+    monkeypatch.setattr(ft, "holdout_dice", fake)
+    store = ModelStore(tmp_path / "s2")
+    res, vid = run_finetune(parent, images, labels, store=store, replay=replay, config=cfg)
+    assert not res.kept_parent and store.active() == vid
+    g = store.get(vid).card.metrics["finetune_holdout"]["forgetting_guard"]
+    assert g["n"] == 3 and g["dice_parent"] == 0.9 and g["dice_kept"] == 0.95
+    assert g["states_refused"] == 1  # step 6: 0.7 beat 0.6, but its guard Dice fell to 0.85
+    with pytest.raises(InputError, match="forgetting_guard"):
+        FinetuneConfig(forgetting_guard=-1).validate()

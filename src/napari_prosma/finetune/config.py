@@ -46,10 +46,18 @@ class FinetuneConfig:
             many ``eval_every`` steps are done; the curve of held-out Dice then still has
             this many points besides the one before training).
         patience: evaluations without improvement before stopping.
+        min_improvement: how much a held-out Dice must beat the best so far to count as
+            better (2 or 3 held-out images: smaller changes are noise, and a "new version"
+            that differs from its parent by 0.0001 only clutters the versions list).
         replay_fraction: share of each batch drawn from the base model's training samples
             when they are given (limits forgetting); ``batch_size * replay_fraction``
             patches per step, the fractional part drawn at random.
         replay_samples: base-model samples read for replay at most.
+        forgetting_guard: replay samples kept out of replay training and measured at every
+            held-out evaluation (when at least twice as many are given); a state is kept only
+            if their Dice has not fallen by more than ``max_forgetting`` from the parent's.
+            0: no guard.
+        max_forgetting: the Dice the guard allows the parent's own images to lose.
         slice_axis: the volume axis along which a 2D model takes corrected slices (and a
             3D model crops to the slab of corrected slices).
         whole_report: also segment the user's whole images and volumes with the parent
@@ -72,8 +80,11 @@ class FinetuneConfig:
     eval_every: int = 20
     min_evals: int = 5
     patience: int = 4
+    min_improvement: float = 0.005
     replay_fraction: float = 0.25
     replay_samples: int = 32
+    forgetting_guard: int = 8
+    max_forgetting: float = 0.02
     slice_axis: int = 0
     whole_report: bool = True
     device: str = "auto"
@@ -91,6 +102,10 @@ class FinetuneConfig:
             raise InputError("holdout_fraction must lie in [0, 1)")
         if not 0 <= self.replay_fraction < 1:
             raise InputError("replay_fraction must lie in [0, 1)")
+        if not 0 <= self.min_improvement < 1:
+            raise InputError("min_improvement must lie in [0, 1)")
+        if self.forgetting_guard < 0 or not 0 <= self.max_forgetting <= 1:
+            raise InputError("forgetting_guard must be 0 or more and max_forgetting in [0, 1]")
         if self.slice_axis not in (0, 1, 2):
             raise InputError(f"slice_axis must be 0, 1 or 2, not {self.slice_axis}")
 

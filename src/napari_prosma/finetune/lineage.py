@@ -177,6 +177,25 @@ def _notes(replay: dict[str, Any], fraction: float, n_report: int, independent: 
     return [n for n in notes if n]
 
 
+def _guard_notes(run: _Run, out: _Outcome) -> list[str]:
+    """What the forgetting guard did, in plain words (nothing without a guard)."""
+    if not run.guard or out.guard_before is None:
+        return []
+    n, lim = len(run.guard), run.cfg.max_forgetting
+    said = (
+        f"forgetting guard: {n} of the parent's own training images (not trained on) scored "
+        f"Dice {out.guard_before:.3f} with the parent"
+    )
+    if out.guard_kept is not None and out.beaten:
+        said += f" and {out.guard_kept:.3f} with the state kept"
+    if out.guard_rejected:
+        said += (
+            f"; {out.guard_rejected} state(s) that did better on your held-out corrections were "
+            f"not kept because they lost more than {lim:.2f} Dice there"
+        )
+    return [said]
+
+
 def _result(
     run: _Run,
     out: _Outcome,
@@ -202,6 +221,13 @@ def _result(
         "selection_dice_after": after[0],
         "n_selection": len(run.sel),
         "independent_report": run.independent,
+        "forgetting_guard": {
+            "n": len(run.guard),
+            "max_forgetting": cfg.max_forgetting,
+            "dice_parent": out.guard_before,
+            "dice_kept": out.guard_kept,
+            "states_refused": out.guard_rejected,
+        },
     }
     return FinetuneResult(
         net.cpu(),
@@ -230,7 +256,9 @@ def _result(
         n_report=len(run.rep),
         independent_report=run.independent,
         replay=record,
-        notes=label_notes + _notes(record, cfg.holdout_fraction, len(run.rep), run.independent),
+        notes=label_notes
+        + _notes(record, cfg.holdout_fraction, len(run.rep), run.independent)
+        + _guard_notes(run, out),
         kept_parent=bool(run.sel) and not out.beaten,
         whole=extras["whole"],
     )

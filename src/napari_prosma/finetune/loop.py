@@ -78,6 +78,7 @@ class _Run:
     cancelled: Callable[[], bool]
     progress: Callable[[FinetuneProgress], None] | None
     t0: float = field(default_factory=time.perf_counter)
+    guard: list[Unit] = field(default_factory=list)  # replay units measured, not trained on
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -110,6 +111,9 @@ class _Outcome:
     stopped: str = "max_steps"
     replayed: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    guard_before: float | None = None  # the forgetting guard's Dice: the parent's
+    guard_kept: float | None = None  # ... and the kept state's
+    guard_rejected: int = 0  # better held-out states refused because they forgot
 
 
 def finetune(
@@ -270,6 +274,13 @@ def _setup(
     )
     train_idx, sel_idx, rep_idx = split_units(len(units), cfg.holdout_fraction, rng)
     replay_units, replay_record = _replay_units(replay, card)
+    k, guard = cfg.forgetting_guard, []
+    if k and len(replay_units) >= 2 * k:  # the set is a seeded pick in id order: last k
+        replay_units, guard = replay_units[:-k], replay_units[-k:]
+        msg = (
+            f"{replay_record.get('message', '')} ({k} of them not trained on: the forgetting guard)"
+        )
+        replay_record = {**replay_record, "forgetting_guard": k, "message": msg.strip()}
     device = resolve_device(cfg.device)
     fmt = memory_format(device, card.spatial_dims)  # channels-last: faster on CPU and CUDA
     return _Run(
@@ -290,6 +301,7 @@ def _setup(
         cancelled=_cancel_check(cancel),
         progress=progress,
         t0=t0,
+        guard=guard,
     )
 
 
@@ -309,6 +321,7 @@ def _train(run: _Run, sel_before: float | None) -> _Outcome:
         best=sel_before if sel_before is not None else -math.inf,
         best_state=copy.deepcopy(net.state_dict()) if run.sel else None,
     )
+    out.guard_before = out.guard_kept = run.measure(run.guard) if run.sel and run.guard else None
     stale = 0
     every, every_s = _eval_spacing(cfg)
     start = last_eval = run.elapsed()  # the budget counts training and its evaluations
@@ -330,10 +343,13 @@ def _train(run: _Run, sel_before: float | None) -> _Outcome:
             _freeze_norm_stats(net)
             out.history[-1]["holdout_dice"] = d
             run.report(step, lv, d, "eval")
-            if d is not None and d > out.best:
-                out.best, stale, out.beaten = d, 0, True
+            g = _guard_dice(run, out, step)
+            better = d is not None and d > out.best + cfg.min_improvement
+            if better and _remembers(cfg, out, g):
+                out.best, stale, out.beaten, out.guard_kept = d, 0, True, g
                 out.best_state = copy.deepcopy(net.state_dict())
             else:
+                out.guard_rejected += better
                 stale += 1
                 if stale >= cfg.patience:
                     out.stopped = "early_stopping"
@@ -342,6 +358,24 @@ def _train(run: _Run, sel_before: float | None) -> _Outcome:
             out.stopped = "time_budget"
             break
     return out
+
+
+def _guard_dice(run: _Run, out: _Outcome, step: int) -> float | None:
+    """The forgetting guard's Dice now (None without a guard), recorded in the history."""
+    if not run.guard:
+        return None
+    g = run.measure(run.guard)
+    _freeze_norm_stats(run.net)
+    out.history[-1]["guard_dice"] = g
+    return g
+
+
+def _remembers(cfg: FinetuneConfig, out: _Outcome, g: float | None) -> bool:
+    """Whether a state keeps the parent's own images: guard Dice within ``max_forgetting``
+    of the parent's (always, without a guard)."""
+    if g is None or out.guard_before is None:
+        return True
+    return g >= out.guard_before - cfg.max_forgetting
 
 
 def _eval_spacing(cfg: FinetuneConfig) -> tuple[int, float]:
