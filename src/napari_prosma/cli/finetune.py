@@ -39,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--time-budget", type=float, default=120.0, help="seconds (0: no limit)")
     p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--min-improvement", type=float, default=0.005, help="held-out Dice gain")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument(
@@ -181,6 +182,7 @@ def _config(args: argparse.Namespace) -> Any:
         max_steps=args.max_steps,
         time_budget_s=args.time_budget or None,
         lr=args.lr,
+        min_improvement=args.min_improvement,
         batch_size=args.batch_size,
         replay_fraction=args.replay_fraction,
         holdout_fraction=args.holdout_fraction,

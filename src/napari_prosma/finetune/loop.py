@@ -25,6 +25,7 @@ from .config import (
     FinetuneProgress,
     FinetuneResult,
 )
+from .guard import _guard_dice, _remembers
 from .lineage import _result, check_naming, data_entries
 from .net import (
     _freeze_norm_stats,
@@ -358,24 +359,6 @@ def _train(run: _Run, sel_before: float | None) -> _Outcome:
             out.stopped = "time_budget"
             break
     return out
-
-
-def _guard_dice(run: _Run, out: _Outcome, step: int) -> float | None:
-    """The forgetting guard's Dice now (None without a guard), recorded in the history."""
-    if not run.guard:
-        return None
-    g = run.measure(run.guard)
-    _freeze_norm_stats(run.net)
-    out.history[-1]["guard_dice"] = g
-    return g
-
-
-def _remembers(cfg: FinetuneConfig, out: _Outcome, g: float | None) -> bool:
-    """Whether a state keeps the parent's own images: guard Dice within ``max_forgetting``
-    of the parent's (always, without a guard)."""
-    if g is None or out.guard_before is None:
-        return True
-    return g >= out.guard_before - cfg.max_forgetting
 
 
 def _eval_spacing(cfg: FinetuneConfig) -> tuple[int, float]:

@@ -151,7 +151,8 @@ def epoch_draws(run: Run, epoch: int, rank: int, world: int, device: Any) -> Non
     if cfg.dims != 2:
         return
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    perm = epoch_order(n, run.empty_idx, cfg.empty_share, gen)[rank::world][:need]
+    share = getattr(cfg, "empty_share", 0.0)
+    perm = epoch_order(n, getattr(run, "empty_idx", None), share, gen)[rank::world][:need]
     if len(perm) < need:  # iters_per_epoch beyond one pass
         perm = perm.repeat(math.ceil(need / max(len(perm), 1)))
     run.perm = perm[:need].to(device)
