@@ -199,8 +199,9 @@ def test_the_2d_sampler_shares_each_epoch_out_by_the_number_of_processes():
         out = []
         for rank in range(world):
             run = SimpleNamespace(
-                cfg=SimpleNamespace(dims=2, seed=3),
+                cfg=SimpleNamespace(dims=2, seed=3, empty_share=0.0),
                 data=SimpleNamespace(n=40),
+                empty_idx=None,
                 steps=5,
                 bsz=8 // world,  # global batch 8
             )

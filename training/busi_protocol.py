@@ -31,6 +31,7 @@ from napari_prosma.protocol import (  # noqa: E402
     check_split,
     duplicate_groups,
     grouped_split,
+    write_or_check,
 )
 
 SEEDS = (0, 1, 2)
@@ -74,16 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     files = build(args.data_root)
     out = HERE / "splits"
-    bad = []
-    for name, text in files.items():
-        path = out / name
-        if args.check:
-            if not path.exists() or path.read_text() != text:
-                bad.append(name)
-            continue
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    bad = write_or_check(files, out, args.check)
     g = json.loads(files["busi_groups.json"])
     print(
         f"{len(g['pairs'])} pairs (r > {THRESHOLD}), {len(g['exact'])} exact duplicate(s), "

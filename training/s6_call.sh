@@ -16,12 +16,7 @@ T0=${T0:-$(date +%s)}
 ARMS=${ARMS:-prosma_poly,prosma_cosine}; EPOCHS=${EPOCHS:-200}; BATCH=${BATCH:-2}
 FINISH_RESERVE=${FINISH_RESERVE:-120}
 . training/device_env.sh
-if [ -n "$SPEED" ] && [ -f _device/jobs/speed/run.sh ]; then
-  echo "+$(( $(date +%s) - T0 ))s: speed job"
-  bash _device/jobs/speed/run.sh > _device/logs/speed.log 2>&1
-  tail -n 30 _device/logs/speed.log
-  rm -rf _device/jobs/speed/models _device/jobs/speed/data
-fi
+[ -n "$SPEED" ] && speed_job
 left=$(( LIMIT - ($(date +%s) - T0) - 30 ))
 echo "+$(( $(date +%s) - T0 ))s: $ARMS batch $BATCH epochs $EPOCHS, ${left} s left" | tee -a _device/logs/calls.log
 if [ "$left" -gt 60 ]; then

@@ -21,12 +21,7 @@ SETS=${SETS:-}
 KEEP=${KEEP:-all}  # runs whose weights come back ("all": every finished run)
 FINISH_RESERVE=${FINISH_RESERVE:-45}
 . training/device_env.sh
-if [ -n "$SPEED" ] && [ -f _device/jobs/speed/run.sh ]; then
-  echo "+$(( $(date +%s) - T0 ))s: speed job"
-  bash _device/jobs/speed/run.sh > _device/logs/speed.log 2>&1
-  tail -n 30 _device/logs/speed.log
-  rm -rf _device/jobs/speed/models _device/jobs/speed/data
-fi
+[ -n "$SPEED" ] && speed_job
 for SEED in $SEEDS; do
   left=$(( LIMIT - ($(date +%s) - T0) - 25 ))
   echo "+$(( $(date +%s) - T0 ))s: seed $SEED, $ARMS, $EPOCHS epochs, ${left} s left" | tee -a _device/logs/calls.log

@@ -34,6 +34,7 @@ from napari_prosma.protocol import (  # noqa: E402
     duplicate_groups,
     glas_official_split,
     grouped_split,
+    write_or_check,
 )
 
 SEEDS = (0, 1, 2)
@@ -131,16 +132,7 @@ def main() -> None:
     args = ap.parse_args()
     files = {**kvasir_files(args.data_root), **glas_files(args.data_root)}
     out = HERE / "splits"
-    bad = []
-    for name, text in files.items():
-        path = out / name
-        if args.check:
-            if not path.exists() or path.read_text() != text:
-                bad.append(name)
-            continue
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    bad = write_or_check(files, out, args.check)
     for ds in ("kvasir", "glas"):
         g = json.loads(files[f"{ds}_groups.json"])
         print(

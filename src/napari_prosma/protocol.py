@@ -227,3 +227,22 @@ def read_split(path: str | os.PathLike[str]) -> dict[str, Any]:
             if overlap:
                 raise ValueError(f"split {path}: {len(overlap)} id(s) in both {k} and {b}")
     return s
+
+
+def write_or_check(
+    files: Mapping[str, str], folder: str | os.PathLike[str], check: bool = False
+) -> list[str]:
+    """Write each ``{name: text}`` of a protocol script into ``folder`` (atomically), or with
+    ``check`` write nothing and return the names whose committed file is missing or
+    differs (empty when all match)."""
+    from .fs import atomic_write_bytes
+
+    bad = []
+    for name, text in files.items():
+        path = Path(folder) / name
+        if check:
+            if not path.exists() or path.read_text() != text:
+                bad.append(name)
+        else:
+            atomic_write_bytes(path, text.encode())
+    return bad

@@ -10,7 +10,7 @@ from .config import FinetuneConfig
 from .net import _freeze_norm_stats
 
 
-def _guard_dice(run: Any, out: Any, step: int) -> float | None:
+def _guard_dice(run: Any, out: Any) -> float | None:
     """The forgetting guard's Dice now (None without a guard), recorded in the history."""
     if not run.guard:
         return None

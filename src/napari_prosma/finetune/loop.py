@@ -344,7 +344,7 @@ def _train(run: _Run, sel_before: float | None) -> _Outcome:
             _freeze_norm_stats(net)
             out.history[-1]["holdout_dice"] = d
             run.report(step, lv, d, "eval")
-            g = _guard_dice(run, out, step)
+            g = _guard_dice(run, out)
             better = d is not None and d > out.best + cfg.min_improvement
             if better and _remembers(cfg, out, g):
                 out.best, stale, out.beaten, out.guard_kept = d, 0, True, g

@@ -135,9 +135,10 @@ def epoch_order(n: int, empty_idx: Any, share: float, gen: Any) -> Any:
     is_empty[empty_idx] = True
     other = torch.nonzero(~is_empty).flatten()
     k = epoch_draws_per_pass(n, len(empty_idx), share) - len(other)
-    rounds = [empty_idx[torch.randperm(len(empty_idx), generator=gen)]]
-    while sum(len(r) for r in rounds) < k:
-        rounds.append(empty_idx[torch.randperm(len(empty_idx), generator=gen)])
+    rounds = [
+        empty_idx[torch.randperm(len(empty_idx), generator=gen)]
+        for _ in range(max(math.ceil(k / len(empty_idx)), 1))
+    ]
     drawn = torch.cat([other, torch.cat(rounds)[:k]])
     return drawn[torch.randperm(len(drawn), generator=gen)]
 
@@ -151,8 +152,7 @@ def epoch_draws(run: Run, epoch: int, rank: int, world: int, device: Any) -> Non
     if cfg.dims != 2:
         return
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    share = getattr(cfg, "empty_share", 0.0)
-    perm = epoch_order(n, getattr(run, "empty_idx", None), share, gen)[rank::world][:need]
+    perm = epoch_order(n, run.empty_idx, cfg.empty_share, gen)[rank::world][:need]
     if len(perm) < need:  # iters_per_epoch beyond one pass
         perm = perm.repeat(math.ceil(need / max(len(perm), 1)))
     run.perm = perm[:need].to(device)

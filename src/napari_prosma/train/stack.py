@@ -84,8 +84,10 @@ def setup_run(cfg: Any, device: Any, world: int, rank: int, say: Callable[[str],
     bsz = cfg.batch_size // world
     empty_idx = None
     if cfg.dims == 2:
-        empty_idx = empty_indices(train_ds.labels)
-        per_pass = epoch_draws_per_pass(data.n, len(empty_idx), cfg.empty_share)
+        if cfg.empty_share:
+            empty_idx = empty_indices(train_ds.labels)
+        n_empty = 0 if empty_idx is None else len(empty_idx)
+        per_pass = epoch_draws_per_pass(data.n, n_empty, cfg.empty_share)
         steps = cfg.iters_per_epoch or (per_pass // world) // bsz
         if steps < 1:
             raise ValueError(f"{data.n} training images are too few for batch {cfg.batch_size}")
