@@ -480,6 +480,12 @@ def main(argv: list[str] | None = None) -> int:
         "set its card names, when available), none, or both, one row each",
     )
     ap.add_argument("--replay-fraction", type=float, default=FinetuneConfig().replay_fraction)
+    ap.add_argument(
+        "--anchor",
+        type=float,
+        default=FinetuneConfig().anchor,
+        help="L2-SP pull towards the parent's weights (FinetuneConfig.anchor)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", type=Path, default=None)
@@ -504,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "replay_fraction": args.replay_fraction,
         "replay_samples": FinetuneConfig().replay_samples,
+        "anchor": args.anchor,
         "labels": "ground-truth masks stand for the user's corrections",
     }
 
@@ -586,6 +593,7 @@ def run_case(
                 patience=args.patience,
                 batch_size=args.batch_size,
                 replay_fraction=args.replay_fraction,
+                anchor=args.anchor,
                 device=args.device,
                 seed=args.seed,
             )

@@ -895,3 +895,34 @@ def test_forgetting_guard_refuses_states_that_forget_the_parents_images(
     assert g["states_refused"] == 1  # step 6: 0.7 beat 0.6, but its guard Dice fell to 0.85
     with pytest.raises(InputError, match="forgetting_guard"):
         FinetuneConfig(forgetting_guard=-1).validate()
+
+
+def test_anchor_pulls_the_trained_weights_back_towards_the_parents(parent, tmp_path):
+    """Issue 20: ``anchor`` (L2-SP, decoupled) keeps the weights near the parent's: the
+    same 30 steps move them far less with a strong anchor than without one, while the
+    anchored run still trains (some weights change)."""
+    from safetensors.torch import load_file
+
+    images, labels = _disc_images(1)
+    before = load_file(str(parent))
+
+    def moved(anchor: float) -> float:
+        store = ModelStore(tmp_path / f"store{anchor}")
+        _r, vid = run_finetune(
+            parent,
+            images,
+            labels,
+            store=store,
+            config=_cfg(max_steps=30, anchor=anchor),
+            replay=None,
+        )
+        after = load_file(str(store.get(vid).checkpoint))
+        keys = [k for k in before if k.endswith("weight") and before[k].is_floating_point()]
+        return float(sum((after[k].float() - before[k].float()).norm() ** 2 for k in keys))
+
+    free, anchored = moved(0.0), moved(200.0)  # lr 3e-3: 60 % back towards the parent a step
+    assert 0 < anchored < 0.1 * free, (anchored, free)
+    with pytest.raises(InputError, match="anchor"):
+        FinetuneConfig(anchor=-1).validate()
+    with pytest.raises(InputError, match="anchor"):
+        FinetuneConfig(anchor=1e6, lr=3e-5).validate()

@@ -58,6 +58,9 @@ class FinetuneConfig:
             if their Dice has not fallen by more than ``max_forgetting`` from the parent's.
             0: no guard.
         max_forgetting: the Dice the guard allows the parent's own images to lose.
+        anchor: pull of every trainable weight back towards the parent's after each
+            step, decoupled like AdamW's decay but towards the parent instead of zero
+            (L2-SP): ``w -= lr * anchor * (w - w_parent)``. 0: none.
         slice_axis: the volume axis along which a 2D model takes corrected slices (and a
             3D model crops to the slab of corrected slices).
         whole_report: also segment the user's whole images and volumes with the parent
@@ -85,6 +88,7 @@ class FinetuneConfig:
     replay_samples: int = 32
     forgetting_guard: int = 8
     max_forgetting: float = 0.02
+    anchor: float = 0.0
     slice_axis: int = 0
     whole_report: bool = True
     device: str = "auto"
@@ -106,6 +110,8 @@ class FinetuneConfig:
             raise InputError("min_improvement must lie in [0, 1)")
         if self.forgetting_guard < 0 or not 0 <= self.max_forgetting <= 1:
             raise InputError("forgetting_guard must be 0 or more and max_forgetting in [0, 1]")
+        if not 0 <= self.anchor or self.anchor * self.lr >= 1:
+            raise InputError("anchor must be 0 or more, and anchor * lr below 1")
         if self.slice_axis not in (0, 1, 2):
             raise InputError(f"slice_axis must be 0, 1 or 2, not {self.slice_axis}")
 

@@ -318,6 +318,7 @@ def _train(run: _Run, sel_before: float | None) -> _Outcome:
     loss_fn = _loss_fn(run.card)
     params = trainable_parameters(net, cfg.trainable)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    anchors = [p.detach().clone() for p in params] if cfg.anchor else []
     out = _Outcome(
         best=sel_before if sel_before is not None else -math.inf,
         best_state=copy.deepcopy(net.state_dict()) if run.sel else None,
@@ -334,6 +335,9 @@ def _train(run: _Run, sel_before: float | None) -> _Outcome:
         xb, yb, n_rep = _batch(prep, rep, cfg, patch, run.rng, run.gen)
         out.replayed += n_rep
         lv = _step(run, opt, loss_fn, xb, yb)
+        if anchors:  # L2-SP, decoupled: back towards the parent's weights
+            with torch.no_grad():
+                torch._foreach_lerp_(params, anchors, cfg.lr * cfg.anchor)
         out.history.append({"step": step, "loss": lv})
         run.report(step, lv, None, "train")
         out_of_time = cfg.time_budget_s is not None and run.elapsed() - start > cfg.time_budget_s
