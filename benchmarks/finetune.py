@@ -14,7 +14,7 @@ chosen on the images that judge: they are a fixed part of a split, in id order.
 - ``kvasir-glas`` (case b, a domain shift): ``kvasir_prosma`` (RGB colonoscopy) corrected
   on a seeded pick of the GlaS official *train* part (RGB histology), judged on GlaS testA;
   the fair baseline beside it is calling every pixel gland (GlaS glands fill half the
-  image). Forgetting: Kvasir-SEG test images (split seed 0).
+  image). Forgetting: Kvasir-SEG test images of the parent's split (its card).
 - ``hippocampus-3d`` (case c): ``hippocampus_prosma`` (3D T1 MRI, anterior + posterior)
   corrected on a seeded pick of volumes of its test part, judged on the other test volumes
   (other patients).
@@ -58,7 +58,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from napari_prosma.checkpoint import ModelCard, list_bundled, load, resolve, save  # noqa: E402
+from napari_prosma.checkpoint import (  # noqa: E402
+    ModelCard,
+    list_bundled,
+    load,
+    read_card,
+    resolve,
+    save,
+)
 from napari_prosma.finetune import FinetuneConfig, finetune, run_finetune  # noqa: E402
 from napari_prosma.inference import predict_batch  # noqa: E402
 from napari_prosma.metrics import dice  # noqa: E402
@@ -253,10 +260,17 @@ def kvasir_glas(args: argparse.Namespace, rng: np.random.Generator) -> Case:
     gsplit = json.loads((DATA / "glas" / "split.json").read_text())
     train_ids = sorted(rng.choice(gsplit["train"], size=args.n_train, replace=False).tolist())
     test_ids = sorted(gsplit["testA"], key=lambda s: int(s.split("_")[-1]))[: args.n_eval]
-    src_ids = split("kvasir_seed0")["test"][: args.n_source] if args.n_source else []
+    spec = args.model or "kvasir_prosma"
+    # the parent's own test part (its card's split: session 9 reshipped kvasir_prosma on a
+    # leak-free split, where the random seed-0 test part holds some of its training frames)
+    split_file = (read_card(resolve(spec)).training.get("split") or {}).get(
+        "file", "training/splits/kvasir_seed0.json"
+    )
+    src_ids = json.loads((ROOT / split_file).read_text())["test"][: args.n_source]
+    src_ids = src_ids if args.n_source else []
     return Case(
         "kvasir-glas",
-        args.model or "kvasir_prosma",
+        spec,
         "GlaS testA",
         "Kvasir-SEG test",
         train_ids,
@@ -266,7 +280,7 @@ def kvasir_glas(args: argparse.Namespace, rng: np.random.Generator) -> Case:
         {
             "new_domain": "GlaS gland histology (RGB, 512x512), official split: corrected = "
             f"{len(train_ids)} of the train part, evaluated = {len(test_ids)} testA images",
-            "source_domain": f"{len(src_ids)} Kvasir-SEG test images (split seed 0)",
+            "source_domain": f"{len(src_ids)} Kvasir-SEG test images ({Path(split_file).name})",
         },
     )
 

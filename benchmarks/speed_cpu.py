@@ -1,7 +1,9 @@
 """The CPU cases of ``benchmarks/speed.py`` (issue 18): one 512x512 Kvasir-SEG frame with
 ``kvasir_prosma``, one hippocampus crop and one 512x512x128 volume with the bundled 3D model,
 timed through the engine of ``--src`` (run it once with the old ``src`` and once with the
-new one: each run is its own process; the labels are saved for the agreement check).
+new one: each run is its own process; the labels are saved for the agreement check). Each
+case also gets its floor on this CPU (``cpu_floor.py``: measured matmul peak and copy
+bandwidth, the windows' FLOPs and bytes), measured in the same run.
 
     python benchmarks/speed_cpu.py --src src --data DATA --out new.json [--compare old.json]
 """
@@ -56,6 +58,7 @@ def main() -> int:
     sys.path.insert(0, str(HERE))
     import numpy as np
     import torch
+    from cpu_floor import cpu_limits, floor, window_cost
 
     from napari_prosma import checkpoint
     from napari_prosma.inference import load_model, predict
@@ -72,12 +75,24 @@ def main() -> int:
             "load_before": os.getloadavg(),
         }
     }
+    res["limits"] = cpu_limits()
     labels: dict[str, np.ndarray] = {}
+    costs: dict[tuple, dict] = {}
+
+    def add_floor(r: dict, model, card) -> None:
+        bf16 = r["precision"] == "bf16"
+        key = (id(model), tuple(r["tile"]), bf16)
+        if key not in costs:
+            x = torch.zeros(1, card.in_channels, *r["tile"])
+            costs[key] = window_cost(model, x, bf16)
+        r["window_cost"] = costs[key]
+        r["floor"] = floor(costs[key], r["n_tiles"], res["limits"], bf16)
+
     old = {}
     if args.compare and args.compare.with_suffix(".npz").exists():
         old = dict(np.load(args.compare.with_suffix(".npz")))
 
-    def run(case, path, fn, repeats):
+    def run(case, path, fn, repeats, model=None, card=None):
         try:
             times, cpu, pred = [], [], None
             for _ in range(repeats):
@@ -87,6 +102,8 @@ def main() -> int:
                 cpu.append(time.process_time() - c)
             r = {"seconds": times, "cpu_seconds": min(cpu), "n_tiles": pred.n_tiles}
             r.update(tile=list(pred.tile_size), precision=pred.precision, peak_rss_gb=vm_hwm_gb())
+            if model is not None:
+                add_floor(r, model, card)
             key = f"{case}/{path}"
             labels[key] = pred.labels
             if key in old:
@@ -106,18 +123,32 @@ def main() -> int:
         )[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8))  # fmt: skip
         model, card = load_model("kvasir_prosma")
         predict(img, model, card, device="cpu")
-        run("2d_512", "engine", lambda: predict(img, model, card, device="cpu"), args.repeats)
+        run(
+            "2d_512",
+            "engine",
+            lambda: predict(img, model, card, device="cpu"),
+            args.repeats,
+            model,
+            card,
+        )
     if "hippocampus" in args.cases:
         crop = np.load(sorted(args.data.glob("hippocampus_*.npy"))[0])
         model, card = load_model("hippocampus_prosma")
         predict(crop, model, card, device="cpu")
-        run("hippocampus", "engine", lambda: predict(crop, model, card, device="cpu"), args.repeats)
+        run(
+            "hippocampus",
+            "engine",
+            lambda: predict(crop, model, card, device="cpu"),
+            args.repeats,
+            model,
+            card,
+        )
     if "volume" in args.cases:
         from speed_data import smooth_volume
 
         vol = smooth_volume(tuple(args.volume))
         model, card = load_model("hippocampus_prosma")
-        run("volume", "engine", lambda: predict(vol, model, card, device="cpu"), 1)
+        run("volume", "engine", lambda: predict(vol, model, card, device="cpu"), 1, model, card)
         for v in args.variants:  # "TILEZxTILEYxTILEX@OVERLAP"
             tile, ov = v.split("@")
             ts = tuple(int(t) for t in tile.split("x"))
@@ -128,6 +159,8 @@ def main() -> int:
                     vol, model, card, device="cpu", tile_size=t, overlap=o
                 ),
                 1,
+                model,
+                card,
             )
     res["env"]["load_after"] = os.getloadavg()
     args.out.write_text(json.dumps(res, indent=2, default=str) + "\n")

@@ -167,10 +167,21 @@ def table_cpu(res: dict) -> list[str]:
     env = res.get("env", {})
     lines = [
         f"CPU: {env.get('device_name')}, torch {env.get('torch')}, {env.get('threads')} threads, "
-        f"load average {env.get('load_before')} → {env.get('load_after')}:",
+        f"load average {env.get('load_before')} → {env.get('load_after')}; "
+        f"limits measured: {res.get('limits')}:",
         "",
-        _row("case", "path", "s (min)", "CPU s", "windows", "peak RSS GB", "Dice vs before"),
-        "|---|---|---:|---:|---:|---:|---:|",
+        _row(
+            "case",
+            "path",
+            "s (min)",
+            "floor s",
+            "× floor",
+            "CPU s",
+            "windows",
+            "peak RSS GB",
+            "Dice vs before",
+        ),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case, v in res.items():
         if case in ("env", "total_seconds") or not isinstance(v, dict):
@@ -179,13 +190,16 @@ def table_cpu(res: dict) -> list[str]:
             if not isinstance(r, dict):
                 continue
             if _err(r):
-                lines.append(_row(case, path, _err(r), "", "", "", ""))
+                lines.append(_row(case, path, _err(r), "", "", "", "", "", ""))
                 continue
+            fl = _get(r, "floor", "s")
             lines.append(
                 _row(
                     case,
                     path,
                     f"{min(r['seconds']):.2f}",
+                    _f(fl, "{:.3f}"),
+                    _f(fl and min(r["seconds"]) / fl, "{:.1f}×"),
                     _f(r.get("cpu_seconds"), "{:.2f}"),
                     _f(r.get("n_tiles")),
                     _f(r.get("peak_rss_gb"), "{:.2f}"),

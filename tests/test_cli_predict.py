@@ -87,7 +87,7 @@ def test_folder_with_a_corrupt_file(tmp_path, rgb_model, capsys):
     assert _leftovers(out) == []
     gates = json.loads((out / "a_gates.json").read_text())
     assert [s["stage"] for s in gates["stages"]] == [1, 2]
-    assert "a.jpg: 288×288×3 rgb" in captured.out
+    assert "a.jpg: 288×337×3 rgb" in captured.out
 
     # a second run never overwrites ...
     rc = main(

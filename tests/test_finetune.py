@@ -805,22 +805,23 @@ def test_a_good_model_fits_its_corrections_and_is_not_broken_by_the_first_steps(
     """Issue 20: held-out Dice fell from the first evaluation when fine-tuning the bundled
     kvasir_prosma. Measured cause: the default learning rate (3e-4, 3-30x the rate the model
     was trained at; Adam moves every weight by about that much each step). Fine-tuned on 4
-    of its own training images (Dice 0.98) for 20 steps, it got worse on them and on its
-    test images; with the default at 3e-5 neither moves by more than 0.02. And on 4 test
-    images it segments at Dice 0.71-0.80, fitting those corrections (skip gates only,
-    the setting that forgot least in the measurements) raises their Dice while its other
-    test images lose at most 0.02."""
+    of its own training images (Dice 0.98; 0.93 for session 9's leak-free reship) for 20
+    steps, it got worse on them and on its
+    test images; with the default at 3e-5 neither moves by more than 0.02. And on the first 4
+    test images (in split order) it segments at Dice 0.70-0.80 (by the card's own
+    evaluation), fitting those corrections with the defaults (decoder + gates) raises their
+    Dice while its other test images lose at most 0.02. (Skip gates only, which forgot least
+    with the earlier model, no longer fits them with session 9's leak-free reship: 0.765 ->
+    0.762 in 30 steps, 0.762 in 60; decoder + gates: 0.776 in 30, 0.854 in 60 steps, the
+    other 8 test images 0.750 -> 0.800; this CPU, one run each.)"""
     import json
 
     model, card = load("kvasir_prosma")
-    split = json.loads((REPO / "training" / "splits" / "kvasir_seed0.json").read_text())
-    fix = [
-        "cju2y5zas8m7f0801d34g5owq",
-        "cju2qtee81yd708787bsjr75d",
-        "cju0sxqiclckk08551ycbwhno",
-        "cju1cj3f0qi5n0993ut8f49rj",
-    ]  # test part, 0.71-0.80
-    assert set(fix) <= set(split["test"])
+    split = json.loads((REPO / card.training["split"]["file"]).read_text())
+    raw = json.loads((REPO / card.metrics["test"]["raw"]).read_text())  # the card's evaluation
+    test_dice = {c["id"]: c["polyp"]["dice"] for c in raw["cases"]}
+    fix = [i for i in split["test"] if 0.70 <= test_dice[i] <= 0.80][:4]  # test part, 0.70-0.80
+    assert len(fix) == 4
     rest_i, rest_m = _kvasir(shared_data, [i for i in split["test"] if i not in fix][:8])
     rest_before = _mean_dice(model, card, rest_i, rest_m)
     cfg = FinetuneConfig(
@@ -831,13 +832,11 @@ def test_a_good_model_fits_its_corrections_and_is_not_broken_by_the_first_steps(
     res = finetune(model, card, own_i, own_m, config=cfg)
     own = (_mean_dice(model, card, own_i, own_m), _mean_dice(res.model, card, own_i, own_m))
     rest = (rest_before, _mean_dice(res.model, card, rest_i, rest_m))
-    assert own[0] > 0.95 and own[1] > own[0] - 0.02, own
+    assert own[0] > 0.9 and own[1] > own[0] - 0.02, own  # a model that fits its training
     assert rest[1] > rest[0] - 0.02, rest
 
     fix_i, fix_m = _kvasir(shared_data, fix)
-    res = finetune(
-        model, card, fix_i, fix_m, config=dataclasses.replace(cfg, max_steps=30, trainable="gates")
-    )
+    res = finetune(model, card, fix_i, fix_m, config=dataclasses.replace(cfg, max_steps=60))
     fixed = (_mean_dice(model, card, fix_i, fix_m), _mean_dice(res.model, card, fix_i, fix_m))
     rest = (rest_before, _mean_dice(res.model, card, rest_i, rest_m))
     assert fixed[1] > fixed[0] + 0.01, fixed

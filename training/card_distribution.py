@@ -17,7 +17,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from napari_prosma.checkpoint import atomic_write_bytes, checkpoint_paths, load, resolve  # noqa: E402
+from napari_prosma.checkpoint import (  # noqa: E402
+    atomic_write_bytes,
+    checkpoint_paths,
+    load,
+    resolve,
+    seal_card,
+)
 from napari_prosma.metrics import dice_distribution  # noqa: E402
 
 
@@ -39,6 +45,7 @@ def main() -> None:
     data = json.loads(card_path.read_text())
     data.setdefault("metrics", {}).setdefault("test", {})["distribution"] = dist
     atomic_write_bytes(card_path, (json.dumps(data, indent=2) + "\n").encode())
+    seal_card(card_path)  # an edit on purpose: the card hash is renewed
     load(args.model)  # still loads and verifies
     print(
         f"{card_path.name}: {dist['n']} cases, mean {dist['mean']:.3f}, median "

@@ -18,13 +18,15 @@ HERE = Path(__file__).resolve().parent
 
 @dataclass(frozen=True)
 class SampleInfo:
-    """One shipped sample: file names, a title, and what its labels mean."""
+    """One shipped sample: file names, a title, what its labels mean, and the id of the
+    dataset item it was made from (``ATTRIBUTION.md``; the id the splits use)."""
 
     image: str
     label: str
     title: str
     class_names: tuple[str, ...]
     display: tuple[tuple[str, Any], ...] = ()
+    source_id: str = ""
 
 
 SAMPLES: dict[str, SampleInfo] = {
@@ -33,6 +35,7 @@ SAMPLES: dict[str, SampleInfo] = {
         "kvasir_polyp_mask.png",
         "Colonoscopy polyp (Kvasir-SEG)",
         ("background", "polyp"),
+        source_id="cju0rx1idathl0835detmsp84",
     ),
     "busi_benign": SampleInfo(
         "busi_benign.png",
@@ -40,6 +43,7 @@ SAMPLES: dict[str, SampleInfo] = {
         "Breast ultrasound, benign lesion (BUSI)",
         ("background", "lesion"),
         (("colormap", "gray"),),
+        source_id="benign_024",
     ),
     "hippocampus_mri": SampleInfo(
         "hippocampus_mri.nii.gz",
@@ -47,6 +51,7 @@ SAMPLES: dict[str, SampleInfo] = {
         "Hippocampus MRI, cropped (MSD Task04)",
         ("background", "anterior", "posterior"),
         (("colormap", "gray"),),
+        source_id="hippocampus_222",
     ),
     "spleen_ct": SampleInfo(
         "spleen_ct.nii.gz",
@@ -101,7 +106,7 @@ def layers(name: str) -> list[tuple[Any, dict[str, Any], str]]:
 
 
 def kvasir_polyp() -> list[tuple[Any, dict[str, Any], str]]:
-    """Colonoscopy frame with a polyp (RGB, 288×288) and its manual mask."""
+    """Colonoscopy frame with a polyp (RGB, 288×337) and its manual mask."""
     return layers("kvasir_polyp")
 
 
