@@ -109,6 +109,39 @@ def test_auto_replays_the_train_part_of_the_bundled_busi_model(shared_data):
 
 
 @pytest.mark.data
+def test_the_forgetting_guard_draws_the_validation_part_and_trains_on_every_replay_image(
+    shared_data,
+):
+    """Session 9 (issue 20): the guard's images come from the *validation* part of the
+    parent's split (never trained on, by the parent or here), not from its training part;
+    every replay image is then trained on; without a validation part it falls back to the
+    last replay images, kept out of training."""
+    from napari_prosma.finetune import FinetuneConfig
+    from napari_prosma.finetune.guard import _guard_units
+    from napari_prosma.finetune.units import _replay_units
+
+    card = read_card(resolve("busi_prosma"))
+    split = json.loads((REPO / card.training["split"]["file"]).read_text())
+    rs = load_replay(card, "auto", n=20, seed=0, data_root=shared_data, n_guard=4)
+    assert len(rs.units) == 20 and len(rs.guard) == 4
+    assert set(rs.guard_ids) <= set(split["val"]) and set(rs.ids) <= set(split["train"])
+    assert "validation part" in rs.message and rs.record()["guard_ids"] == rs.guard_ids
+    units, record = _replay_units(rs, card)
+    cfg = FinetuneConfig(forgetting_guard=4)
+    train, guard, rec = _guard_units(cfg, rs, units, record, card)
+    assert len(train) == 20 and len(guard) == 4 and rec["guard_from"] == "validation"
+    assert all(np.array_equal(g.image, v[0]) for g, v in zip(guard, rs.guard))
+    old = FinetuneConfig(forgetting_guard=4, guard_from="replay")
+    train, guard, rec = _guard_units(old, rs, units, record, card)
+    assert len(train) == 16 and len(guard) == 4 and rec["guard_from"] == "replay"
+    rs.guard = []  # a split without a validation part: the same fallback
+    train, guard, rec = _guard_units(cfg, rs, units, record, card)
+    assert len(train) == 16 and rec["guard_from"] == "replay"
+    with pytest.raises(InputError):
+        FinetuneConfig(guard_from="test").validate()
+
+
+@pytest.mark.data
 def test_auto_replays_hippocampus_volumes_with_their_spacing(shared_data):
     card = read_card(resolve("hippocampus_prosma"))
     rs = load_replay(card, "auto", n=2, seed=0, data_root=shared_data)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -59,6 +61,18 @@ def test_card_summary_and_mismatch_warning(monkeypatch):
     near = preflight.estimate_run(hippo, (35, 50, 35), (1.0, 1.0, 1.0))
     warn = preflight.run_warning(hippo, (35, 50, 35), (1.0, 1.0, 1.0), near, image_is_ct=False)
     assert warn == ""
+
+
+def test_card_summary_says_how_much_of_the_set_the_model_trained_on():
+    """The data line names the whole set (Kvasir-SEG, 1000 images); the model trained on
+    its split's training part only, and the summary says so."""
+    kvasir = read_model_card("kvasir_prosma")
+    sp = kvasir.training["split"]
+    line = next(x for x in report.card_summary(kvasir).splitlines() if x.startswith("Trained"))
+    assert f"split: {sp['n_train']} train / {sp['n_val']} validation / {sp['n_test']} test" in line
+    bare = dataclasses.replace(kvasir, training={"data": "some images"})
+    assert "Trained on: some images\n" in report.card_summary(bare) + "\n"
+    assert "split:" not in report.card_summary(bare)
 
 
 def test_prediction_and_truth_colours_differ():

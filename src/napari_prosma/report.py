@@ -212,6 +212,20 @@ def card_modality(card: Any) -> str:
     return ""
 
 
+def _split_sizes(card: Any) -> str:
+    """``"; split: 700 train / 100 validation / 200 test"`` from the card's split, or ``""``:
+    the data line names the whole set, of which the model trained on one part only."""
+    split = (card.training or {}).get("split")
+    if not isinstance(split, dict):
+        return ""
+    parts = [
+        f"{split[k]} {name}"
+        for k, name in (("n_train", "train"), ("n_val", "validation"), ("n_test", "test"))
+        if isinstance(split.get(k), int)
+    ]
+    return f"; split: {' / '.join(parts)}" if parts else ""
+
+
 def _test_dice(card: Any, key: str = "test") -> list[str]:
     """Per class ``"lesion 0.81 ± 0.23 (n=129)"`` and a failure rate when the card has it
     (``key``: ``"parent_test"`` for a fine-tuned version's parent)."""
@@ -250,7 +264,7 @@ def card_summary(card: Any) -> str:
     lines.append(f"Classes: {', '.join(names)}")
     data = (card.training or {}).get("data")
     if isinstance(data, str) and data:
-        lines.append(f"Trained on: {data}")
+        lines.append(f"Trained on: {data}{_split_sizes(card)}")
     elif isinstance(data, list) and data:  # a fine-tuned version: the corrections
         lines.append(f"Fine-tuned on: {len(data)} corrected image(s) or volume(s)")
     dice, parent = _test_dice(card), _test_dice(card, "parent_test")

@@ -10,6 +10,33 @@ from .config import FinetuneConfig
 from .net import _freeze_norm_stats
 
 
+def _guard_units(
+    cfg: FinetuneConfig, replay: Any, units: list[Any], record: dict[str, Any], card: Any
+) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """Split the guard off: ``(replay units to train on, guard units, replay record)``.
+
+    With ``guard_from="validation"`` and a replay set that read validation images
+    (``ReplaySet.guard``), those are the guard and every replay unit is trained on;
+    otherwise the last ``forgetting_guard`` replay units (the set is a seeded pick in id
+    order) are kept out of training, when at least twice as many are given.
+    """
+    from .units import _replay_units
+
+    k = cfg.forgetting_guard
+    if not k:
+        return units, [], record
+    val = list(getattr(replay, "guard", None) or [])[:k]
+    if cfg.guard_from == "validation" and val:
+        guard, _ = _replay_units(val, card)
+        rec = {**record, "forgetting_guard": len(guard), "guard_from": "validation"}
+        return units, guard, rec
+    if len(units) < 2 * k:
+        return units, [], record
+    msg = f"{record.get('message', '')} ({k} of them not trained on: the forgetting guard)"
+    rec = {**record, "forgetting_guard": k, "guard_from": "replay", "message": msg.strip()}
+    return units[:-k], units[-k:], rec
+
+
 def _guard_dice(run: Any, out: Any) -> float | None:
     """The forgetting guard's Dice now (None without a guard), recorded in the history."""
     if not run.guard:

@@ -182,10 +182,12 @@ def _guard_notes(run: _Run, out: _Outcome) -> list[str]:
     if not run.guard or out.guard_before is None:
         return []
     n, lim = len(run.guard), run.cfg.max_forgetting
-    said = (
-        f"forgetting guard: {n} of the parent's own training images (not trained on) scored "
-        f"Dice {out.guard_before:.3f} with the parent"
+    what = (
+        "validation images of the parent's data set (never trained on)"
+        if run.replay_record.get("guard_from") == "validation"
+        else "the parent's own training images (not trained on here)"
     )
+    said = f"forgetting guard: {n} {what} scored Dice {out.guard_before:.3f} with the parent"
     if out.guard_kept is not None and out.beaten:
         said += f" and {out.guard_kept:.3f} with the state kept"
     if out.guard_rejected:

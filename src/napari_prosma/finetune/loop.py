@@ -25,7 +25,7 @@ from .config import (
     FinetuneProgress,
     FinetuneResult,
 )
-from .guard import _guard_dice, _remembers
+from .guard import _guard_dice, _guard_units, _remembers
 from .lineage import _result, check_naming, data_entries
 from .net import (
     _freeze_norm_stats,
@@ -275,13 +275,9 @@ def _setup(
     )
     train_idx, sel_idx, rep_idx = split_units(len(units), cfg.holdout_fraction, rng)
     replay_units, replay_record = _replay_units(replay, card)
-    k, guard = cfg.forgetting_guard, []
-    if k and len(replay_units) >= 2 * k:  # the set is a seeded pick in id order: last k
-        replay_units, guard = replay_units[:-k], replay_units[-k:]
-        msg = (
-            f"{replay_record.get('message', '')} ({k} of them not trained on: the forgetting guard)"
-        )
-        replay_record = {**replay_record, "forgetting_guard": k, "message": msg.strip()}
+    replay_units, guard, replay_record = _guard_units(
+        cfg, replay, replay_units, replay_record, card
+    )
     device = resolve_device(cfg.device)
     fmt = memory_format(device, card.spatial_dims)  # channels-last: faster on CPU and CUDA
     return _Run(

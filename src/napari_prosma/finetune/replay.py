@@ -54,6 +54,10 @@ class ReplaySet:
         source: where they came from, in words (None when nothing was found).
         message: one plain sentence for the user: what is replayed, or why nothing is.
         ids: the samples' ids (file stems).
+        guard: ``(image, labels, spacing)`` triples of the *validation* part of the
+            parent's split, for the forgetting guard (never trained on; empty when not
+            asked for or the split has no validation part).
+        guard_ids: their ids.
     """
 
     units: list[tuple[np.ndarray, np.ndarray, tuple[float, ...] | None]] = field(
@@ -62,6 +66,10 @@ class ReplaySet:
     source: str | None = None
     message: str = "replay is off"
     ids: list[str] = field(default_factory=list)
+    guard: list[tuple[np.ndarray, np.ndarray, tuple[float, ...] | None]] = field(
+        default_factory=list
+    )
+    guard_ids: list[str] = field(default_factory=list)
 
     @property
     def found(self) -> bool:
@@ -75,6 +83,7 @@ class ReplaySet:
             "source": self.source,
             "ids": list(self.ids),
             "message": self.message,
+            **({"guard_ids": list(self.guard_ids)} if self.guard else {}),
         }
 
 
@@ -136,6 +145,7 @@ def load_replay(
     n: int = DEFAULT_SAMPLES,
     seed: int = 0,
     data_root: str | os.PathLike[str] | None = None,
+    n_guard: int = 0,
 ) -> ReplaySet:
     """Read up to ``n`` replay samples for ``card`` (see the module docstring for ``spec``).
 
@@ -145,6 +155,9 @@ def load_replay(
         n: samples at most (a seeded random pick).
         seed: seed of the pick.
         data_root: where the data sets lie (default :func:`datasets.default_data_root`).
+        n_guard: images of the validation part of the card's split to read as well, for the
+            forgetting guard (``ReplaySet.guard``; only from a data set whose split file is
+            found and has a validation part).
 
     Returns:
         A :class:`ReplaySet`; empty, with the reason in ``message``, when ``"auto"`` finds
@@ -163,7 +176,7 @@ def load_replay(
                 return ReplaySet(message=f"no replay: {reason}")
             raise InputError(f"cannot replay {name}: {reason}")
         assert name is not None
-        return _from_dataset(name, card, n, seed, data_root)
+        return _from_dataset(name, card, n, seed, data_root, n_guard)
     return _from_folder(Path(spec).expanduser(), card, n, seed)
 
 
@@ -233,14 +246,20 @@ def _all_ids(name: str, root: Path) -> list[str]:
 
 
 def _from_dataset(
-    name: str, card: ModelCard, n: int, seed: int, data_root: str | os.PathLike[str] | None
+    name: str,
+    card: ModelCard,
+    n: int,
+    seed: int,
+    data_root: str | os.PathLike[str] | None,
+    n_guard: int = 0,
 ) -> ReplaySet:
-    from ..datasets import default_data_root, read_dataset
+    from ..datasets import default_data_root
 
     root = Path(data_root) if data_root is not None else default_data_root()
     split_path = _split_file(card, name)
+    split = json.loads(split_path.read_text()) if split_path is not None else {}
     if split_path is not None:
-        candidates = sorted(json.loads(split_path.read_text())["train"])
+        candidates = sorted(split["train"])
         part = f"train part of {split_path.name}"
     else:
         candidates = _all_ids(name, root)
@@ -249,19 +268,34 @@ def _from_dataset(
         return ReplaySet(message=f"no replay: no {name} images were found in {root}")
     rng = np.random.default_rng(seed)
     pick = sorted(rng.choice(candidates, size=min(n, len(candidates)), replace=False).tolist())
-    ds = read_dataset(name, root, ids=pick)
+    units, ids = _read_units(name, root, pick, card)
+    out = ReplaySet(
+        units, f"{name} ({part})", f"replaying {len(units)} {name} training images ({part})", ids
+    )
+    val = sorted(split.get("val") or [])
+    if n_guard > 0 and val:
+        gpick = sorted(rng.choice(val, size=min(n_guard, len(val)), replace=False).tolist())
+        out.guard, out.guard_ids = _read_units(name, root, gpick, card)
+        out.message += (
+            f"; the forgetting guard measures {len(out.guard)} images of the validation part "
+            f"of {split_path.name} (never trained on)"
+        )
+    return out
+
+
+def _read_units(
+    name: str, root: Path, ids: list[str], card: ModelCard
+) -> tuple[list[tuple[np.ndarray, np.ndarray, tuple[float, ...] | None]], list[str]]:
+    """``(image, labels, spacing)`` triples of ``ids`` of data set ``name``, fitted to the
+    card's classes, and their ids."""
+    from ..datasets import read_dataset
+
+    ds = read_dataset(name, root, ids=ids)
     units: list[tuple[np.ndarray, np.ndarray, tuple[float, ...] | None]] = []
     for i in range(len(ds)):
         s = ds.spacing_of(i)
         units.append((np.ascontiguousarray(ds.image(i)), ds.labels[i], tuple(s) if s else None))
-    units = _fit_classes(units, card)
-    source = f"{name} ({part})"
-    return ReplaySet(
-        units,
-        source,
-        f"replaying {len(units)} {name} training images ({part})",
-        list(ds.ids),
-    )
+    return _fit_classes(units, card), list(ds.ids)
 
 
 # ---------------------------------------------------------------------------- folders

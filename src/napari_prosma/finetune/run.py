@@ -123,7 +123,8 @@ def _load_replay(card: ModelCard, replay: Any, cfg: FinetuneConfig) -> Any:
         return replay
     from .replay import load_replay
 
-    return load_replay(card, replay, n=cfg.replay_samples, seed=cfg.seed)
+    n_guard = cfg.forgetting_guard if cfg.guard_from == "validation" else 0
+    return load_replay(card, replay, n=cfg.replay_samples, seed=cfg.seed, n_guard=n_guard)
 
 
 def _recovered_note(store: ModelStore, recovered: Sequence[str]) -> str:
