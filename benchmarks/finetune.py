@@ -256,31 +256,48 @@ class Case:
 
 
 def kvasir_glas(args: argparse.Namespace, rng: np.random.Generator) -> Case:
-    """Kvasir-SEG polyps (RGB endoscopy) -> GlaS glands (RGB histology)."""
+    """Kvasir-SEG polyps (RGB endoscopy) -> GlaS glands (RGB histology). With ``--judge
+    val``, judged on images that are not test images (to choose settings on): the GlaS train
+    images not corrected, and the parent's *validation* frames the forgetting guard does
+    not measure."""
     gsplit = json.loads((DATA / "glas" / "split.json").read_text())
     train_ids = sorted(rng.choice(gsplit["train"], size=args.n_train, replace=False).tolist())
-    test_ids = sorted(gsplit["testA"], key=lambda s: int(s.split("_")[-1]))[: args.n_eval]
     spec = args.model or "kvasir_prosma"
-    # the parent's own test part (its card's split: session 9 reshipped kvasir_prosma on a
-    # leak-free split, where the random seed-0 test part holds some of its training frames)
-    split_file = (read_card(resolve(spec)).training.get("split") or {}).get(
-        "file", "training/splits/kvasir_seed0.json"
-    )
-    src_ids = json.loads((ROOT / split_file).read_text())["test"][: args.n_source]
-    src_ids = src_ids if args.n_source else []
+    # the parent's own split (its card: session 9 reshipped kvasir_prosma on a leak-free
+    # split, where the random seed-0 test part holds some of its training frames)
+    card = read_card(resolve(spec))
+    split_file = (card.training.get("split") or {}).get("file", "training/splits/kvasir_seed0.json")
+    psplit = json.loads((ROOT / split_file).read_text())
+    if args.judge == "val":
+        from napari_prosma.finetune.replay import load_replay
+
+        d = FinetuneConfig()
+        rs = load_replay(
+            card, "auto", n=d.replay_samples, seed=args.seed, n_guard=d.forgetting_guard
+        )
+        pool = sorted(set(gsplit["train"]) - set(train_ids), key=lambda s: int(s.split("_")[-1]))
+        test_ids = pool[: args.n_eval]
+        src_ids = [i for i in psplit.get("val", []) if i not in set(rs.guard_ids)]
+        target, source = "GlaS train (not corrected)", "Kvasir-SEG val (not the guard's)"
+    else:
+        test_ids = sorted(gsplit["testA"], key=lambda s: int(s.split("_")[-1]))[: args.n_eval]
+        src_ids = psplit["test"]
+        target, source = "GlaS testA", "Kvasir-SEG test"
+    src_ids = src_ids[: args.n_source] if args.n_source else []
     return Case(
         "kvasir-glas",
         spec,
-        "GlaS testA",
-        "Kvasir-SEG test",
+        target,
+        source,
         train_ids,
         glas(train_ids),
         glas(test_ids),
         kvasir(src_ids) if src_ids else ([], []),
         {
             "new_domain": "GlaS gland histology (RGB, 512x512), official split: corrected = "
-            f"{len(train_ids)} of the train part, evaluated = {len(test_ids)} testA images",
-            "source_domain": f"{len(src_ids)} Kvasir-SEG test images ({Path(split_file).name})",
+            f"{len(train_ids)} of the train part, evaluated = {len(test_ids)} {target} images",
+            "source_domain": f"{len(src_ids)} {source} images ({Path(split_file).name})",
+            "judge": args.judge,
         },
     )
 
@@ -456,6 +473,13 @@ def main(argv: list[str] | None = None) -> int:
         help="what is trained, one row each (default: the widget's, decoder_gates)",
     )
     ap.add_argument("--n-train", type=int, default=10, help="corrected images (or volumes)")
+    ap.add_argument(
+        "--judge",
+        default="test",
+        choices=["test", "val"],
+        help="kvasir-glas: judge on test images (default, to report) or on images of no "
+        "test part (val: to choose settings on)",
+    )
     ap.add_argument("--n-eval", type=int, default=60, help="new-domain images to evaluate on")
     ap.add_argument(
         "--n-source",
@@ -525,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         "replay_fraction": args.replay_fraction,
         "replay_samples": FinetuneConfig().replay_samples,
         "anchor": args.anchor,
+        "judge": args.judge,
         "labels": "ground-truth masks stand for the user's corrections",
     }
 
