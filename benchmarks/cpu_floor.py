@@ -36,9 +36,12 @@ def cpu_limits(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     return out
 
 
-def window_cost(model: torch.nn.Module, x: torch.Tensor, bf16: bool) -> dict[str, float]:
-    """FLOPs and bytes of one forward pass of ``x`` (shape (1, C, *tile)) under the engine's
-    precision (bf16 autocast when ``bf16``)."""
+def window_cost(
+    model: torch.nn.Module, x: torch.Tensor, bf16: bool, device_type: str = "cpu"
+) -> dict[str, float]:
+    """FLOPs and bytes of one forward pass of ``x`` (shape (B, C, *tile)) under the engine's
+    precision (bf16 autocast on ``device_type`` when ``bf16``); bytes = every op's outputs,
+    written once and read once. ``speed.py`` counts its CUDA floors with it too."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
     from torch.utils.flop_counter import FlopCounterMode
@@ -53,7 +56,7 @@ def window_cost(model: torch.nn.Module, x: torch.Tensor, bf16: bool) -> dict[str
                     n_bytes[0] += t.numel() * t.element_size()
             return out
 
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
         with FlopCounterMode(display=False) as fc:
             model(x)
         with Bytes():

@@ -255,6 +255,13 @@ class Case:
     test_spacing: list[Any] | None = None
 
 
+def parent_split(card: ModelCard, default: str) -> tuple[str, dict[str, Any]]:
+    """The split file the parent's card names (``default`` for cards without one) and its
+    content."""
+    split_file = (card.training.get("split") or {}).get("file", default)
+    return split_file, json.loads((ROOT / split_file).read_text())
+
+
 def kvasir_glas(args: argparse.Namespace, rng: np.random.Generator) -> Case:
     """Kvasir-SEG polyps (RGB endoscopy) -> GlaS glands (RGB histology). With ``--judge
     val``, judged on images that are not test images (to choose settings on): the GlaS train
@@ -266,8 +273,7 @@ def kvasir_glas(args: argparse.Namespace, rng: np.random.Generator) -> Case:
     # the parent's own split (its card: session 9 reshipped kvasir_prosma on a leak-free
     # split, where the random seed-0 test part holds some of its training frames)
     card = read_card(resolve(spec))
-    split_file = (card.training.get("split") or {}).get("file", "training/splits/kvasir_seed0.json")
-    psplit = json.loads((ROOT / split_file).read_text())
+    split_file, psplit = parent_split(card, "training/splits/kvasir_seed0.json")
     if args.judge == "val":
         from napari_prosma.finetune.replay import load_replay
 
@@ -367,8 +373,8 @@ def own_worst(args: argparse.Namespace, rng: np.random.Generator) -> Case:
     judged (look-alike groups of a corrected image left out)."""
     spec = args.model or "busi_prosma"
     model, card = load(resolve(spec))
-    split_file = (card.training.get("split") or {}).get("file", "training/splits/busi_seed0.json")
-    test = json.loads((ROOT / split_file).read_text())["test"]
+    split_file, psplit = parent_split(card, "training/splits/busi_seed0.json")
+    test = psplit["test"]
     imgs, masks = busi_images(test)
     scores = mean_dice(model.eval(), card, imgs, masks, args.device_name)
     worst = [test[k] for k in np.argsort(scores, kind="stable")[: args.n_train]]

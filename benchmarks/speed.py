@@ -39,6 +39,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(HERE))
 
+from cpu_floor import window_cost  # noqa: E402
 from speed_data import dice, smooth_volume  # noqa: E402
 
 from napari_prosma import checkpoint  # noqa: E402
@@ -104,33 +105,9 @@ def hbm_tb_s(n_bytes: int = 2 << 30) -> float:
     return 2 * n_bytes * 10 / min(t) / 1e12
 
 
-def forward_cost(model, x: torch.Tensor) -> tuple[float, float]:
-    """(FLOPs, bytes) of one forward pass of ``x`` under bf16 autocast (bytes: every op's
-    outputs, written once and read once)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-    from torch.utils.flop_counter import FlopCounterMode
-
-    class Bytes(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    Bytes.n += t.numel() * t.element_size()
-            return out
-
-    with torch.inference_mode(), torch.autocast(DEV, dtype=torch.bfloat16):
-        with FlopCounterMode(display=False) as fc:
-            model(x)
-        with Bytes():
-            model(x)
-    return float(fc.get_total_flops()), 2.0 * Bytes.n
-
-
 def floor_seconds(model, x, limits) -> dict[str, float]:
-    flops, nbytes = forward_cost(model, x)
+    cost = window_cost(model, x, bf16=True, device_type=DEV)
+    flops, nbytes = cost["flops"], cost["bytes"]
     t_c = flops / (limits["bf16_tflops"] * 1e12)
     t_m = nbytes / (limits["hbm_tb_s"] * 1e12)
     return {"flops": flops, "bytes": nbytes, "compute_s": t_c, "memory_s": t_m, "s": max(t_c, t_m)}

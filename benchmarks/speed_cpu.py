@@ -92,7 +92,7 @@ def main() -> int:
     if args.compare and args.compare.with_suffix(".npz").exists():
         old = dict(np.load(args.compare.with_suffix(".npz")))
 
-    def run(case, path, fn, repeats, model=None, card=None):
+    def run(case, path, fn, repeats, model, card):
         try:
             times, cpu, pred = [], [], None
             for _ in range(repeats):
@@ -102,8 +102,7 @@ def main() -> int:
                 cpu.append(time.process_time() - c)
             r = {"seconds": times, "cpu_seconds": min(cpu), "n_tiles": pred.n_tiles}
             r.update(tile=list(pred.tile_size), precision=pred.precision, peak_rss_gb=vm_hwm_gb())
-            if model is not None:
-                add_floor(r, model, card)
+            add_floor(r, model, card)
             key = f"{case}/{path}"
             labels[key] = pred.labels
             if key in old:

@@ -214,8 +214,9 @@ def _dataset_problem(
     return None
 
 
-def _split_file(card: ModelCard, name: str) -> Path | None:
-    """The card's split file, looked up beside a source checkout and the working folder."""
+def _split_file(card: ModelCard, name: str) -> tuple[Path, dict[str, Any]] | None:
+    """The card's split file, looked up beside a source checkout and the working folder,
+    and its content."""
     split = _card_split(card) or {}
     rel = split.get("file")
     if not isinstance(rel, str) or not rel:
@@ -229,7 +230,7 @@ def _split_file(card: ModelCard, name: str) -> Path | None:
             except (OSError, json.JSONDecodeError):
                 continue
             if data.get("dataset", name) == name and data.get("train"):
-                return p
+                return p, data
     return None
 
 
@@ -256,8 +257,8 @@ def _from_dataset(
     from ..datasets import default_data_root
 
     root = Path(data_root) if data_root is not None else default_data_root()
-    split_path = _split_file(card, name)
-    split = json.loads(split_path.read_text()) if split_path is not None else {}
+    found = _split_file(card, name)
+    split_path, split = found if found is not None else (None, {})
     if split_path is not None:
         candidates = sorted(split["train"])
         part = f"train part of {split_path.name}"
