@@ -41,6 +41,7 @@ for d in _device/runs/"$PREFIX"_*; do
     w+=("$n/model.safetensors" "$n/model.json")
   fi
 done
-[ ${#w[@]} -gt 0 ] && tar cf "$OUT/${PREFIX}_weights.tar" -C _device/runs "${w[@]}"
+# one file comes back only up to 16 MiB: split the archive (cat the parts to untar)
+[ ${#w[@]} -gt 0 ] && tar cf - -C _device/runs "${w[@]}" | split -b 15M -d - "$OUT/${PREFIX}_weights.tar.part"
 ls -la "$OUT"
 echo "s7_call.sh done in $(( $(date +%s) - T0 )) s"

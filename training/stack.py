@@ -32,6 +32,20 @@ ARMS: dict[str, dict] = {
     # issue 14: normal scans (empty masks) drawn to a quarter of every epoch
     "gate_exact_normal25": {"gate": "exact", "empty_share": 0.25},
     "prosma_normal25": {"empty_share": 0.25},
+    # issue 14, session 10: an image-level "nothing here" loss term for empty masks, alone,
+    # with the normal scans drawn to 25 %, and with lesion-free crops (train.negatives)
+    "gate_exact_emptyloss": {"gate": "exact", "loss": "bce_dice_empty"},
+    "gate_exact_emptyloss_normal25": {
+        "gate": "exact",
+        "loss": "bce_dice_empty",
+        "empty_share": 0.25,
+    },
+    "gate_exact_emptyloss_crops25": {
+        "gate": "exact",
+        "loss": "bce_dice_empty",
+        "negative_crops": 1,
+        "empty_share": 0.25,
+    },
     "monai_unet": {"arch": "monai_unet"},
     "monai_attention_unet": {"arch": "monai_attention_unet"},
     # issue 15 (hippocampus): the schedule chosen on val, for ProSMA and the MONAI U-Net

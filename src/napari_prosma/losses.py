@@ -3,6 +3,11 @@
 - :func:`bce_dice_loss`: U-KAN's ``BCEDiceLoss`` (the 2D protocol the paper follows):
   ``0.5 * BCE(logits, y) + (1 - mean_n dice_n)`` with a per-image soft Dice on sigmoid
   probabilities and smoothing 1e-5.
+- :func:`bce_dice_empty_loss`: the same for images with a lesion; an image whose mask is
+  empty gets an image-level "nothing here" term instead of its Dice (issue 14, measured
+  reason: with smoothing 1e-5 the per-image Dice of an empty mask is about 0 for any
+  prediction that is not exactly empty, so ``1 - dice`` is a constant about 1 with no
+  gradient, and only the pixel-averaged BCE teaches the model about normal scans).
 - :func:`dice_ce_loss`: nnU-Net-style multi-class loss: cross-entropy plus ``1 - `` the
   batch soft Dice averaged over the foreground classes (3D).
 
@@ -34,6 +39,43 @@ def bce_dice_loss(
     return bce_weight * bce + 1 - soft_dice_binary(logits, t).mean()
 
 
+#: Share of the image whose mean top logit the "nothing here" term scores: the 0.5 % of
+#: the image that counts a normal scan as "painted" (issue 14).
+PAINTED_SHARE = 0.005
+
+
+def bce_dice_empty_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    bce_weight: float = 0.5,
+    share: float = PAINTED_SHARE,
+) -> torch.Tensor:
+    """``bce_weight * BCE + mean_n l_n``: ``l_n = 1 - dice_n`` for an image with a lesion;
+    for an image with an empty mask ``l_n = softplus(m_n)``, the BCE against "no lesion" of
+    ``m_n``, the mean of its top ``share`` of logits (a normal scan counts as painted when
+    more than 0.5 % of it is lesion, i.e. when about ``m_n > 0``).
+
+    Args:
+        logits: ``(N, 1, *S)``.
+        target: ``(N, 1, *S)`` in {0, 1}.
+        bce_weight: weight of the pixel-averaged BCE.
+        share: fraction of the pixels in the image-level score (at least one pixel).
+
+    Returns:
+        the scalar loss (float32). A batch without empty masks gives
+        :func:`bce_dice_loss`'s value.
+    """
+    z = logits.float()
+    t = target.float()
+    bce = F.binary_cross_entropy_with_logits(z, t)
+    flat = z.flatten(1)
+    k = max(1, round(share * flat.shape[1]))
+    top = flat.topk(k, dim=1).values.mean(1)  # (N,)
+    empty = (t.flatten(1).amax(1) == 0).float()  # no boolean indexing: it syncs (CUDA graphs)
+    per_image = empty * F.softplus(top) + (1 - empty) * (1 - soft_dice_binary(z, t))
+    return bce_weight * bce + per_image.mean()
+
+
 def dice_ce_loss(
     logits: torch.Tensor, target: torch.Tensor, include_background: bool = False
 ) -> torch.Tensor:
@@ -62,4 +104,8 @@ def dice_ce_loss(
     return ce + 1 - dice.mean()
 
 
-LOSSES = {"bce_dice": bce_dice_loss, "dice_ce": dice_ce_loss}
+LOSSES = {
+    "bce_dice": bce_dice_loss,
+    "bce_dice_empty": bce_dice_empty_loss,
+    "dice_ce": dice_ce_loss,
+}

@@ -58,6 +58,7 @@ class Run:
     perm: Any = None
     rand: Any = None
     empty_idx: Any = None  # 2D: indices of training images with an empty mask
+    n_crops: int = 0  # 2D: lesion-free crops appended to the training images (negatives)
 
 
 def lambdas(model: Any) -> list[list[float]]:

@@ -93,6 +93,9 @@ class TrainConfig:
     # normal scans); every other image is still seen once per epoch, so the epoch grows
     # to n_other / (1 - empty_share) draws. 0: one plain pass over all images.
     empty_share: float = 0.0
+    # 2D: lesion-free crops per image with a lesion, added to the training part as images
+    # with an empty mask (train.negatives; drawn with the normal scans under empty_share)
+    negative_crops: int = 0
     permute_axes: bool = False
     augment: str = "flips"  # 3D: "flips" or "nnunet" (augment3d: spatial + intensity)
     lr_schedule: str = "cosine"  # "cosine" or "poly" (nnU-Net's (1 - t)^0.9), per epoch
@@ -154,6 +157,14 @@ class TrainConfig:
             raise ValueError("empty_share must be in [0, 1)")
         if self.empty_share and self.dims != 2:
             raise ValueError("empty_share is for 2D recipes (3D draws patches by fg_fraction)")
+        if self.negative_crops < 0:
+            raise ValueError("negative_crops must be >= 0")
+        if self.negative_crops and self.dims != 2:
+            raise ValueError("negative_crops is for 2D recipes")
+        from ..losses import LOSSES
+
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {list(LOSSES)}")
         if self.select not in ("auto", "best_val", "last"):
             raise ValueError("select must be 'auto', 'best_val' or 'last'")
 

@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..fs import atomic_write_bytes
 from .ddp import any_rank, rank_streams, resumed_line
 from .loop import (
@@ -66,8 +68,18 @@ def setup_run(cfg: Any, device: Any, world: int, rank: int, say: Callable[[str],
         model = model.to(memory_format=cl)
     lr0 = torch.tensor(cfg.lr, device=device) if device.type == "cuda" else cfg.lr
     opt = make_optimizer(model, cfg.optimizer, lr0, cfg.weight_decay, device)
+    n_crops = 0
     if cfg.dims == 2:
-        data = Data2D(train_ds.images, train_ds.labels, card.normalization, device)
+        images, labels = train_ds.images, train_ds.labels
+        if cfg.negative_crops:
+            from .negatives import negative_crops
+
+            crops, crop_masks, _ = negative_crops(images, labels, cfg.negative_crops, seed=cfg.seed)
+            n_crops = len(crops)
+            images = np.concatenate([images, crops])
+            labels = np.concatenate([labels, crop_masks])
+            say(f"{cfg.name}: {n_crops} lesion-free crops added as empty-mask images")
+        data = Data2D(images, labels, card.normalization, device)
     else:
         data = Data3D(
             train_ds.images,
@@ -85,7 +97,7 @@ def setup_run(cfg: Any, device: Any, world: int, rank: int, say: Callable[[str],
     empty_idx = None
     if cfg.dims == 2:
         if cfg.empty_share:
-            empty_idx = empty_indices(train_ds.labels)
+            empty_idx = empty_indices(labels)
         n_empty = 0 if empty_idx is None else len(empty_idx)
         per_pass = epoch_draws_per_pass(data.n, n_empty, cfg.empty_share)
         steps = cfg.iters_per_epoch or (per_pass // world) // bsz
@@ -95,6 +107,7 @@ def setup_run(cfg: Any, device: Any, world: int, rank: int, say: Callable[[str],
         steps = cfg.iters_per_epoch or max(data.n // cfg.batch_size, 1)
     run = Run(cfg, out, model, card, opt, data, train_ds, val_ds, test_ds, split_desc, steps, bsz)
     run.empty_idx = empty_idx
+    run.n_crops = n_crops
     if cfg.resume and (out / "last.json").exists():
         run.start_epoch, old = _read_resume(out, model, opt, device)
         run.history = list(old.training.get("history", []))
@@ -358,6 +371,12 @@ def finish_run(run: Run, device: Any, world: int, wall: float, command: Any, say
             f"images with an empty mask repeated to {cfg.empty_share:.0%} of the draws"
             if cfg.empty_share and run.empty_idx is not None and len(run.empty_idx)
             else "one pass over the training images per epoch"
+        )
+        + (
+            f"; {run.n_crops} lesion-free crops of training images with a lesion, resized "
+            "to the training size, added as images with an empty mask"
+            if run.n_crops
+            else ""
         ),
         "optimizer": _describe_optimizer(cfg),
         "loss": cfg.loss,
