@@ -43,7 +43,7 @@ SAMPLES: dict[str, SampleInfo] = {
         "Breast ultrasound, benign lesion (BUSI)",
         ("background", "lesion"),
         (("colormap", "gray"),),
-        source_id="benign_024",
+        source_id="benign_100",
     ),
     "hippocampus_mri": SampleInfo(
         "hippocampus_mri.nii.gz",
