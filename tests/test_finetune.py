@@ -883,6 +883,10 @@ def test_forgetting_guard_refuses_states_that_forget_the_parents_images(
     assert res.kept_parent and store.active() == "parent-name" and store.versions() == []
     assert res.replay["patches"] > 0
     assert any("3 state(s) that did better" in n and "0.02" in n for n in res.notes), res.notes
+    # the refusal says why: better on the corrections, but the model forgot (issue 20)
+    text = str(info.value)
+    assert "3 state(s) did better on your held-out corrections but were refused" in text
+    assert "its own training images its Dice fell from 0.900 to as low as 0.840" in text
     # within 0.02 of the parent: the best held-out state is kept and activated
     fake, _ = scored(sel=[0.2, 0.5, 0.6, 0.7, 0.7], guard=[0.9, 0.89, 0.95, 0.85])
     monkeypatch.setattr(ft, "holdout_dice", fake)
@@ -894,6 +898,47 @@ def test_forgetting_guard_refuses_states_that_forget_the_parents_images(
     assert g["states_refused"] == 1  # step 6: 0.7 beat 0.6, but its guard Dice fell to 0.85
     with pytest.raises(InputError, match="forgetting_guard"):
         FinetuneConfig(forgetting_guard=-1).validate()
+
+
+def test_a_new_task_neither_replays_nor_guards_with_the_parents_images(parent, tmp_path):
+    """The parent's images are labelled for its own classes: with new class names (a new
+    task, e.g. a lesion model taught the spleen) replaying them would teach the old outlines
+    as the new class, and the forgetting guard would refuse every state that learns the new
+    task. Both are off then, and the notes say why; the same names keep both on."""
+    from napari_prosma.finetune.replay import ReplaySet
+
+    images, labels = _disc_images(4)
+    base_i, base_l = _disc_images(6, seed=7)
+    replay = ReplaySet(
+        [(i, lab, None) for i, lab in zip(base_i, base_l)], "discs", "replaying 6", list("abcdef")
+    )
+    cfg = _cfg(max_steps=4, eval_every=2, forgetting_guard=3, replay_fraction=0.5)
+    new, _ = run_finetune(
+        parent,
+        images,
+        labels,
+        store=ModelStore(tmp_path / "s1"),
+        replay=replay,
+        config=cfg,
+        class_names=["ring"],
+        activate="always",
+    )
+    assert not new.replay["used"] and new.replay.get("patches", 0) == 0
+    assert new.card.metrics["finetune_holdout"]["forgetting_guard"]["n"] == 0
+    assert any("new classes (ring instead of the parent's disc)" in n for n in new.notes)
+    same, _ = run_finetune(
+        parent,
+        images,
+        labels,
+        store=ModelStore(tmp_path / "s2"),
+        replay=replay,
+        config=cfg,
+        class_names=["disc"],
+        activate="always",
+    )
+    assert same.replay["used"] and same.replay["patches"] > 0
+    assert same.card.metrics["finetune_holdout"]["forgetting_guard"]["n"] == 3
+    assert not any("new classes" in n for n in same.notes)
 
 
 def test_anchor_pulls_the_trained_weights_back_towards_the_parents(parent, tmp_path):

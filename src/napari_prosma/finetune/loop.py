@@ -173,6 +173,16 @@ def finetune(
     cfg.validate()
     naming = check_naming(card, task, class_names)
     label_notes: list[str] = []
+    if replay is not None and naming[1] is not None and naming[1] != list(card.class_names or []):
+        # a new task: the parent's images are labelled for its old classes, so replaying
+        # them would teach the old outlines as the new class, and holding the new model to
+        # them (the forgetting guard) would refuse it for learning what it was asked to
+        replay = None
+        label_notes.append(
+            f"new classes ({', '.join(naming[1][1:])} instead of the parent's "
+            f"{', '.join((card.class_names or [])[1:])}): the parent's own images were neither replayed "
+            "nor used to guard against forgetting; the new version is for the new task only"
+        )
     run = _setup(
         model, card, images, labels, cfg, previous, spacing, replay, label_notes, progress, cancel
     )

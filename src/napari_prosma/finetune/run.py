@@ -172,9 +172,25 @@ def _not_improved(result: FinetuneResult) -> InputError:
     best = f"{max(evals):.3f}" if evals else "?"
     before = result.selection_before
     curve = ", ".join(f"{s}:{d:.3f}" for s, d in result.curve)
+    guard = (result.card.metrics or {}).get("finetune_holdout", {}).get("forgetting_guard", {})
+    refused = int(guard.get("states_refused") or 0)
+    why = ""
+    if refused:  # better on the corrections, but the parent's own images suffered
+        worst = [h["guard_dice"] for h in result.history if "guard_dice" in h]
+        own = (
+            "validation images of its own data set"
+            if result.replay.get("guard_from") == "validation"
+            else "its own training images"
+        )
+        why = (
+            f"; {refused} state(s) did better on your held-out corrections but were refused "
+            f"because the model forgot what it knew: on {guard.get('n')} {own} its Dice fell "
+            f"from {guard.get('dice_parent', float('nan')):.3f} "
+            f"to as low as {min(worst):.3f} (at most {guard.get('max_forgetting'):.2f} allowed)"
+        )
     exc = InputError(
         f"{NOT_IMPROVED} (held-out Dice {before:.3f} before training, at best {best} in "
-        f"{len(evals)} evaluation(s) over {result.steps} steps; step:Dice {curve}); the "
+        f"{len(evals)} evaluation(s) over {result.steps} steps; step:Dice {curve}){why}; the "
         "previous model stays active"
     )
     exc.result = result  # type: ignore[attr-defined]
