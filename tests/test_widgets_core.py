@@ -143,4 +143,16 @@ def test_slice_values_and_descriptions():
     (line,) = ig.describe_gates([g])
     assert "Stage 1 (full res.)" in line and "33%" in line and "100%" in line
     assert ig.fmt_range(0.0, 0.001) == "0.0%–0.1%"
+    # a value just outside the range is never printed equal to its bound (the 3D shot read
+    # "0% ..., fewer than on any training image (0%–1%)")
+    (below,) = ig.sparsity_warnings(
+        {"stage1": [0.003, 0.012]}, [ig.GateStage(1, 1, zero_frac_mean=0.002)]
+    )
+    assert "0.2% of the gate's responses" in below and "(0.3%–1.2%)" in below
+    (above,) = ig.sparsity_warnings(
+        {"stage2": [0.13, 0.171]}, [ig.GateStage(2, 2, zero_frac_mean=0.174)]
+    )
+    assert "17.4% of" in above and "(13.0%–17.1%)" in above
+    (far,) = ig.sparsity_warnings({"stage1": [0.2, 0.4]}, [ig.GateStage(1, 1, zero_frac_mean=0.9)])
+    assert "90% of" in far and "(20%–40%)" in far
     assert ig.fmt_range(0.1, 0.5) == "10%–50%"

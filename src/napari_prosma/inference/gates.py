@@ -138,17 +138,28 @@ def sparsity_warnings(
         v = g.zero_frac_mean
         if v < lo or v > hi:
             side = "fewer" if v < lo else "more"
+            d = _digits_apart(v, lo if v < lo else hi)
             out.append(
-                f"stage {g.stage}: {v:.0%} of the gate's responses are exactly zero, {side} than "
-                f"on any training image ({fmt_range(lo, hi)}); this scan is unlike what the "
-                "model was trained on, check the segmentation with extra care"
+                f"stage {g.stage}: {v:.{d}%} of the gate's responses are exactly zero, {side} "
+                f"than on any training image ({fmt_range(lo, hi, d)}); this scan is unlike "
+                "what the model was trained on, check the segmentation with extra care"
             )
     return out
 
 
-def fmt_range(lo: float, hi: float) -> str:
-    """``"12%–40%"``, with a decimal when whole percents would hide the difference."""
+def _digits_apart(v: float, bound: float) -> int:
+    """Decimals of a percent that show ``v`` and ``bound`` as different numbers (a scan at
+    0.2 % below a training range from 0.3 % read "0% ..., fewer than ... (0%–1%)")."""
     for digits in (0, 1, 2):
+        if f"{v:.{digits}%}" != f"{bound:.{digits}%}":
+            return digits
+    return 3
+
+
+def fmt_range(lo: float, hi: float, min_digits: int = 0) -> str:
+    """``"12%–40%"``, with a decimal when whole percents would hide the difference (at
+    least ``min_digits`` decimals)."""
+    for digits in range(min_digits, 3):
         a, b = f"{lo:.{digits}%}", f"{hi:.{digits}%}"
         if a != b or lo == hi:
             return f"{a}–{b}"
