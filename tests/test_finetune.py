@@ -913,29 +913,25 @@ def test_a_new_task_neither_replays_nor_guards_with_the_parents_images(parent, t
         [(i, lab, None) for i, lab in zip(base_i, base_l)], "discs", "replaying 6", list("abcdef")
     )
     cfg = _cfg(max_steps=4, eval_every=2, forgetting_guard=3, replay_fraction=0.5)
-    new, _ = run_finetune(
-        parent,
-        images,
-        labels,
-        store=ModelStore(tmp_path / "s1"),
-        replay=replay,
-        config=cfg,
-        class_names=["ring"],
-        activate="always",
-    )
+
+    def tuned(name: str):
+        res, _ = run_finetune(
+            parent,
+            images,
+            labels,
+            store=ModelStore(tmp_path / name),
+            replay=replay,
+            config=cfg,
+            class_names=[name],
+            activate="always",
+        )
+        return res
+
+    new = tuned("ring")
     assert not new.replay["used"] and new.replay.get("patches", 0) == 0
     assert new.card.metrics["finetune_holdout"]["forgetting_guard"]["n"] == 0
     assert any("new classes (ring instead of the parent's disc)" in n for n in new.notes)
-    same, _ = run_finetune(
-        parent,
-        images,
-        labels,
-        store=ModelStore(tmp_path / "s2"),
-        replay=replay,
-        config=cfg,
-        class_names=["disc"],
-        activate="always",
-    )
+    same = tuned("disc")
     assert same.replay["used"] and same.replay["patches"] > 0
     assert same.card.metrics["finetune_holdout"]["forgetting_guard"]["n"] == 3
     assert not any("new classes" in n for n in same.notes)
@@ -970,3 +966,31 @@ def test_anchor_pulls_the_trained_weights_back_towards_the_parents(parent, tmp_p
         FinetuneConfig(anchor=-1).validate()
     with pytest.raises(InputError, match="anchor"):
         FinetuneConfig(anchor=1e6, lr=3e-5).validate()
+
+
+def test_the_widget_summary_says_when_a_new_task_turned_replay_and_guard_off():
+    """The Fine-tune widget's summary shows (and notifies) the new-task note: the form's
+    'Replay training images' box was ticked, yet the parent's images were not used."""
+    from types import SimpleNamespace
+
+    from napari_prosma._widgets._finetune_form import run_summary
+
+    note = (
+        "new classes (spleen instead of the parent's lesion): the parent's own images were "
+        "neither replayed nor used to guard against forgetting; the new version is for the new "
+        "task only"
+    )
+    result = SimpleNamespace(
+        steps=60,
+        stopped="max_steps",
+        seconds=43.0,
+        n_train=20,
+        n_holdout=6,
+        replay={"used": False, "message": "replay is off"},
+        curve=[],
+        whole={},
+        notes=[note, "the held-out Dice is measured on the same 2 image(s)"],
+    )
+    told: list[str] = []
+    text = run_summary(result, told.append)
+    assert f"Note: {note}" in text and told == [note]

@@ -282,7 +282,12 @@ def run_summary(result: Any, notify: Any) -> str:
         took += f". {line[:1].upper()}{line[1:]}"
     for note in result.notes:
         # an earlier killed run's corrections were recovered, or 0/255 masks were taken as 0/1
-        if "interrupted" in note or note.startswith("the labels are stored as"):
+        # or new class names turned replay and the forgetting guard off
+        if (
+            "interrupted" in note
+            or note.startswith("the labels are stored as")
+            or note.startswith("new classes")
+        ):
             took += f". Note: {note}"
             notify(note)
     return took

@@ -178,10 +178,11 @@ def finetune(
         # them would teach the old outlines as the new class, and holding the new model to
         # them (the forgetting guard) would refuse it for learning what it was asked to
         replay = None
+        old = ", ".join((card.class_names or [])[1:])
         label_notes.append(
-            f"new classes ({', '.join(naming[1][1:])} instead of the parent's "
-            f"{', '.join((card.class_names or [])[1:])}): the parent's own images were neither replayed "
-            "nor used to guard against forgetting; the new version is for the new task only"
+            f"new classes ({', '.join(naming[1][1:])} instead of the parent's {old}): the "
+            "parent's own images were neither replayed nor used to guard against forgetting; "
+            "the new version is for the new task only"
         )
     run = _setup(
         model, card, images, labels, cfg, previous, spacing, replay, label_notes, progress, cancel
