@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -30,7 +28,8 @@ from napari_prosma.checkpoint import (  # noqa: E402
     seal_card,
 )
 from napari_prosma.datasets import read_dataset, read_split  # noqa: E402
-from napari_prosma.inference import gate_sparsity_range, load_model, predict  # noqa: E402
+from napari_prosma.inference import load_model  # noqa: E402
+from napari_prosma.train.support import sparsity_range  # noqa: E402
 
 
 def main() -> None:
@@ -38,35 +37,27 @@ def main() -> None:
     p.add_argument("model")
     p.add_argument("dataset")
     p.add_argument("--split", required=True)
-    p.add_argument("--limit", type=int, default=100, help="training images to use (evenly spaced)")
+    p.add_argument(
+        "--limit", type=int, default=0, help="training images to use (evenly spaced; 0: all)"
+    )
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     args = p.parse_args()
 
     model, card = load_model(args.model, device="cpu")
     split = read_split(args.split)
     ds = read_dataset(args.dataset, args.data_root)
-    train = set(split["train"])
-    idx = [i for i, s in enumerate(ds.ids) if s in train]
-    if args.limit and len(idx) > args.limit:
-        idx = [idx[round(j)] for j in np.linspace(0, len(idx) - 1, args.limit)]
+    train = ds.subset([s for s in ds.ids if s in set(split["train"])])
     t0 = time.perf_counter()
-    preds = []
-    for i in idx:
-        # "stats": the same zero fractions as the maps, without stitching them (test_train)
-        preds.append(predict(ds.image(i), model, card, device="cpu", return_gates="stats"))
-    rng = gate_sparsity_range(preds)
+    # the function the trainer writes the range with (one writer, one reader)
+    rng, how = sparsity_range(model, card, train, "cpu", args.limit)
     _weights, card_path = checkpoint_paths(resolve(args.model))
     data = json.loads(card_path.read_text())
     data["gate_sparsity_range"] = rng
-    data.setdefault("extra", {})["gate_sparsity_range_from"] = {
-        "split": args.split,
-        "part": "train",
-        "n_images": len(idx),
-        "statistic": "per-image mean exact-zero fraction of z* per decoder stage; [min, max]",
-    }
+    data.setdefault("extra", {})["gate_sparsity_range_from"] = {"split": args.split, **how}
     atomic_write_bytes(card_path, (json.dumps(data, indent=2) + "\n").encode())
     seal_card(card_path)  # an edit on purpose: the card hash is renewed
-    print(f"{card_path.name}: {len(idx)} training images in {time.perf_counter() - t0:.0f} s")
+    took = time.perf_counter() - t0
+    print(f"{card_path.name}: {how['n_images']} training images in {took:.0f} s")
     for k, (lo, hi) in rng.items():
         print(f"  {k}: {lo:.3f} .. {hi:.3f}")
 

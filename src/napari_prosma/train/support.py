@@ -249,8 +249,9 @@ def load_best(out: Path, model: Any, device: Any) -> None:
         with_model[k].copy_(v.to(device=device, dtype=with_model[k].dtype))
 
 
-def sparsity_range(model: Any, card: ModelCard, train: Any, device: Any, n: int = 64) -> Any:
-    """The card's ``gate_sparsity_range`` from up to ``n`` training cases (evenly spaced),
+def sparsity_range(model: Any, card: ModelCard, train: Any, device: Any, n: int = 0) -> Any:
+    """The card's ``gate_sparsity_range`` from up to ``n`` training cases (evenly spaced;
+    ``n <= 0``: all of them),
     computed by the inference engine exactly as the plugin computes a scan's sparsity, in
     the format its parser reads (``{"stageN": [min, max]}``); None without a sparse gate.
 
@@ -262,7 +263,8 @@ def sparsity_range(model: Any, card: ModelCard, train: Any, device: Any, n: int 
 
     if card.arch_kwargs.get("gate") not in SPARSE_MODES:
         return None, None
-    idx = np.unique(np.linspace(0, len(train) - 1, min(n, len(train))).round().astype(int))
+    k = len(train) if n <= 0 else min(n, len(train))
+    idx = np.unique(np.linspace(0, len(train) - 1, k).round().astype(int))
     preds = []
     for i in idx:
         img, sp = train.image(i), train.spacing_of(i)
