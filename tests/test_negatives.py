@@ -62,10 +62,10 @@ def test_crops_stay_clear_of_the_lesion_and_have_the_image_size():
     assert set(source.tolist()) == {0, 3} and len(crops) == 4
     # the crop is a resized window of the source image: a mean intensity within its range
     assert all(images[i].min() <= c.mean() <= images[i].max() for c, i in zip(crops, source))
-    from napari_prosma.train.negatives import _free_corners
+    from napari_prosma.train.negatives import _blocked, _free_corners
 
     for side in (56, 48):  # every free window of image 0 keeps 4 px from the lesion
-        for y, x in _free_corners(labels[0], side, 4, 4):
+        for y, x in _free_corners(_blocked(labels[0], 4), side, 4):
             assert not labels[0, max(y - 4, 0) : y + side + 4, max(x - 4, 0) : x + side + 4].any()
     assert negative_crops(images, labels, per_image=0)[0].shape[0] == 0
 

@@ -147,11 +147,12 @@ def sparsity_warnings(
     return out
 
 
-def _digits_apart(v: float, bound: float) -> int:
-    """Decimals of a percent that show ``v`` and ``bound`` as different numbers (a scan at
-    0.2 % below a training range from 0.3 % read "0% ..., fewer than ... (0%–1%)")."""
-    for digits in (0, 1, 2):
-        if f"{v:.{digits}%}" != f"{bound:.{digits}%}":
+def _digits_apart(a: float, b: float, start: int = 0) -> int:
+    """Decimals of a percent (at least ``start``, at most 3) that show ``a`` and ``b`` as
+    different numbers (a scan at 0.2 % below a training range from 0.3 % read "0% ...,
+    fewer than ... (0%–1%)")."""
+    for digits in range(start, 3):
+        if f"{a:.{digits}%}" != f"{b:.{digits}%}":
             return digits
     return 3
 
@@ -159,11 +160,8 @@ def _digits_apart(v: float, bound: float) -> int:
 def fmt_range(lo: float, hi: float, min_digits: int = 0) -> str:
     """``"12%–40%"``, with a decimal when whole percents would hide the difference (at
     least ``min_digits`` decimals)."""
-    for digits in range(min_digits, 3):
-        a, b = f"{lo:.{digits}%}", f"{hi:.{digits}%}"
-        if a != b or lo == hi:
-            return f"{a}–{b}"
-    return f"{lo:.3%}–{hi:.3%}"
+    d = min_digits if lo == hi else _digits_apart(lo, hi, min_digits)
+    return f"{lo:.{d}%}–{hi:.{d}%}"
 
 
 def describe_gates(gates: Sequence[GateStage]) -> list[str]:

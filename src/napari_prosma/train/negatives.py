@@ -18,22 +18,25 @@ from ..datasets import resize_image
 SIDES = (0.875, 0.75, 0.625, 0.5)
 
 
-def _free_corners(mask: np.ndarray, side: int, margin: int, stride: int) -> np.ndarray:
-    """Top-left corners ``(K, 2)`` of the ``side``-square windows, on a ``stride`` grid,
-    that hold no mask pixel within ``margin`` of the window."""
-    h, w = mask.shape
-    m = mask > 0
-    # dilate by ``margin`` (a square): a window is free when no dilated pixel falls in it
-    pad = np.pad(m, margin)
-    dil = np.zeros_like(m)
-    for dy in range(2 * margin + 1):
-        for dx in range(2 * margin + 1):
-            dil |= pad[dy : dy + h, dx : dx + w]
-    ii = np.zeros((h + 1, w + 1), dtype=np.int64)
+def _blocked(mask: np.ndarray, margin: int) -> np.ndarray:
+    """Integral image ``(H + 1, W + 1)`` of the mask dilated by a ``margin`` square: a
+    window is clear of the lesion when its sum is 0."""
+    from scipy.ndimage import binary_dilation
+
+    dil = binary_dilation(mask > 0, np.ones((2 * margin + 1,) * 2, bool))
+    ii = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
     ii[1:, 1:] = dil.cumsum(0).cumsum(1)
-    ys = np.arange(0, h - side + 1, stride)
-    xs = np.arange(0, w - side + 1, stride)
-    y0, x0 = np.meshgrid(ys, xs, indexing="ij")
+    return ii
+
+
+def _free_corners(blocked: np.ndarray, side: int, stride: int) -> np.ndarray:
+    """Top-left corners ``(K, 2)`` of the ``side``-square windows, on a ``stride`` grid,
+    whose sum in the integral image ``blocked`` (:func:`_blocked`) is 0."""
+    h, w = blocked.shape[0] - 1, blocked.shape[1] - 1
+    y0, x0 = np.meshgrid(
+        np.arange(0, h - side + 1, stride), np.arange(0, w - side + 1, stride), indexing="ij"
+    )
+    ii = blocked
     total = ii[y0 + side, x0 + side] - ii[y0, x0 + side] - ii[y0 + side, x0] + ii[y0, x0]
     free = total == 0
     return np.stack([y0[free], x0[free]], axis=1)
@@ -78,9 +81,10 @@ def negative_crops(
     for i in range(n if per_image > 0 else 0):
         if not labels[i].any():
             continue
+        blocked = _blocked(labels[i], margin)  # once per image, for every side
         for frac in SIDES:
             side = round(frac * short)
-            corners = _free_corners(labels[i], side, margin, stride)
+            corners = _free_corners(blocked, side, stride)
             if len(corners) == 0:
                 continue
             kept = 0
