@@ -37,6 +37,25 @@ def _guard_units(
     return units[:-k], units[-k:], rec
 
 
+def _new_task_replay(
+    card: Any, class_names: list[str] | None, replay: Any, notes: list[str]
+) -> Any:
+    """``replay``, or None when ``class_names`` (checked, background first) differ from the
+    parent's: a new task. The parent's images are labelled for its old classes, so replaying
+    them would teach the old outlines as the new class, and holding the new model to them
+    (the forgetting guard) would refuse it for learning what it was asked to. Says so in
+    ``notes``."""
+    old = list(card.class_names or [])
+    if replay is None or class_names is None or class_names == old:
+        return replay
+    notes.append(
+        f"new classes ({', '.join(class_names[1:])} instead of the parent's "
+        f"{', '.join(old[1:])}): the parent's own images were neither replayed nor used to "
+        "guard against forgetting; the new version is for the new task only"
+    )
+    return None
+
+
 def _guard_dice(run: Any, out: Any) -> float | None:
     """The forgetting guard's Dice now (None without a guard), recorded in the history."""
     if not run.guard:

@@ -25,7 +25,7 @@ from .config import (
     FinetuneProgress,
     FinetuneResult,
 )
-from .guard import _guard_dice, _guard_units, _remembers
+from .guard import _guard_dice, _guard_units, _new_task_replay, _remembers
 from .lineage import _result, check_naming, data_entries
 from .net import (
     _freeze_norm_stats,
@@ -173,17 +173,7 @@ def finetune(
     cfg.validate()
     naming = check_naming(card, task, class_names)
     label_notes: list[str] = []
-    if replay is not None and naming[1] is not None and naming[1] != list(card.class_names or []):
-        # a new task: the parent's images are labelled for its old classes, so replaying
-        # them would teach the old outlines as the new class, and holding the new model to
-        # them (the forgetting guard) would refuse it for learning what it was asked to
-        replay = None
-        old = ", ".join((card.class_names or [])[1:])
-        label_notes.append(
-            f"new classes ({', '.join(naming[1][1:])} instead of the parent's {old}): the "
-            "parent's own images were neither replayed nor used to guard against forgetting; "
-            "the new version is for the new task only"
-        )
+    replay = _new_task_replay(card, naming[1], replay, label_notes)
     run = _setup(
         model, card, images, labels, cfg, previous, spacing, replay, label_notes, progress, cancel
     )
